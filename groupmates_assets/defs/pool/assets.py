@@ -1,0 +1,99 @@
+"""Pool stage: the embedded default pool and the registration of raw shard files."""
+
+
+import os
+import tempfile
+
+import dagster as dg
+
+from groupmates_assets.defs.partitions import pool_shards
+from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
+from groupmates_assets.lib import shards as shard_io
+from groupmates_assets.lib.embedded_pool import build_embedded_pool
+from groupmates_assets.lib.storage import sha256_stream
+
+SHARD_MANIFEST = "pool/shards/{key}/manifest.json"
+
+
+class EmbeddedPoolConfig(dg.Config):
+    num_shards: int | None = None  # None: the profile's value
+    positives_fraction: float | None = None
+
+
+@dg.asset(
+    group_name="pool",
+    code_version="embedded-pool-v1",
+    kinds={"jsonl"},
+    description="Real third-party text of mixed quality, built from registry packages into DCLM-format shards, "
+    "plus held-out high-quality positives for the quality classifier.",
+)
+def embedded_pool(
+    context: dg.AssetExecutionContext, config: EmbeddedPoolConfig, platform: PlatformResource
+) -> dg.MaterializeResult:
+    storage, profile = platform.storage(), platform.settings()
+    num_shards = config.num_shards or profile.pool.embedded_shards
+    fraction = config.positives_fraction or profile.pool.embedded_positives_fraction
+    if storage.is_local:
+        result = build_embedded_pool(storage.path(EMBEDDED_POOL_DIR), num_shards=num_shards,
+                                     positives_fraction=fraction, progress=context.log.info)
+        provenance = storage.read_json(f"{EMBEDDED_POOL_DIR}/provenance.json")
+    else:  # build locally, then upload file by file
+        with tempfile.TemporaryDirectory(prefix="groupmates-pool-") as tmp:
+            result = build_embedded_pool(tmp, num_shards=num_shards, positives_fraction=fraction,
+                                         progress=context.log.info)
+            for path in [*result.shard_paths, result.positives_path, result.provenance_path]:
+                storage.put_file(path, f"{EMBEDDED_POOL_DIR}/{os.path.relpath(path, tmp)}")
+            provenance = storage.read_json(f"{EMBEDDED_POOL_DIR}/provenance.json")
+    by_source = "\n".join(
+        ["| source | documents |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in sorted(result.by_source.items())]
+    )
+    provenance_info = storage.info(f"{EMBEDDED_POOL_DIR}/provenance.json")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": result.documents,
+            "shards": len(result.shard_paths),
+            "positives": result.positives,
+            "documents_by_source": dg.MetadataValue.md(by_source),
+            "path": dg.MetadataValue.path(storage.url(f"{EMBEDDED_POOL_DIR}/shards")),
+            "provenance": dg.MetadataValue.json(provenance),
+        },
+        data_version=dg.DataVersion(provenance_info.sha256[:16]),
+    )
+
+
+def resolve_shard(platform: PlatformResource, key: str) -> shard_io.ShardFile:
+    """Find the file behind a partition key; fails with the directory and key named."""
+    shard_io.validate_shard_key(key)
+    fs, root = platform.pool_location()
+    stem = key.replace("__", "/")
+    for suffix, fmt in shard_io.SHARD_SUFFIXES.items():
+        path = f"{root}/{stem}{suffix}"
+        if fs.exists(path):
+            return shard_io.ShardFile(key, path, f"{stem}{suffix}", fmt, int(fs.size(path)))
+    shards, _ = shard_io.discover_shards(fs, root)  # keys whose name itself contains '__'
+    for shard in shards:
+        if shard.key == key:
+            return shard
+    raise dg.Failure(f"no shard file for partition {key!r} under {root} (was it moved or deleted?)")
+
+
+@dg.asset(
+    partitions_def=pool_shards,
+    group_name="pool",
+    code_version="pool-shard-v1",
+    kinds={"json"},
+    description="One raw pool shard file, registered with its path, format, size and content hash.",
+)
+def pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    shard = resolve_shard(platform, context.partition_key)
+    fs, _ = platform.pool_location()
+    with fs.open(shard.path, "rb") as handle:
+        digest, size = sha256_stream(handle)
+    manifest = {"key": shard.key, "path": shard.path, "relative_path": shard.relative_path,
+                "format": shard.format, "bytes": size, "sha256": digest}
+    info = platform.storage().write_json(SHARD_MANIFEST.format(key=shard.key), manifest)
+    return dg.MaterializeResult(
+        metadata={"source_path": dg.MetadataValue.path(shard.path), "format": shard.format, "bytes": size,
+                  "sha256": digest, "manifest": dg.MetadataValue.path(info.path)},
+        data_version=dg.DataVersion(digest[:16]),
+    )

@@ -1,0 +1,198 @@
+"""Quality-filter one pool shard: score, keep or drop, reject malformed records, and account for every row.
+
+Outputs (under one directory per shard, written atomically):
+  ``kept.parquet``     doc_id, line, text, quality_score, fields (the record's other fields as JSON)
+  ``dropped.parquet``  doc_id, line, quality_score: what the threshold removed, for inspection
+  ``rejects.parquet``  file, line, reason, snippet: malformed input
+  ``stats.json``       counts, score histogram, per-source keep rates, hashes; written last, it is the
+                       completion marker (removed first on a rerun, so a killed rerun reads as incomplete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from groupmates_assets.lib import shards as shard_io
+from groupmates_assets.lib.quality import QualityClassifier, normalize_for_fasttext
+from groupmates_assets.lib.storage import Storage
+
+FILTER_VERSION = "filter-v1"
+HISTOGRAM_BINS = 20
+KEPT_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("line", pa.int64()), ("text", pa.large_string()),
+     ("quality_score", pa.float32()), ("fields", pa.string())]
+)
+DROPPED_SCHEMA = pa.schema([("doc_id", pa.string()), ("line", pa.int64()), ("quality_score", pa.float32())])
+REJECTS_SCHEMA = pa.schema(
+    [("file", pa.string()), ("line", pa.int64()), ("reason", pa.string()), ("snippet", pa.string())]
+)
+OUTPUT_FILES = {"kept": "kept.parquet", "dropped": "dropped.parquet", "rejects": "rejects.parquet"}
+STATS_FILE = "stats.json"
+
+
+def reason_category(reason: str) -> str:
+    """Group reject reasons for reporting ("invalid JSON: ..." -> "invalid JSON")."""
+    return reason.split(":", 1)[0].split(" at byte", 1)[0]
+
+
+@dataclass
+class _Tally:
+    rows_in: int = 0
+    kept: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    chars_scored: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def filter_shard(
+    shard: shard_io.ShardFile,
+    pool_fs: Any,
+    classifier: QualityClassifier,
+    threshold: float,
+    storage: Storage,
+    out_dir: str,
+    *,
+    batch_size: int = 8192,
+    group_field: str | None = "source",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress_every_s: float = 10.0,
+    extra_stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Filter one shard into ``out_dir`` and return its stats (also written as ``stats.json``)."""
+    storage.remove(f"{out_dir}/{STATS_FILE}")
+    tally, reasons = _Tally(), Counter()
+    histogram = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    by_group: dict[str, list[int]] = {}
+    started = last_report = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        sinks = {name: stack.enter_context(storage.open_write(f"{out_dir}/{file}")) for name, file in OUTPUT_FILES.items()}
+        writers = {
+            "kept": stack.enter_context(pq.ParquetWriter(sinks["kept"], KEPT_SCHEMA, compression="zstd")),
+            "dropped": stack.enter_context(pq.ParquetWriter(sinks["dropped"], DROPPED_SCHEMA, compression="zstd")),
+            "rejects": stack.enter_context(pq.ParquetWriter(sinks["rejects"], REJECTS_SCHEMA, compression="zstd")),
+        }
+        for batch in shard_io.read_shard(pool_fs, shard, batch_size=batch_size, group_field=group_field):
+            _write_batch(batch, shard, classifier, threshold, writers, tally, reasons, histogram, by_group)
+            now = time.perf_counter()
+            if progress and now - last_report >= progress_every_s:
+                last_report = now
+                progress({**tally.as_dict(), "seconds": round(now - started, 1)})
+    seconds = time.perf_counter() - started
+    files = {name: sinks[name].info.as_metadata() for name in OUTPUT_FILES}
+    stats = {
+        "filter_version": FILTER_VERSION,
+        "shard_key": shard.key,
+        "source_path": shard.path,
+        "source_format": shard.format,
+        "source_bytes": shard.size,
+        **tally.as_dict(),
+        "threshold": threshold,
+        "reject_reasons": dict(sorted(reasons.items())),
+        "score_histogram": {"bin_edges": np.linspace(0, 1, HISTOGRAM_BINS + 1).round(4).tolist(),
+                            "counts": histogram.tolist()},
+        "by_group": {g: {"in": c[0], "kept": c[1]} for g, c in sorted(by_group.items())},
+        "group_field": group_field,
+        "seconds": round(seconds, 3),
+        "docs_per_second": round(tally.rows_in / seconds, 1) if seconds > 0 else None,
+        "mb_per_second": round(shard.size / 1e6 / seconds, 2) if seconds > 0 else None,
+        "files": files,
+        **(extra_stats or {}),
+    }
+    storage.write_json(f"{out_dir}/{STATS_FILE}", stats)
+    return stats
+
+
+def _write_batch(batch, shard, classifier, threshold, writers, tally, reasons, histogram, by_group) -> None:
+    tally.rows_in += batch.records_in
+    if batch.rejects:
+        tally.rejected += len(batch.rejects)
+        reasons.update(reason_category(r.reason) for r in batch.rejects)
+        writers["rejects"].write_table(pa.table(
+            {"file": [shard.path] * len(batch.rejects), "line": [r.line for r in batch.rejects],
+             "reason": [r.reason for r in batch.rejects], "snippet": [r.snippet for r in batch.rejects]},
+            schema=REJECTS_SCHEMA,
+        ))
+    if not batch.texts:
+        return
+    normalized = [normalize_for_fasttext(t) for t in batch.texts]
+    tally.chars_scored += sum(map(len, normalized))
+    scores = classifier.score_normalized(normalized)
+    keep = scores >= threshold
+    histogram += np.histogram(scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+    doc_ids = [shard_io.make_doc_id(shard.key, line, text) for line, text in zip(batch.lines, batch.texts, strict=True)]
+    kept_idx = np.flatnonzero(keep)
+    dropped_idx = np.flatnonzero(~keep)
+    tally.kept += len(kept_idx)
+    tally.dropped += len(dropped_idx)
+    for group, kept_flag in zip(batch.groups, keep.tolist(), strict=True):
+        counts = by_group.setdefault(group if group is not None else "(none)", [0, 0])
+        counts[0] += 1
+        counts[1] += kept_flag
+    lines = np.asarray(batch.lines, dtype=np.int64)
+    if len(kept_idx):
+        writers["kept"].write_table(pa.table(
+            {"doc_id": [doc_ids[i] for i in kept_idx], "line": lines[kept_idx],
+             "text": [batch.texts[i] for i in kept_idx], "quality_score": scores[kept_idx],
+             "fields": [batch.fields[i] for i in kept_idx]},
+            schema=KEPT_SCHEMA,
+        ))
+    if len(dropped_idx):
+        writers["dropped"].write_table(pa.table(
+            {"doc_id": [doc_ids[i] for i in dropped_idx], "line": lines[dropped_idx],
+             "quality_score": scores[dropped_idx]},
+            schema=DROPPED_SCHEMA,
+        ))
+
+
+def count_source_records(pool_fs: Any, shard: shard_io.ShardFile) -> int:
+    """Records in a shard counted independently of the parser: lines of the (decompressed) file, or rows."""
+    with pool_fs.open(shard.path, "rb") as raw:
+        if shard.format == "parquet":
+            return pq.ParquetFile(raw).metadata.num_rows
+        count, last = 0, b"\n"
+        try:
+            for chunk in shard_io.decompressed_chunks(raw, shard.format):
+                count += chunk.count(b"\n")
+                last = chunk[-1:]
+        except (shard_io.TruncatedStreamError, zlib.error, zstandard.ZstdError):
+            return count + 1  # the cut-off or corrupt tail is one rejected record
+        return count + (0 if last == b"\n" else 1)
+
+
+def verify_filtered_shard(storage: Storage, out_dir: str, source_records: int | None = None) -> tuple[bool, dict]:
+    """Reconcile a filtered shard from its files alone: Parquet row counts against stats.json and the source."""
+    stats = storage.read_json(f"{out_dir}/{STATS_FILE}")
+    rows = {}
+    for name, file in OUTPUT_FILES.items():
+        with storage.open_read(f"{out_dir}/{file}") as handle:
+            rows[name] = pq.ParquetFile(handle).metadata.num_rows
+    total = rows["kept"] + rows["dropped"] + rows["rejects"]
+    details = {
+        "rows_in": stats["rows_in"],
+        "kept_rows": rows["kept"],
+        "dropped_rows": rows["dropped"],
+        "rejected_rows": rows["rejects"],
+        "source_records": source_records,
+    }
+    ok = (
+        total == stats["rows_in"]
+        and rows["kept"] == stats["kept"]
+        and rows["dropped"] == stats["dropped"]
+        and rows["rejects"] == stats["rejected"]
+        and (source_records is None or source_records == stats["rows_in"])
+    )
+    return ok, details

@@ -1,0 +1,319 @@
+"""Pool shards in DCLM format: discovery, partition keys, stable document ids and a streaming reader.
+
+A shard is one file of JSON lines with a ``text`` field (any other fields are kept as they are), plain,
+gzip or zstandard compressed, or a Parquet file with a ``text`` column. One shard = one partition.
+
+The reader never raises on a bad record: every malformed line becomes a :class:`Reject` naming the line
+and the reason, so a stage can reconcile ``in = kept + dropped + rejected``. Only a shard that cannot be
+read at all (missing, unreadable, not the compression it claims to be, not Parquet) raises
+:class:`ShardReadError`, whose message names the file and the cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+# Suffix -> format name. Longest suffixes first so `.jsonl.zstd` is not read as `.jsonl`.
+SHARD_SUFFIXES: dict[str, str] = {
+    ".jsonl.zstd": "jsonl.zst",
+    ".jsonl.zst": "jsonl.zst",
+    ".jsonl.gz": "jsonl.gz",
+    ".parquet": "parquet",
+    ".jsonl": "jsonl",
+}
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
+_KEY_SEPARATOR = "__"  # stands for '/' of nested shard layouts: `global-shard_01__shard_0003`
+_SNIPPET_CHARS = 200
+_READ_CHUNK = 4 << 20
+
+
+class ShardReadError(RuntimeError):
+    """The shard cannot be read at all; the message names the file and the cause."""
+
+    def __init__(self, path: str, cause: str):
+        super().__init__(f"cannot read pool shard {path}: {cause}")
+        self.path = path
+        self.cause = cause
+
+
+class InvalidShardKeyError(ValueError):
+    """A shard file name that cannot safely become a partition key (and later a storage path)."""
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    key: str
+    path: str  # as the filesystem sees it (no protocol)
+    relative_path: str
+    format: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Reject:
+    line: int  # 1-based line (or row) number in the shard file
+    reason: str
+    snippet: str
+
+
+@dataclass
+class ShardBatch:
+    """A batch of parsed records from one shard; parallel lists keep per-record overhead low."""
+
+    lines: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)  # the other fields of the record, as a JSON object
+    groups: list[str | None] = field(default_factory=list)  # value of the reporting field (e.g. source)
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def records_in(self) -> int:
+        return len(self.lines) + len(self.rejects)
+
+
+# -- keys and ids ---------------------------------------------------------------------------------------
+def shard_format(name: str) -> str | None:
+    """The shard format a file name declares, or None when it is not a shard file."""
+    for suffix, fmt in SHARD_SUFFIXES.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return fmt
+    return None
+
+
+def validate_shard_key(key: str) -> str:
+    """Partition keys become storage paths; accept only a conservative, URL- and path-safe alphabet."""
+    if not _KEY_PATTERN.match(key) or ".." in key:
+        raise InvalidShardKeyError(
+            f"invalid shard key {key!r}: use letters, digits, '.', '_', '=' and '-' (at most 200 characters, "
+            "starting with a letter or digit, no '..')"
+        )
+    return key
+
+
+def shard_key_for(relative_path: str) -> str:
+    """Key of a shard file from its path relative to the pool root, without the format suffix.
+
+    The format is not part of the key, so the same shard re-encoded (jsonl -> zst -> parquet) keeps its
+    key and therefore its document ids.
+    """
+    fmt_suffix = next((s for s in SHARD_SUFFIXES if relative_path.endswith(s)), None)
+    if fmt_suffix is None:
+        raise InvalidShardKeyError(f"not a shard file (expected one of {sorted(SHARD_SUFFIXES)}): {relative_path}")
+    stem = relative_path[: -len(fmt_suffix)]
+    return validate_shard_key(stem.strip("/").replace("/", _KEY_SEPARATOR))
+
+
+def make_doc_id(shard_key: str, line: int, text: str) -> str:
+    """Stable document id: shard key, 1-based line and a hash of the text (catches misaligned joins)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{shard_key}:{line:08d}:{digest}"
+
+
+def discover_shards(fs: Any, root: str) -> tuple[list[ShardFile], list[str]]:
+    """All shard files under ``root`` (recursively), sorted by key, and problems found on the way.
+
+    Problems (files whose name cannot become a key, two files mapping to one key) are returned, not raised,
+    so a sensor can report them and go on with the healthy shards.
+    """
+    root = root.rstrip("/")
+    found: dict[str, ShardFile] = {}
+    problems: list[str] = []
+    if not fs.exists(root):
+        return [], [f"pool directory does not exist: {root}"]
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        relative = posixpath.relpath(path, root)
+        fmt = shard_format(posixpath.basename(path))
+        if fmt is None or posixpath.basename(path).startswith("."):
+            continue
+        try:
+            key = shard_key_for(relative)
+        except InvalidShardKeyError as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        if key in found:
+            problems.append(f"{path}: shard key {key!r} is also used by {found[key].path}; skipped both")
+            found[key] = None  # type: ignore[assignment]
+            continue
+        found[key] = ShardFile(key, path, relative, fmt, int(info.get("size") or 0))
+    shards = [shard for shard in found.values() if shard is not None]
+    return sorted(shards, key=lambda s: s.key), problems
+
+
+# -- reading --------------------------------------------------------------------------------------------
+class TruncatedStreamError(Exception):
+    """A compressed stream that stops before its end marker: the file was cut off."""
+
+
+def decompressed_chunks(raw: IO[bytes], fmt: str) -> Iterator[bytes]:
+    """Decompress a stream chunk by chunk, across concatenated members/frames; raise TruncatedStreamError at a cut end."""
+    if fmt == "jsonl":
+        while chunk := raw.read(_READ_CHUNK):
+            yield chunk
+        return
+    new_decoder: Callable[[], Any]
+    if fmt == "jsonl.gz":
+        new_decoder = lambda: zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # noqa: E731
+    else:
+        dctx = zstandard.ZstdDecompressor()
+        new_decoder = dctx.decompressobj
+    decoder, in_member = new_decoder(), False
+    while compressed := raw.read(_READ_CHUNK):
+        while compressed:
+            out = decoder.decompress(compressed)
+            in_member = True
+            if out:
+                yield out
+            if not decoder.eof:
+                break
+            compressed = decoder.unused_data
+            decoder, in_member = new_decoder(), False
+    if in_member and not decoder.eof:
+        raise TruncatedStreamError("compressed stream ends before its end marker (truncated file)")
+
+
+def _json_record(raw: bytes, group_field: str | None) -> tuple[str, str, str | None] | str:
+    """Parse one line into (text, other fields as JSON, group value), or return the reject reason."""
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            return f"invalid UTF-8 at byte {uexc.start}"
+        return f"invalid JSON: {exc}"
+    if not isinstance(record, dict):
+        return f"record is a JSON {type(record).__name__}, not an object"
+    text = record.pop("text", None)
+    if text is None:
+        return "missing 'text' field" if "text" not in record else "'text' is null"
+    if not isinstance(text, str):
+        return f"'text' is a {type(text).__name__}, not a string"
+    if not text.strip():
+        return "empty text"
+    group = record.get(group_field) if group_field else None
+    return text, (orjson.dumps(record).decode() if record else "{}"), (group if isinstance(group, str) else None)
+
+
+def _snippet(raw: bytes) -> str:
+    return raw[: _SNIPPET_CHARS * 4].decode("utf-8", "replace")[:_SNIPPET_CHARS]
+
+
+def _iter_jsonl(raw: IO[bytes], fmt: str, path: str, batch_size: int, group_field: str | None) -> Iterator[ShardBatch]:
+    batch, line_no, pending, produced = ShardBatch(), 0, b"", False
+    try:
+        for chunk in decompressed_chunks(raw, fmt):
+            produced = True
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for raw_line in lines:
+                line_no += 1
+                _add_json_line(batch, line_no, raw_line, group_field)
+                if len(batch.lines) + len(batch.rejects) >= batch_size:
+                    yield batch
+                    batch = ShardBatch()
+    except TruncatedStreamError as exc:
+        line_no += 1
+        batch.rejects.append(Reject(line_no, str(exc), _snippet(pending)))
+        yield batch
+        return
+    except (zlib.error, zstandard.ZstdError, OSError) as exc:
+        if not produced:
+            raise ShardReadError(path, f"not a valid {fmt} file ({exc})") from exc
+        line_no += 1
+        batch.rejects.append(Reject(line_no, f"corrupt compressed stream: {exc}", _snippet(pending)))
+        yield batch
+        return
+    if pending:  # last line without a trailing newline
+        line_no += 1
+        _add_json_line(batch, line_no, pending, group_field)
+    yield batch
+
+
+def _add_json_line(batch: ShardBatch, line_no: int, raw_line: bytes, group_field: str | None) -> None:
+    if raw_line.endswith(b"\r"):
+        raw_line = raw_line[:-1]
+    if not raw_line.strip():
+        batch.rejects.append(Reject(line_no, "blank line", ""))
+        return
+    parsed = _json_record(raw_line, group_field)
+    if isinstance(parsed, str):
+        batch.rejects.append(Reject(line_no, parsed, _snippet(raw_line)))
+        return
+    batch.lines.append(line_no)
+    batch.texts.append(parsed[0])
+    batch.fields.append(parsed[1])
+    batch.groups.append(parsed[2])
+
+
+def _iter_parquet(raw: IO[bytes], path: str, batch_size: int, group_field: str | None) -> Iterator[ShardBatch]:
+    try:
+        parquet = pq.ParquetFile(raw)
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardReadError(path, f"not a valid Parquet file ({exc})") from exc
+    names = parquet.schema_arrow.names
+    if "text" not in names:
+        raise ShardReadError(path, f"Parquet file has no 'text' column (columns: {names})")
+    text_type = parquet.schema_arrow.field("text").type
+    row = 0
+    try:
+        for record_batch in parquet.iter_batches(batch_size=batch_size):
+            batch = ShardBatch()
+            texts = record_batch.column(record_batch.schema.get_field_index("text")).to_pylist()
+            others = record_batch.drop_columns(["text"]).to_pylist()
+            for text, other in zip(texts, others, strict=True):
+                row += 1
+                reason = _parquet_text_problem(text, text_type)
+                if isinstance(text, bytes) and reason is None:
+                    text = text.decode("utf-8")
+                if reason is not None:
+                    batch.rejects.append(Reject(row, reason, str(text)[:_SNIPPET_CHARS] if text is not None else ""))
+                    continue
+                group = other.get(group_field) if group_field else None
+                batch.lines.append(row)
+                batch.texts.append(text)
+                batch.fields.append(orjson.dumps(other, default=str).decode() if other else "{}")
+                batch.groups.append(group if isinstance(group, str) else None)
+            yield batch
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardReadError(path, f"Parquet data unreadable after row {row} ({exc})") from exc
+
+
+def _parquet_text_problem(text: Any, text_type: pa.DataType) -> str | None:
+    if text is None:
+        return "'text' is null"
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"invalid UTF-8 at byte {exc.start}"
+    if not isinstance(text, str):
+        return f"'text' is {text_type}, not a string"
+    if not text.strip():
+        return "empty text"
+    return None
+
+
+def read_shard(
+    fs: Any, shard: ShardFile, batch_size: int = 8192, group_field: str | None = "source"
+) -> Iterator[ShardBatch]:
+    """Stream a shard as batches of parsed records and rejects (see module docstring for the contract)."""
+    try:
+        raw = fs.open(shard.path, "rb")
+    except (OSError, ValueError) as exc:
+        raise ShardReadError(shard.path, f"{type(exc).__name__}: {exc}") from exc
+    with raw:
+        if shard.format == "parquet":
+            yield from _iter_parquet(raw, shard.path, batch_size, group_field)
+        else:
+            yield from _iter_jsonl(raw, shard.format, shard.path, batch_size, group_field)

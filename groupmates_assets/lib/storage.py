@@ -1,0 +1,212 @@
+"""One storage root for every artifact: a local folder by default, any fsspec URL (``s3://...``) in production.
+
+Artifacts move between pipeline stages as files plus metadata. Every write here is atomic: the data goes
+to a temporary name beside the final one and is renamed into place only once complete, so a reader never
+sees a half-written file under its final name, and a killed write leaves nothing but a temporary file that
+the next write of the same artifact replaces. On object stores a single PUT is already atomic, so the
+temporary step is skipped there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_TMP_MARK = ".tmp-"
+
+
+class StoragePathError(ValueError):
+    """A relative artifact path that would escape the storage root or is otherwise unsafe."""
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What an asset reports about a file it wrote."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+    def as_metadata(self, prefix: str = "") -> dict[str, Any]:
+        return {f"{prefix}path": self.path, f"{prefix}bytes": self.bytes, f"{prefix}sha256": self.sha256}
+
+
+class _HashingWriter(io.RawIOBase):
+    """Wraps a binary sink and hashes/counts what goes through it, so hashing costs no second read."""
+
+    def __init__(self, sink: IO[bytes]):
+        self._sink = sink
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.info: ArtifactInfo | None = None  # set once the artifact is in place under its final name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        self._sink.write(view)
+        return view.nbytes
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_stream(stream: IO[bytes], chunk_size: int = 4 << 20) -> tuple[str, int]:
+    """Hash a binary stream in chunks; returns (hex digest, size in bytes)."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(chunk_size):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def validate_relative_path(relative: str) -> str:
+    """Reject absolute paths, `..` segments, empty segments and control characters before they become paths."""
+    if not relative or relative.startswith("/") or "\\" in relative:
+        raise StoragePathError(f"artifact path must be relative and use '/': {relative!r}")
+    parts = relative.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or any(ord(ch) < 32 for ch in part):
+            raise StoragePathError(f"unsafe segment {part!r} in artifact path {relative!r}")
+    return relative
+
+
+class Storage:
+    """A storage root addressed by relative, '/'-separated artifact paths."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        if not root:
+            raise StoragePathError("storage root is empty")
+        self.fs, root_path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        self.is_local = "file" in _protocols(self.fs)
+        self.root = os.path.abspath(root_path) if self.is_local else root_path.rstrip("/")
+        self._url_prefix = "" if self.is_local else f"{_protocols(self.fs)[0]}://"
+
+    # -- addressing -------------------------------------------------------------------------------------
+    def path(self, relative: str) -> str:
+        """The full path (as the filesystem sees it) of an artifact."""
+        return posixpath.join(self.root, validate_relative_path(relative))
+
+    def url(self, relative: str) -> str:
+        """A path a user can paste: a local absolute path or an ``s3://`` URL."""
+        return self._url_prefix + self.path(relative)
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self.path(relative))
+
+    def list(self, relative_dir: str) -> list[str]:
+        """Names (not paths) directly under a directory, sorted; temporary files are hidden."""
+        full = self.path(relative_dir)
+        if not self.fs.exists(full):
+            return []
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(full, detail=False)]
+        return sorted(n for n in names if not n.startswith(_TMP_MARK))
+
+    def remove(self, relative: str, recursive: bool = False) -> None:
+        full = self.path(relative)
+        if self.fs.exists(full):
+            self.fs.rm(full, recursive=recursive)
+
+    # -- writing ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def open_write(self, relative: str) -> Iterator[_HashingWriter]:
+        """Open an artifact for binary writing; it appears under its final name only if the block succeeds."""
+        final = self.path(relative)
+        parent = posixpath.dirname(final)
+        if self.is_local:
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f"{_TMP_MARK}{uuid.uuid4().hex}-{posixpath.basename(final)}")
+        else:
+            tmp = final
+        handle = self.fs.open(tmp, "wb")
+        writer = _HashingWriter(handle)
+        try:
+            yield writer
+            handle.close()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                handle.close()
+            if self.is_local:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+            raise
+        if self.is_local:
+            os.replace(tmp, final)
+        writer.info = ArtifactInfo(self.url(relative), writer.size, writer.digest.hexdigest())
+
+    def write_bytes(self, relative: str, data: bytes) -> ArtifactInfo:
+        with self.open_write(relative) as out:
+            out.write(data)
+        return out.info
+
+    def write_json(self, relative: str, obj: Any) -> ArtifactInfo:
+        """JSON manifests: sorted keys and a trailing newline, so equal content gives equal bytes."""
+        data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+        return self.write_bytes(relative, data)
+
+    def write_parquet(self, relative: str, table: pa.Table, compression: str = "zstd") -> ArtifactInfo:
+        with self.open_write(relative) as out:
+            pq.write_table(table, out, compression=compression)
+        return out.info
+
+    def put_file(self, local_path: str, relative: str) -> ArtifactInfo:
+        """Copy a local file (e.g. a model a library wrote to disk) into the store, atomically."""
+        with open(local_path, "rb") as src, self.open_write(relative) as out:
+            while chunk := src.read(4 << 20):
+                out.write(chunk)
+        return out.info
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def open_read(self, relative: str) -> IO[bytes]:
+        return self.fs.open(self.path(relative), "rb")
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.open_read(relative) as handle:
+            return handle.read()
+
+    def read_json(self, relative: str) -> Any:
+        return json.loads(self.read_bytes(relative))
+
+    def read_parquet(self, relative: str, columns: list[str] | None = None) -> pa.Table:
+        with self.open_read(relative) as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def info(self, relative: str) -> ArtifactInfo:
+        with self.open_read(relative) as handle:
+            digest, size = sha256_stream(handle)
+        return ArtifactInfo(self.url(relative), size, digest)
+
+    @contextlib.contextmanager
+    def local_copy(self, relative: str) -> Iterator[str]:
+        """A local filesystem path for libraries that only read local files (fastText); no copy when local."""
+        if self.is_local:
+            yield self.path(relative)
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="groupmates-") as tmp:
+            target = os.path.join(tmp, posixpath.basename(relative))
+            self.fs.get(self.path(relative), target)
+            yield target
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)

@@ -1,0 +1,107 @@
+"""Every constant of the method in one place, and one named profile per scale.
+
+`METHOD` holds the constants of Group-MATES and of the DCLM recipe it starts from (see the method
+specification); profiles choose the sizes that fit a machine: ``demo`` runs on 2 CPU cores, ``dclm-400m``
+is the paper's 400M-4x setting on a GPU cluster. Assets record the resolved values in their metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from groupmates_assets.lib.quality import FastTextRecipe
+
+
+@dataclass(frozen=True)
+class MethodConstants:
+    # Stage 0: DCLM fastText filter.
+    dclm_fasttext_threshold: float = 0.018112  # keep iff P(hq) >= this, with DCLM's OH-2.5+ELI5 model
+    dclm_fasttext_model: str = "openhermes_reddit_eli5_vs_rw_v2_bigram_200k_train.bin"
+    # Stage 1: tokenize/shuffle.
+    tokenizer: str = "EleutherAI/gpt-neox-20b"
+    context_tokens: int = 2049  # seq_len + 1 per packed context
+    # Oracle trajectories.
+    trajectory_length: int = 10
+    reference_examples: int = 128
+    # Relational model and bootstrap.
+    bootstrap_width: int = 5
+    alpha_init: float = 1.0
+    tau_init: float = 1.0
+    encoder_chunks: int = 4
+    encoder_chunk_tokens: int = 512
+    # Selection.
+    selection_ratio: float = 0.5
+    kmeans_centroids: int = 10_000
+    kmeans_iterations: int = 100
+    kmeans_seed: int = 1234
+
+
+METHOD = MethodConstants()
+
+
+@dataclass(frozen=True)
+class PoolProfile:
+    embedded_shards: int = 16  # shards of the embedded default pool
+    embedded_positives_fraction: float = 0.4  # share of Wikipedia summaries held out as classifier positives
+    group_field: str | None = "source"  # record field reported per group (keep rates by source)
+
+
+@dataclass(frozen=True)
+class QualityProfile:
+    model_path: str | None = None  # a user-supplied fastText .bin (e.g. DCLM's); None trains one
+    hq_label: str | None = None  # label of the high-quality class in a user-supplied model
+    threshold: float | None = None  # keep iff P(hq) >= threshold ...
+    keep_fraction: float | None = 0.5  # ... or derive the threshold that keeps this share of a pool sample
+    positives_path: str | None = None  # None: the embedded pool's held-out Wikipedia summaries
+    max_positives: int = 200_000
+    negatives_per_positive: float = 1.0
+    negative_sample_shards: int = 64  # negatives come from at most this many shards, evenly spread
+    heldout_fraction: float = 0.2
+    recipe: FastTextRecipe = field(default_factory=FastTextRecipe)
+    batch_size: int = 8192
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    pool: PoolProfile = field(default_factory=PoolProfile)
+    quality: QualityProfile = field(default_factory=QualityProfile)
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"profile": self.name, **asdict(self)}
+
+
+PROFILES: dict[str, Profile] = {
+    "demo": Profile(
+        name="demo",
+        description="2 CPU cores: the embedded pool, a classifier trained on it, half of the pool kept",
+    ),
+    "dclm-400m": Profile(
+        name="dclm-400m",
+        description="DCLM 400M-4x: DCLM's own fastText model and threshold on refinedweb shards",
+        pool=PoolProfile(group_field=None),
+        quality=QualityProfile(
+            model_path="dclm/openhermes_reddit_eli5_vs_rw_v2_bigram_200k_train.bin",
+            threshold=METHOD.dclm_fasttext_threshold,
+            keep_fraction=None,
+            batch_size=32768,
+        ),
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile named, or the one in GROUPMATES_PROFILE, or ``demo``."""
+    name = name or os.environ.get("GROUPMATES_PROFILE", "demo")
+    if name not in PROFILES:
+        raise KeyError(f"unknown profile {name!r}; known profiles: {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def with_overrides(profile: Profile, **quality_overrides: Any) -> Profile:
+    """A copy of a profile with some quality settings replaced (None values are ignored)."""
+    changes = {k: v for k, v in quality_overrides.items() if v is not None}
+    return replace(profile, quality=replace(profile.quality, **changes)) if changes else profile

