@@ -52,10 +52,11 @@ def demo(args: argparse.Namespace) -> int:
 
     from groupmates_assets.defs.partitions import pool_shards
     from groupmates_assets.defs.pool.sensors import discover_new_shard_keys
-    from groupmates_assets.definitions import defs
+    from groupmates_assets.definitions import build_definitions
 
     started = time.perf_counter()
     instance = dg.DagsterInstance.get()
+    defs = build_definitions()
     platform = defs.resources["platform"]
     storage = platform.storage()
     _say(f"Dagster instance: {home}")

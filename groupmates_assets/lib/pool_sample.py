@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,22 +36,37 @@ def spread(items: Sequence[Any], limit: int) -> list[Any]:
 
 
 def sample_shards(
-    fs: Any, shards: Sequence[shard_io.ShardFile], total: int, seed: int = 1234, group_field: str | None = "source"
+    fs: Any,
+    shards: Sequence[shard_io.ShardFile],
+    total: int,
+    seed: int = 1234,
+    group_field: str | None = "source",
+    on_unreadable: Callable[[shard_io.ShardReadError], None] | None = None,
 ) -> list[SampledDoc]:
-    """About ``total`` documents, an equal quota per shard, each quota the bottom-k of a seeded hash."""
+    """About ``total`` documents, an equal quota per shard, each quota the bottom-k of a seeded hash.
+
+    A shard that cannot be read is passed to ``on_unreadable`` and left out (one broken file should not stop
+    a sample), or raises when no handler is given.
+    """
     if not shards or total <= 0:
         return []
     quota = math.ceil(total / len(shards))
     sample: list[SampledDoc] = []
     for shard in shards:
         heap: list[tuple[int, str, str, str | None]] = []  # max-heap via negated rank
-        for batch in shard_io.read_shard(fs, shard, group_field=group_field):
-            for line, text, group in zip(batch.lines, batch.texts, batch.groups, strict=True):
-                doc_id = shard_io.make_doc_id(shard.key, line, text)
-                rank = _rank(doc_id, seed)
-                if len(heap) < quota:
-                    heapq.heappush(heap, (-rank, doc_id, text, group))
-                elif rank < -heap[0][0]:
-                    heapq.heapreplace(heap, (-rank, doc_id, text, group))
+        try:
+            for batch in shard_io.read_shard(fs, shard, group_field=group_field):
+                for line, text, group in zip(batch.lines, batch.texts, batch.groups, strict=True):
+                    doc_id = shard_io.make_doc_id(shard.key, line, text)
+                    rank = _rank(doc_id, seed)
+                    if len(heap) < quota:
+                        heapq.heappush(heap, (-rank, doc_id, text, group))
+                    elif rank < -heap[0][0]:
+                        heapq.heapreplace(heap, (-rank, doc_id, text, group))
+        except shard_io.ShardReadError as exc:
+            if on_unreadable is None:
+                raise
+            on_unreadable(exc)
+            continue
         sample.extend(SampledDoc(d, t, g) for _, d, t, g in sorted(heap, key=lambda item: -item[0]))
     return sample[:total] if len(sample) > total else sample

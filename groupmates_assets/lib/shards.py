@@ -194,9 +194,11 @@ def _json_record(raw: bytes, group_field: str | None) -> tuple[str, str, str | N
         return f"invalid JSON: {exc}"
     if not isinstance(record, dict):
         return f"record is a JSON {type(record).__name__}, not an object"
-    text = record.pop("text", None)
+    if "text" not in record:
+        return "missing 'text' field"
+    text = record.pop("text")
     if text is None:
-        return "missing 'text' field" if "text" not in record else "'text' is null"
+        return "'text' is null"
     if not isinstance(text, str):
         return f"'text' is a {type(text).__name__}, not a string"
     if not text.strip():

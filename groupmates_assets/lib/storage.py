@@ -101,7 +101,9 @@ class Storage:
 
     # -- addressing -------------------------------------------------------------------------------------
     def path(self, relative: str) -> str:
-        """The full path (as the filesystem sees it) of an artifact."""
+        """The full path (as the filesystem sees it) of an artifact; ``""`` is the root itself."""
+        if relative == "":
+            return self.root
         return posixpath.join(self.root, validate_relative_path(relative))
 
     def url(self, relative: str) -> str:

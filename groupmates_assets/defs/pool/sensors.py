@@ -40,7 +40,7 @@ def pool_shard_sensor(context: dg.SensorEvaluationContext, platform: PlatformRes
     done = context.instance.get_materialized_partitions(dg.AssetKey("filtered_pool_shard"))
     registered = set(context.instance.get_dynamic_partitions(pool_shards.name)) | set(new_keys)
     pending = sorted(registered - done)[:MAX_RUNS_PER_TICK]
-    version = classifier.storage_id
+    version = classifier.run_id[:8]  # a new classifier run makes every shard eligible again
     runs = [dg.RunRequest(partition_key=key, run_key=f"{key}@classifier-{version}") for key in pending]
     return dg.SensorResult(
         run_requests=runs,

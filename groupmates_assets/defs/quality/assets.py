@@ -115,17 +115,24 @@ def quality_classifier(
         raise dg.Failure("no registered pool shards: materialize pool_shard partitions first")
     fs, _ = platform.pool_location()
     sample_from = spread(shards, quality.negative_sample_shards)
+    unreadable: list[str] = []
+
+    def skip_unreadable(error: shard_io.ShardReadError) -> None:
+        context.log.warning(f"left out of the pool sample: {error}")
+        unreadable.append(error.path)
     with tempfile.TemporaryDirectory(prefix="groupmates-classifier-") as tmp:
         model_file = os.path.join(tmp, "model.bin")
         if quality.model_path:
             report, recipe = None, {"supplied_model": quality.model_path}
             _fetch_model(quality.model_path, model_file)
-            calibration_docs = sample_shards(fs, sample_from, CALIBRATION_SAMPLE, quality.recipe.seed, group_field)
+            calibration_docs = sample_shards(fs, sample_from, CALIBRATION_SAMPLE, quality.recipe.seed, group_field,
+                                             on_unreadable=skip_unreadable)
         else:
             positives = _positives(storage, quality, group_field)
             wanted = int(len(positives) * quality.negatives_per_positive)
             context.log.info(f"sampling {wanted} negatives from {len(sample_from)} of {len(shards)} pool shards")
-            negatives = sample_shards(fs, sample_from, wanted, quality.recipe.seed, group_field)
+            negatives = sample_shards(fs, sample_from, wanted, quality.recipe.seed, group_field,
+                                      on_unreadable=skip_unreadable)
             by_id = (lambda d: d.doc_id)
             pos_train, pos_held = split_heldout(positives, by_id, quality.heldout_fraction, quality.recipe.seed)
             neg_train, neg_held = split_heldout(negatives, by_id, quality.heldout_fraction, quality.recipe.seed)
@@ -146,6 +153,7 @@ def quality_classifier(
         "metrics": None if report is None else {
             k: v for k, v in report.__dict__.items() if not k.startswith("heldout_scores")},
         "negative_sample_shards": [s.key for s in sample_from],
+        "unreadable_shards": unreadable,
     }
     storage.write_json(f"{CLASSIFIER_DIR}/{version}/classifier.json", manifest)
     storage.write_json(CURRENT_CLASSIFIER, manifest)  # what the filter reads; written last

@@ -152,22 +152,26 @@ def _worker_count() -> int:
 
 def _read_all(cache_dir: str, say: Callable[[str], None]) -> dict[str, SourceRead]:
     """Read every source; HTML pages (the slow part) are parsed on a process pool meanwhile."""
+    reads: dict[str, SourceRead] = {}
+
+    def keep(read: SourceRead) -> None:
+        reads[read.name] = read
+        say(f"read {len(read.documents):,} {read.name} documents")
+
+    # Fast readers that can fail on a half-set-up machine go first, so a missing source fails in seconds.
+    keep(src.read_wikipedia(cache_dir))
     py_pkg, py_root, py_files = src.python_docs_files()
     pg_pkg, pg_root, pg_files = src.postgresql_docs_files()
     jobs = src.html_jobs("python-docs", PYTHON_DOCS_LICENCE, py_pkg, "sphinx", py_files)
     n_py = len(jobs)
     jobs += src.html_jobs("postgresql-docs", POSTGRESQL_DOCS_LICENCE, pg_pkg, "docbook", pg_files)
-    reads: dict[str, SourceRead] = {}
 
     def read_rest() -> None:
-        for read in (
-            src.read_wikipedia(cache_dir),
-            *map(src.read_dictd, src.DICT_SPECS),
-            src.read_fortunes(),
-            *src.read_debian_packaging(),
-        ):
-            reads[read.name] = read
-            say(f"read {len(read.documents):,} {read.name} documents")
+        for spec in src.DICT_SPECS:
+            keep(src.read_dictd(spec))
+        keep(src.read_fortunes())
+        for read in src.read_debian_packaging():
+            keep(read)
 
     workers = _worker_count()
     if workers == 1:
@@ -179,8 +183,12 @@ def _read_all(cache_dir: str, say: Callable[[str], None]) -> dict[str, SourceRea
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = pool.map(src.html_file_documents, jobs, chunksize=8)
-            read_rest()
-            per_file = list(futures)
+            try:
+                read_rest()
+                per_file = list(futures)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # don't finish parsing for a failed build
+                raise
     for name, package, pattern, files, chunk in (
         ("python-docs", py_pkg, f"{py_root}/**/*.html", py_files, per_file[:n_py]),
         ("postgresql-docs", pg_pkg, f"{pg_root}/*.html", pg_files, per_file[n_py:]),
@@ -193,8 +201,7 @@ def _read_all(cache_dir: str, say: Callable[[str], None]) -> dict[str, SourceRea
             how_read=f"{pattern} ({len(files)} pages) split on sections with html.parser",
             documents=[doc for docs in chunk for doc in docs],
         )
-        reads[name] = read
-        say(f"read {len(read.documents):,} {name} documents")
+        keep(read)
     return reads
 
 

@@ -1,0 +1,139 @@
+"""Run the benchmarks, print one markdown table of figures and write them as JSON.
+
+Speed is measured here, never in timed tests: a shared machine makes wall-clock assertions flaky, whereas
+best-of-N figures from one pinned core can be compared across commits by a person.
+
+Usage: ``python -m bench.run [--only filter] [--out bench/results/latest.json] [--repeats 3]``.
+Only the standard library is imported at module level, so the process can be pinned to one core before
+numpy, fastText or Arrow start (and size) their thread pools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# name -> module exposing ``run(repeats: int) -> list[Figure]``; imported only after pinning.
+BENCHMARKS: dict[str, str] = {"filter": "bench.bench_filter"}
+DEFAULT_OUT = "bench/results/latest.json"
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+HEAVY_MODULES = ("numpy", "pyarrow", "fasttext", "zstandard", "orjson", "torch")
+_ALLOWED_AT_START = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+_pin_note: str | None = None
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One row of the table: what was measured, its value and unit, and how to read it."""
+
+    name: str
+    value: float | int | str
+    unit: str
+    notes: str = ""
+
+
+def pin_to_one_core() -> str:
+    """Restrict this process to its first allowed CPU and one BLAS/OpenMP thread; returns a note saying so.
+
+    Idempotent. The note warns when a heavy library was imported first, since its thread pool may then
+    already run on other cores.
+    """
+    global _pin_note
+    if _pin_note is not None:
+        return _pin_note
+    for var in THREAD_VARS:
+        os.environ[var] = "1"
+    late = [name for name in HEAVY_MODULES if name in sys.modules]
+    if hasattr(os, "sched_setaffinity") and _ALLOWED_AT_START:
+        cpu = _ALLOWED_AT_START[0]
+        os.sched_setaffinity(0, {cpu})
+        note = f"pinned to CPU {cpu} (of {len(_ALLOWED_AT_START)} allowed) with sched_setaffinity"
+    else:
+        note = "not pinned (no sched_setaffinity on this platform)"
+    note += "; OMP/MKL/OPENBLAS_NUM_THREADS=1"
+    if late:
+        note += f" (set after importing {', '.join(late)})"
+    _pin_note = note
+    return note
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on; they mean little without it."""
+    cpu_model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
+                             cpu_model)
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cpus_allowed": len(_ALLOWED_AT_START) or os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "pinning": pin_to_one_core(),
+    }
+
+
+def format_value(value: float | int | str) -> str:
+    """Thousands separators for counts, three significant figures (or more for big numbers) for rates."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def markdown_table(figures: Sequence[Figure]) -> str:
+    """One markdown table: pasteable into an issue or a PR."""
+    rows = ["| name | value | unit | notes |", "|---|---:|---|---|"]
+    for fig in figures:
+        notes = fig.notes.replace("|", "\\|")
+        rows.append(f"| {fig.name} | {format_value(fig.value)} | {fig.unit} | {notes} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS),
+                        help="run only this benchmark (repeatable); default: all")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per figure; the best is kept")
+    args = parser.parse_args(argv)
+    pin_note = pin_to_one_core()  # before any benchmark module imports numpy/fastText/Arrow
+    print(f"[bench] {pin_note}", file=sys.stderr)
+    results: dict[str, list[Figure]] = {}
+    for name in args.only or sorted(BENCHMARKS):
+        module = importlib.import_module(BENCHMARKS[name])
+        results[name] = module.run(repeats=args.repeats)
+    print(markdown_table([fig for figs in results.values() for fig in figs]))
+    payload = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "repeats": args.repeats,
+        "benchmarks": {name: [asdict(fig) for fig in figs] for name, figs in results.items()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    print(f"[bench] wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    # Delegate to the importable ``bench.run``, not this ``__main__`` copy, so benchmark modules that import
+    # ``bench.run`` share one pinning state (and see the CPUs allowed before pinning).
+    from bench import run as canonical
+
+    sys.exit(canonical.main())

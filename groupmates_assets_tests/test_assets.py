@@ -1,0 +1,109 @@
+"""Assets materialized with Dagster on a small hand-written pool, plus the shard sensor."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from groupmates_assets.defs.partitions import pool_shards
+from groupmates_assets.defs.pool.assets import embedded_pool, pool_shard
+from groupmates_assets.defs.pool.sensors import pool_shard_sensor
+from groupmates_assets.defs.quality.assets import filtered_pool_shard, filtered_pool_summary, quality_classifier
+from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets_tests.conftest import jsonl_bytes, records, write_shard
+
+ASSETS = [embedded_pool, pool_shard, quality_classifier, filtered_pool_shard, filtered_pool_summary]
+KEYS = ["crawl-a__part-0", "crawl-a__part-1", "crawl-b"]
+
+
+@pytest.fixture
+def setup(small_pool, tmp_path):
+    platform = PlatformResource(storage_root=str(tmp_path / "store"), pool_dir=str(small_pool["pool"]))
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        yield {"platform": platform, "instance": instance, "positives": str(small_pool["positives"]),
+               "pool": small_pool["pool"]}
+
+
+def _materialize(setup, selection, partition_key=None, raise_on_error=True):
+    return dg.materialize(
+        ASSETS, selection=selection, partition_key=partition_key, instance=setup["instance"],
+        resources={"platform": setup["platform"]}, raise_on_error=raise_on_error,
+        run_config={"ops": {"quality_classifier": {"config": {"positives_path": setup["positives"]}}}}
+        if "quality_classifier" in selection else None,
+    )
+
+
+def _register_and_train(setup, keys=KEYS):
+    setup["instance"].add_dynamic_partitions(pool_shards.name, keys)
+    for key in keys:
+        _materialize(setup, ["pool_shard"], key)
+    return _materialize(setup, ["quality_classifier"])
+
+
+def test_pool_shard_records_hash_and_size(setup):
+    setup["instance"].add_dynamic_partitions(pool_shards.name, KEYS)
+    result = _materialize(setup, ["pool_shard"], "crawl-b")
+    metadata = result.asset_materializations_for_node("pool_shard")[0].metadata
+    assert metadata["format"].value == "parquet" and len(metadata["sha256"].value) == 64
+
+
+def test_classifier_then_filter_every_shard(setup):
+    trained = _register_and_train(setup).asset_materializations_for_node("quality_classifier")[0].metadata
+    assert trained["heldout_auc"].value > 0.7  # positives vs a pool that is half prose
+    assert trained["positives_train"].value > 0 and trained["negatives_train"].value > 0
+    assert "data:image/png;base64" in trained["heldout_score_histogram"].value
+    totals = {"rows_in": 0, "kept": 0, "dropped": 0, "rejected": 0}
+    for key in KEYS:
+        result = _materialize(setup, ["filtered_pool_shard"], key)
+        metadata = result.asset_materializations_for_node("filtered_pool_shard")[0].metadata
+        check = result.get_asset_check_evaluations()[0]
+        assert check.passed and check.check_name == "counts_reconcile"
+        for name in totals:
+            totals[name] += metadata[name].value
+        assert metadata["classifier_version"].value == trained["classifier_version"].value
+    assert totals == {"rows_in": 342, "kept": totals["kept"], "dropped": totals["dropped"], "rejected": 2}
+    assert 0 < totals["kept"] < 340
+    summary = _materialize(setup, ["filtered_pool_summary"])
+    assert summary.get_asset_check_evaluations()[0].passed
+    metadata = summary.asset_materializations_for_node("filtered_pool_summary")[0].metadata
+    assert metadata["kept"].value == totals["kept"] and metadata["shards"].value == 3
+    assert "spam" in metadata["keep_rate_by_group"].value
+    stats = [setup["platform"].storage().read_json(f"filtered_pool/{k}/stats.json") for k in KEYS]
+    keep_rate = {g: sum(s["by_group"][g]["kept"] for s in stats) / sum(s["by_group"][g]["in"] for s in stats)
+                 for g in ("prose", "spam")}
+    assert keep_rate["prose"] > keep_rate["spam"]
+
+
+def test_unreadable_shard_fails_with_file_and_cause(setup):
+    (setup["pool"] / "broken.jsonl.gz").write_bytes(b"definitely not gzip")
+    _register_and_train(setup, KEYS + ["broken"])
+    result = _materialize(setup, ["filtered_pool_shard"], "broken", raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.step_failure_data.user_failure_data.description
+    assert "broken.jsonl.gz" in message and "not a valid jsonl.gz" in message
+
+
+def test_filter_refuses_unregistered_partition(setup):
+    setup["instance"].add_dynamic_partitions(pool_shards.name, ["crawl-b"])
+    result = _materialize(setup, ["filtered_pool_shard"], "crawl-b", raise_on_error=False)
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "not registered" in failure.step_failure_data.user_failure_data.description
+
+
+def test_sensor_adds_partitions_then_requests_filter_runs(setup):
+    instance, resources = setup["instance"], {"platform": setup["platform"]}
+    first = pool_shard_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert first.dynamic_partitions_requests[0].partition_keys == KEYS
+    assert not first.run_requests and "waiting for quality_classifier" in first.skip_reason.skip_message
+    _register_and_train(setup)  # adds the partitions, registers, trains
+    second = pool_shard_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert not second.dynamic_partitions_requests
+    assert sorted(r.partition_key for r in second.run_requests) == KEYS
+    _materialize(setup, ["filtered_pool_shard"], "crawl-b")
+    write_shard(setup["pool"] / "crawl-c.jsonl", jsonl_bytes(records(3, 3)))
+    third = pool_shard_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert third.dynamic_partitions_requests[0].partition_keys == ["crawl-c"]
+    assert sorted(r.partition_key for r in third.run_requests) == ["crawl-a__part-0", "crawl-a__part-1", "crawl-c"]
+    assert all("@classifier-" in r.run_key for r in third.run_requests)
