@@ -50,9 +50,9 @@ def demo(args: argparse.Namespace) -> int:
     home = prepare_dagster_home()
     import dagster as dg
 
+    from groupmates_assets.definitions import build_definitions
     from groupmates_assets.defs.partitions import pool_shards
     from groupmates_assets.defs.pool.sensors import discover_new_shard_keys
-    from groupmates_assets.definitions import build_definitions
 
     started = time.perf_counter()
     instance = dg.DagsterInstance.get()

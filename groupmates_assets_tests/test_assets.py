@@ -77,7 +77,7 @@ def test_classifier_then_filter_every_shard(setup):
 
 def test_unreadable_shard_fails_with_file_and_cause(setup):
     (setup["pool"] / "broken.jsonl.gz").write_bytes(b"definitely not gzip")
-    _register_and_train(setup, KEYS + ["broken"])
+    _register_and_train(setup, [*KEYS, "broken"])
     result = _materialize(setup, ["filtered_pool_shard"], "broken", raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)

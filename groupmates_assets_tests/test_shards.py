@@ -69,7 +69,7 @@ def test_truncated_compressed_file_keeps_complete_lines_and_rejects_the_tail(tmp
     full = write_shard(tmp_path / f"full{suffix}", data).read_bytes()
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(full[: len(full) // 2])
-    lines, texts, rejects = _read(cut)
+    lines, _, rejects = _read(cut)
     assert 0 < len(lines) < 6000
     assert lines == list(range(1, len(lines) + 1))
     assert len(rejects) == 1 and "truncated" in rejects[0].reason and rejects[0].line == len(lines) + 1
@@ -101,7 +101,7 @@ def test_unreadable_shard_fails_naming_file_and_cause(tmp_path, name, content, c
 
 def test_missing_shard_file_fails_naming_it(tmp_path):
     shard = shards.ShardFile("gone", str(tmp_path / "gone.jsonl"), "gone.jsonl", "jsonl", 0)
-    with pytest.raises(shards.ShardReadError, match="gone.jsonl"):
+    with pytest.raises(shards.ShardReadError, match=r"gone\.jsonl"):
         list(shards.read_shard(FS, shard))
 
 
@@ -154,4 +154,5 @@ def test_discover_reports_conflicts_and_bad_names(tmp_path):
     found, problems = shards.discover_shards(FS, str(tmp_path))
     assert [s.key for s in found] == ["b", "sub__e"]
     assert len(problems) == 2 and any("also used by" in p for p in problems)
-    assert shards.discover_shards(FS, str(tmp_path / "nope")) == ([], [f"pool directory does not exist: {tmp_path / 'nope'}"])
+    missing = str(tmp_path / "nope")
+    assert shards.discover_shards(FS, missing) == ([], [f"pool directory does not exist: {missing}"])

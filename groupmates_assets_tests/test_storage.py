@@ -45,5 +45,5 @@ def test_memory_filesystem_url_root():
     storage = Storage("memory://groupmates-test")
     storage.write_bytes("x/y.txt", b"z")
     assert storage.read_bytes("x/y.txt") == b"z" and storage.url("x/y.txt").startswith("memory://")
-    with storage.local_copy("x/y.txt") as local:
-        assert open(local, "rb").read() == b"z"
+    with storage.local_copy("x/y.txt") as local, open(local, "rb") as handle:
+        assert handle.read() == b"z"

@@ -79,7 +79,8 @@ def filter_shard(
     by_group: dict[str, list[int]] = {}
     started = last_report = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        sinks = {name: stack.enter_context(storage.open_write(f"{out_dir}/{file}")) for name, file in OUTPUT_FILES.items()}
+        sinks = {name: stack.enter_context(storage.open_write(f"{out_dir}/{file}"))
+                 for name, file in OUTPUT_FILES.items()}
         writers = {
             "kept": stack.enter_context(pq.ParquetWriter(sinks["kept"], KEPT_SCHEMA, compression="zstd")),
             "dropped": stack.enter_context(pq.ParquetWriter(sinks["dropped"], DROPPED_SCHEMA, compression="zstd")),

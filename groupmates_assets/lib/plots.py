@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 from collections.abc import Sequence
 
 
@@ -16,7 +17,7 @@ def histogram_png(bin_edges: Sequence[float], counts: Sequence[int], title: str,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-    widths = [b - a for a, b in zip(bin_edges[:-1], bin_edges[1:], strict=True)]
+    widths = [b - a for a, b in itertools.pairwise(bin_edges)]
     ax.bar(bin_edges[:-1], counts, width=widths, align="edge", color="#4f6bed", edgecolor="white")
     if threshold is not None:
         ax.axvline(threshold, color="#d1495b", linestyle="--", label=f"threshold {threshold:.4g}")

@@ -136,11 +136,12 @@ def train_quality_classifier(
     positives: Sequence[str],
     negatives: Sequence[str],
     model_path: str,
-    recipe: FastTextRecipe = FastTextRecipe(),
+    recipe: FastTextRecipe | None = None,
     heldout_positives: Sequence[str] = (),
     heldout_negatives: Sequence[str] = (),
 ) -> TrainingReport:
     """Train the bigram classifier on (positives, negatives), write it to ``model_path``, evaluate on held-out."""
+    recipe = recipe or FastTextRecipe()
     if not positives or not negatives:
         raise ValueError(f"need positives and negatives to train (got {len(positives)} and {len(negatives)})")
     pos_train = [normalize_for_fasttext(t) for t in positives]

@@ -156,7 +156,7 @@ class TruncatedStreamError(Exception):
 
 
 def decompressed_chunks(raw: IO[bytes], fmt: str) -> Iterator[bytes]:
-    """Decompress a stream chunk by chunk, across concatenated members/frames; raise TruncatedStreamError at a cut end."""
+    """Decompress chunk by chunk, across concatenated members/frames; TruncatedStreamError at a cut end."""
     if fmt == "jsonl":
         while chunk := raw.read(_READ_CHUNK):
             yield chunk

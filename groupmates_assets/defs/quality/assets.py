@@ -133,9 +133,8 @@ def quality_classifier(
             context.log.info(f"sampling {wanted} negatives from {len(sample_from)} of {len(shards)} pool shards")
             negatives = sample_shards(fs, sample_from, wanted, quality.recipe.seed, group_field,
                                       on_unreadable=skip_unreadable)
-            by_id = (lambda d: d.doc_id)
-            pos_train, pos_held = split_heldout(positives, by_id, quality.heldout_fraction, quality.recipe.seed)
-            neg_train, neg_held = split_heldout(negatives, by_id, quality.heldout_fraction, quality.recipe.seed)
+            pos_train, pos_held = split_heldout(positives, _doc_id, quality.heldout_fraction, quality.recipe.seed)
+            neg_train, neg_held = split_heldout(negatives, _doc_id, quality.heldout_fraction, quality.recipe.seed)
             report = train_quality_classifier(
                 [d.text for d in pos_train], [d.text for d in neg_train], model_file, quality.recipe,
                 [d.text for d in pos_held], [d.text for d in neg_held],
@@ -159,6 +158,10 @@ def quality_classifier(
     storage.write_json(CURRENT_CLASSIFIER, manifest)  # what the filter reads; written last
     return dg.MaterializeResult(metadata=_classifier_metadata(manifest, report, model_info.path),
                                 data_version=dg.DataVersion(version))
+
+
+def _doc_id(doc: SampledDoc) -> str:
+    return doc.doc_id
 
 
 def _fetch_model(source: str, target: str) -> None:
