@@ -81,9 +81,12 @@ def filter_shard(
     with contextlib.ExitStack() as stack:
         sinks = {name: stack.enter_context(storage.open_write(f"{out_dir}/{file}"))
                  for name, file in OUTPUT_FILES.items()}
+        # Dictionary encoding only pays for repetitive columns; ids and texts are unique.
         writers = {
-            "kept": stack.enter_context(pq.ParquetWriter(sinks["kept"], KEPT_SCHEMA, compression="zstd")),
-            "dropped": stack.enter_context(pq.ParquetWriter(sinks["dropped"], DROPPED_SCHEMA, compression="zstd")),
+            "kept": stack.enter_context(pq.ParquetWriter(
+                sinks["kept"], KEPT_SCHEMA, compression="zstd", use_dictionary=["fields"])),
+            "dropped": stack.enter_context(pq.ParquetWriter(
+                sinks["dropped"], DROPPED_SCHEMA, compression="zstd", use_dictionary=False)),
             "rejects": stack.enter_context(pq.ParquetWriter(sinks["rejects"], REJECTS_SCHEMA, compression="zstd")),
         }
         for batch in shard_io.read_shard(pool_fs, shard, batch_size=batch_size, group_field=group_field):
@@ -134,29 +137,21 @@ def _write_batch(batch, shard, classifier, threshold, writers, tally, reasons, h
     scores = classifier.score_normalized(normalized)
     keep = scores >= threshold
     histogram += np.histogram(scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
-    doc_ids = [shard_io.make_doc_id(shard.key, line, text) for line, text in zip(batch.lines, batch.texts, strict=True)]
-    kept_idx = np.flatnonzero(keep)
-    dropped_idx = np.flatnonzero(~keep)
-    tally.kept += len(kept_idx)
-    tally.dropped += len(dropped_idx)
+    key = shard.key
+    doc_ids = [shard_io.make_doc_id(key, line, text) for line, text in zip(batch.lines, batch.texts, strict=True)]
+    n_kept = int(keep.sum())
+    tally.kept += n_kept
+    tally.dropped += len(keep) - n_kept
     for group, kept_flag in zip(batch.groups, keep.tolist(), strict=True):
         counts = by_group.setdefault(group if group is not None else "(none)", [0, 0])
         counts[0] += 1
         counts[1] += kept_flag
-    lines = np.asarray(batch.lines, dtype=np.int64)
-    if len(kept_idx):
-        writers["kept"].write_table(pa.table(
-            {"doc_id": [doc_ids[i] for i in kept_idx], "line": lines[kept_idx],
-             "text": [batch.texts[i] for i in kept_idx], "quality_score": scores[kept_idx],
-             "fields": [batch.fields[i] for i in kept_idx]},
-            schema=KEPT_SCHEMA,
-        ))
-    if len(dropped_idx):
-        writers["dropped"].write_table(pa.table(
-            {"doc_id": [doc_ids[i] for i in dropped_idx], "line": lines[dropped_idx],
-             "quality_score": scores[dropped_idx]},
-            schema=DROPPED_SCHEMA,
-        ))
+    scored = pa.table({"doc_id": doc_ids, "line": batch.lines, "text": batch.texts, "quality_score": scores,
+                       "fields": batch.fields}, schema=KEPT_SCHEMA)
+    if n_kept:
+        writers["kept"].write_table(scored.filter(keep))
+    if n_kept < len(keep):
+        writers["dropped"].write_table(scored.select(DROPPED_SCHEMA.names).filter(~keep))
 
 
 def count_source_records(pool_fs: Any, shard: shard_io.ShardFile) -> int:

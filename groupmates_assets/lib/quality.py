@@ -73,15 +73,12 @@ class QualityClassifier:
         """P(high quality) for texts already normalised with :func:`normalize_for_fasttext`."""
         if not texts:
             return np.zeros(0, dtype=np.float32)
-        labels, probs = self.model.predict(list(texts), k=self.num_labels)
+        # fastText's own predict() re-checks every text for newlines; normalised texts have none.
+        labels, probs = self.model.f.multilinePredict([t + "\n" for t in texts], self.num_labels, 0.0, "strict")
+        probs = np.asarray(probs, dtype=np.float32).reshape(len(texts), self.num_labels)
         hq = self.hq_label
-        out = np.zeros(len(texts), dtype=np.float32)
-        for i, (row_labels, row_probs) in enumerate(zip(labels, probs, strict=True)):
-            for label, prob in zip(row_labels, row_probs, strict=True):
-                if label == hq:
-                    out[i] = prob
-                    break
-        return np.clip(out, 0.0, 1.0)
+        column = np.fromiter((row.index(hq) for row in labels), dtype=np.intp, count=len(texts))
+        return np.clip(probs[np.arange(len(texts)), column], 0.0, 1.0)
 
     def score(self, texts: Iterable[str]) -> np.ndarray:
         return self.score_normalized([normalize_for_fasttext(t) for t in texts])

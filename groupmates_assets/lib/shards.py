@@ -201,7 +201,7 @@ def _json_record(raw: bytes, group_field: str | None) -> tuple[str, str, str | N
         return "'text' is null"
     if not isinstance(text, str):
         return f"'text' is a {type(text).__name__}, not a string"
-    if not text.strip():
+    if not text or text.isspace():
         return "empty text"
     group = record.get(group_field) if group_field else None
     return text, (orjson.dumps(record).decode() if record else "{}"), (group if isinstance(group, str) else None)
@@ -245,7 +245,7 @@ def _iter_jsonl(raw: IO[bytes], fmt: str, path: str, batch_size: int, group_fiel
 def _add_json_line(batch: ShardBatch, line_no: int, raw_line: bytes, group_field: str | None) -> None:
     if raw_line.endswith(b"\r"):
         raw_line = raw_line[:-1]
-    if not raw_line.strip():
+    if not raw_line or raw_line.isspace():
         batch.rejects.append(Reject(line_no, "blank line", ""))
         return
     parsed = _json_record(raw_line, group_field)
