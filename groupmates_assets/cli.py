@@ -24,9 +24,9 @@ def prepare_dagster_home() -> str:
     home = os.environ.get("DAGSTER_HOME") or os.path.join(default_home(), "dagster_home")
     os.makedirs(home, exist_ok=True)
     os.environ["DAGSTER_HOME"] = home
-    target = os.path.join(home, "dagster.yaml")
-    if REPO_DAGSTER_YAML.exists() and not os.path.exists(target):
-        shutil.copyfile(REPO_DAGSTER_YAML, target)
+    target = Path(home) / "dagster.yaml"
+    if REPO_DAGSTER_YAML.exists() and (not target.exists() or target.read_bytes() != REPO_DAGSTER_YAML.read_bytes()):
+        shutil.copyfile(REPO_DAGSTER_YAML, target)  # keep the instance in step with the project's settings
     return home
 
 
