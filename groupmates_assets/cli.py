@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
+LOG_LEVEL = os.environ.get("GROUPMATES_LOG_LEVEL", "INFO")  # DEBUG shows every Dagster event
 
 
 def prepare_dagster_home() -> str:
@@ -37,7 +38,8 @@ def _say(message: str) -> None:
 def _run(defs, job_name: str, instance, partition_key: str | None = None) -> bool:
     """Run one job in this process on the persistent instance; report a failure without a traceback."""
     job = defs.resolve_job_def(job_name)
-    result = job.execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=False)
+    result = job.execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=False,
+                                    run_config={"loggers": {"console": {"config": {"log_level": LOG_LEVEL}}}})
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
