@@ -50,7 +50,7 @@ class PoolProfile:
 
 @dataclass(frozen=True)
 class QualityProfile:
-    model_path: str | None = None  # a user-supplied fastText .bin (e.g. DCLM's); None trains one
+    model_path: str | None = None  # a supplied fastText .bin (path, URL, or relative to the storage root)
     hq_label: str | None = None  # label of the high-quality class in a user-supplied model
     threshold: float | None = None  # keep iff P(hq) >= threshold ...
     keep_fraction: float | None = 0.5  # ... or derive the threshold that keeps this share of a pool sample
@@ -84,7 +84,7 @@ PROFILES: dict[str, Profile] = {
         description="DCLM 400M-4x: DCLM's own fastText model and threshold on refinedweb shards",
         pool=PoolProfile(group_field=None),
         quality=QualityProfile(
-            model_path="dclm/openhermes_reddit_eli5_vs_rw_v2_bigram_200k_train.bin",
+            model_path=f"models/{MethodConstants.dclm_fasttext_model}",  # inside the storage root
             threshold=METHOD.dclm_fasttext_threshold,
             keep_fraction=None,
             batch_size=32768,

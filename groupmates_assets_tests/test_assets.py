@@ -107,3 +107,50 @@ def test_sensor_adds_partitions_then_requests_filter_runs(setup):
     assert third.dynamic_partitions_requests[0].partition_keys == ["crawl-c"]
     assert sorted(r.partition_key for r in third.run_requests) == ["crawl-a__part-0", "crawl-a__part-1", "crawl-c"]
     assert all("@classifier-" in r.run_key for r in third.run_requests)
+
+
+def test_supplied_model_with_fixed_threshold(setup, tmp_path):
+    from groupmates_assets.lib.quality import FastTextRecipe, train_quality_classifier
+    from groupmates_assets_tests.conftest import bad_texts, good_texts
+
+    storage = setup["platform"].storage()
+    local = tmp_path / "supplied.bin"
+    train_quality_classifier(good_texts(100), bad_texts(100), str(local), FastTextRecipe(epoch=5))
+    storage.put_file(str(local), "models/supplied.bin")  # a relative model path resolves in the storage root
+    setup["instance"].add_dynamic_partitions(pool_shards.name, KEYS)
+    for key in KEYS:
+        _materialize(setup, ["pool_shard"], key)
+    result = dg.materialize(
+        ASSETS, selection=["quality_classifier"], instance=setup["instance"],
+        resources={"platform": setup["platform"]},
+        run_config={"ops": {"quality_classifier": {"config": {"model_path": "models/supplied.bin",
+                                                               "threshold": 0.018112}}}},
+    )
+    metadata = result.asset_materializations_for_node("quality_classifier")[0].metadata
+    assert metadata["threshold"].value == 0.018112
+    assert metadata["threshold_rule"].value == "fixed threshold 0.018112"
+    assert "heldout_auc" not in metadata  # nothing was trained
+    assert storage.read_json("quality/classifier/current.json")["training"]["supplied_model"].endswith(
+        "models/supplied.bin")
+    missing = dg.materialize(
+        ASSETS, selection=["quality_classifier"], instance=setup["instance"],
+        resources={"platform": setup["platform"]}, raise_on_error=False,
+        run_config={"ops": {"quality_classifier": {"config": {"model_path": "models/absent.bin"}}}},
+    )
+    failure = next(e for e in missing.all_events if e.is_step_failure)
+    assert "supplied quality model not found" in failure.step_failure_data.user_failure_data.description
+
+
+def test_object_store_root_works_like_a_folder(small_pool, tmp_path):
+    """The same assets on a non-local fsspec root (memory://, as s3:// in production)."""
+    platform = PlatformResource(storage_root=f"memory://groupmates-{tmp_path.name}", pool_dir=str(small_pool["pool"]))
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        setup = {"platform": platform, "instance": instance, "positives": str(small_pool["positives"])}
+        _register_and_train(setup)
+        result = _materialize(setup, ["filtered_pool_shard"], "crawl-b")
+        assert result.get_asset_check_evaluations()[0].passed
+    storage = platform.storage()
+    assert not storage.is_local
+    assert storage.read_parquet("filtered_pool/crawl-b/kept.parquet").num_rows > 0
+    assert storage.url("filtered_pool").startswith("memory://")

@@ -41,15 +41,19 @@ class QualityClassifierConfig(dg.Config):
     positives_path: str | None = None
 
 
+def registered_shard(storage: Storage, key: str) -> shard_io.ShardFile | None:
+    """The shard file as ``pool_shard`` registered it, or None when that partition was never materialized."""
+    manifest_path = SHARD_MANIFEST.format(key=shard_io.validate_shard_key(key))
+    if not storage.exists(manifest_path):
+        return None
+    m = storage.read_json(manifest_path)
+    return shard_io.ShardFile(m["key"], m["path"], m["relative_path"], m["format"], m["bytes"])
+
+
 def registered_shards(storage: Storage) -> list[shard_io.ShardFile]:
     """Shards whose ``pool_shard`` partition has been materialized, in key order."""
-    out = []
-    for key in storage.list("pool/shards"):
-        manifest_path = SHARD_MANIFEST.format(key=key)
-        if storage.exists(manifest_path):
-            m = storage.read_json(manifest_path)
-            out.append(shard_io.ShardFile(m["key"], m["path"], m["relative_path"], m["format"], m["bytes"]))
-    return out
+    shards = (registered_shard(storage, key) for key in storage.list("pool/shards"))
+    return [shard for shard in shards if shard is not None]
 
 
 def _positives(storage: Storage, quality: QualityProfile, group_field: str | None) -> list[SampledDoc]:
@@ -123,8 +127,8 @@ def quality_classifier(
     with tempfile.TemporaryDirectory(prefix="groupmates-classifier-") as tmp:
         model_file = os.path.join(tmp, "model.bin")
         if quality.model_path:
-            report, recipe = None, {"supplied_model": quality.model_path}
-            _fetch_model(quality.model_path, model_file)
+            source = _fetch_model(storage, quality.model_path, model_file)
+            report, recipe = None, {"supplied_model": source}
             calibration_docs = sample_shards(fs, sample_from, CALIBRATION_SAMPLE, quality.recipe.seed, group_field,
                                              on_unreadable=skip_unreadable)
         else:
@@ -164,12 +168,15 @@ def _doc_id(doc: SampledDoc) -> str:
     return doc.doc_id
 
 
-def _fetch_model(source: str, target: str) -> None:
-    """Copy a supplied (local or remote) fastText model to a local path."""
+def _fetch_model(storage: Storage, source: str, target: str) -> str:
+    """Copy a supplied fastText model to a local path; a relative path is taken inside the storage root."""
+    if "://" not in source and not os.path.isabs(source):
+        source = storage.url(source)
     fs, path = fsspec.core.url_to_fs(source)
     if not fs.exists(path):
-        raise dg.Failure(f"supplied quality model not found: {source}")
+        raise dg.Failure(f"supplied quality model not found: {source} (place the .bin there or set model_path)")
     fs.get(path, target)
+    return source
 
 
 def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, Any]:
@@ -218,7 +225,9 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
 )
 def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, key = platform.storage(), context.partition_key
-    shard = _registered_shard(storage, key)
+    shard = registered_shard(storage, key)
+    if shard is None:
+        raise dg.Failure(f"pool shard {key!r} is not registered: materialize pool_shard for this partition first")
     fs, _ = platform.pool_location()
     if not storage.exists(CURRENT_CLASSIFIER):
         raise dg.Failure("no quality classifier yet: materialize quality_classifier first")
@@ -251,15 +260,6 @@ def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRes
             check_name="counts_reconcile", passed=ok, metadata=details, severity=dg.AssetCheckSeverity.ERROR)],
         data_version=dg.DataVersion(stats["files"]["kept"]["sha256"][:16]),
     )
-
-
-def _registered_shard(storage: Storage, key: str) -> shard_io.ShardFile:
-    shard_io.validate_shard_key(key)
-    manifest_path = SHARD_MANIFEST.format(key=key)
-    if not storage.exists(manifest_path):
-        raise dg.Failure(f"pool shard {key!r} is not registered: materialize pool_shard for this partition first")
-    m = storage.read_json(manifest_path)
-    return shard_io.ShardFile(m["key"], m["path"], m["relative_path"], m["format"], m["bytes"])
 
 
 def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
