@@ -243,6 +243,21 @@ def _iter_jsonl(raw: IO[bytes], fmt: str, path: str, batch_size: int, group_fiel
 
 
 def _add_json_line(batch: ShardBatch, line_no: int, raw_line: bytes, group_field: str | None) -> None:
+    # Fast path for the common, well-formed record; anything else goes through the diagnosing parser.
+    try:
+        record = orjson.loads(raw_line)  # JSON whitespace includes a trailing "\r"
+    except orjson.JSONDecodeError:
+        record = None
+    if type(record) is dict:
+        text = record.get("text")
+        if type(text) is str and text and not text.isspace():
+            del record["text"]
+            group = record.get(group_field) if group_field else None
+            batch.lines.append(line_no)
+            batch.texts.append(text)
+            batch.fields.append(orjson.dumps(record).decode() if record else "{}")
+            batch.groups.append(group if type(group) is str else None)
+            return
     if raw_line.endswith(b"\r"):
         raw_line = raw_line[:-1]
     if not raw_line or raw_line.isspace():
