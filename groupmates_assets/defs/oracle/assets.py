@@ -1,0 +1,172 @@
+"""Oracle stage: the reference set, the probe pool, and oracle influences of random trajectories."""
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from groupmates_assets.defs.lm.assets import load_probe_checkpoint, probe_checkpoint
+from groupmates_assets.defs.partitions import oracle_random_blocks
+from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.defs.tokenize.assets import tokenized_pool, tokenized_pool_shard
+from groupmates_assets.lib import lm, plots
+from groupmates_assets.lib import oracle as oracle_lib
+from groupmates_assets.lib import reference_set as ref_lib
+from groupmates_assets.lib import tokenization as tk
+from groupmates_assets.settings import METHOD
+
+REFERENCE_FILE = "oracle/reference_set.jsonl"
+PROBE_POOL_DIR = "oracle/probe_pool"
+ORACLE_RANDOM_DIR = "oracle/random"
+
+
+@dg.asset(
+    group_name="oracle",
+    code_version="reference-set-v1",
+    kinds={"json"},
+    description="The examples whose loss defines data influence: instruction-style question/answer pairs "
+    "(loss on answer tokens only) from a registry package, disjoint from the evaluation tasks.",
+)
+def reference_set(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    storage, settings = platform.storage(), platform.settings()
+    tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
+    reference = ref_lib.build_reference_set(tokenizer, settings.oracle.reference_source,
+                                            settings.oracle.reference_size)
+    with tempfile.TemporaryDirectory(prefix="groupmates-ref-") as tmp:
+        local = os.path.join(tmp, "reference_set.jsonl")
+        ref_lib.save_reference_set(reference, local)
+        info = storage.put_file(local, REFERENCE_FILE)
+    counts = reference.answer_token_counts
+    examples = "\n".join(f"* `{p.strip()}` → `{a.strip()}`" for p, a in reference.texts[:5])
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(reference), "examples": len(reference), "sha256": reference.sha256,
+            "answer_tokens": int(sum(counts)), "answer_tokens_per_example": round(float(np.mean(counts)), 2),
+            "provenance": dg.MetadataValue.json(reference.provenance),
+            "first_examples": dg.MetadataValue.md(examples), "path": dg.MetadataValue.path(info.path),
+        },
+        data_version=dg.DataVersion(reference.sha256[:16]),
+    )
+
+
+@dg.asset(
+    group_name="oracle",
+    code_version="probe-pool-v1",
+    deps=[dg.AssetDep(tokenized_pool_shard, partition_mapping=dg.AllPartitionMapping())],
+    kinds={"numpy"},
+    description="The contexts oracle trajectories draw from (paper: 81,920 packed contexts), sampled uniformly "
+    "from the tokenized pool, each with a stable context id.",
+)
+def probe_pool(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    storage, settings = platform.storage(), platform.settings().oracle
+    pool, _ = tokenized_pool(storage)
+    size = min(settings.probe_pool_size, len(pool))
+    if size < settings.probe_pool_size:
+        context.log.warning(f"the tokenized pool holds {len(pool)} contexts; the probe pool takes all of them "
+                            f"instead of {settings.probe_pool_size}")
+    chosen = pool.sample(size, settings.seed)
+    tokens = storage.write_numpy(f"{PROBE_POOL_DIR}/contexts.npy", pool.gather(chosen))
+    ids = [pool.context_id(int(i)) for i in chosen]
+    table = storage.write_parquet(f"{PROBE_POOL_DIR}/contexts.parquet", pa.table({"row": np.arange(size),
+                                                                                  "context_id": ids}))
+    shards = sorted({i.rsplit(":", 1)[0] for i in ids})
+    return dg.MaterializeResult(
+        metadata={"dagster/row_count": size, "contexts": size, "context_len": pool.context_len,
+                  "shards": len(shards), "tokenized_pool_contexts": len(pool), "tokens_sha256": tokens.sha256,
+                  "path": dg.MetadataValue.path(tokens.path), "ids_path": dg.MetadataValue.path(table.path)},
+        data_version=dg.DataVersion(tokens.sha256[:16]),
+    )
+
+
+def _fingerprint(**parts) -> str:
+    """Identifies the inputs of a set of oracle labels; a change starts a new directory, never mixes."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dg.asset(
+    partitions_def=oracle_random_blocks,
+    group_name="oracle",
+    code_version="oracle-random-v1",
+    deps=[probe_checkpoint, probe_pool, reference_set],
+    kinds={"pytorch", "parquet"},
+    check_specs=[dg.AssetCheckSpec(
+        "labels_consistent", asset="oracle_random", blocking=True,
+        description="every trajectory complete (T distinct contexts, finite labels) and telescoping: "
+        "sum of marginal labels = L_r(M_T+1) - L_r(M_1)",
+    )],
+    description="Oracle data influences of random trajectories: from the probe checkpoint (model and optimizer "
+    "restored per trajectory), T contexts one AdamW step each, the reference loss after every step. One "
+    "partition = one block of trajectories, resumable part by part.",
+)
+def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    storage, settings = platform.storage(), platform.settings()
+    oracle_settings, block_key = settings.oracle, context.partition_key
+    block = int(block_key.split("-", 1)[1])
+    torch.set_num_threads(settings.lm.torch_threads)
+    model, optimizer, state, checkpoint_sha = load_probe_checkpoint(storage)
+    pool_tokens = storage.read_numpy(f"{PROBE_POOL_DIR}/contexts.npy")
+    pool_ids = storage.read_parquet(f"{PROBE_POOL_DIR}/contexts.parquet").column("context_id").to_pylist()
+    with storage.local_copy(REFERENCE_FILE) as local:
+        reference = ref_lib.load_reference_set(local)
+    length, per_block = METHOD.trajectory_length, oracle_settings.trajectories_per_block
+    fingerprint = _fingerprint(checkpoint=checkpoint_sha, pool=storage.info(f"{PROBE_POOL_DIR}/contexts.npy").sha256,
+                               reference=reference.sha256, length=length, seed=oracle_settings.seed,
+                               per_block=per_block, part_size=oracle_settings.part_size, policy="random")
+    out = f"{ORACLE_RANDOM_DIR}/{fingerprint}/{block_key}"
+    plan = oracle_lib.random_plan(len(pool_tokens), per_block, length, oracle_settings.seed, block)
+    ids = np.arange(block * per_block, (block + 1) * per_block)
+    collector = oracle_lib.OracleCollector(model, optimizer, lm.ReferenceBatch(reference.examples), pool_tokens,
+                                           state["optim_config"])
+    context.log.info(f"{block_key}: {per_block} trajectories x {length} steps from checkpoint step "
+                     f"{state['step']} (lr {lm.current_lr(optimizer):.3g}); base reference loss "
+                     f"{collector.base_loss:.4f}; writing to {storage.url(out)}")
+    computed, resumed, started = 0, 0, time.perf_counter()
+    parts = []
+    for number, start in enumerate(range(0, per_block, oracle_settings.part_size)):
+        part = f"{out}/part-{number:05d}.parquet"
+        parts.append(part)
+        if storage.exists(part):
+            resumed += 1
+            continue
+        stop = min(start + oracle_settings.part_size, per_block)
+        results = list(collector.run_many(ids[start:stop], plan[start:stop]))
+        storage.write_parquet(part, oracle_lib.results_table(results, block, "random", pool_ids))
+        computed += len(results)
+        elapsed = time.perf_counter() - started
+        context.log.info(f"{block_key}: {stop}/{per_block} trajectories ({computed * length / elapsed * 3600:,.0f} "
+                         f"probes/hour)")
+    seconds = time.perf_counter() - started
+    table = pa.concat_tables([storage.read_parquet(p) for p in parts])
+    passed, details = oracle_lib.check_labels(table, length, per_block)
+    storage.write_json(f"{out}/_SUCCESS.json", {"block": block_key, "fingerprint": fingerprint, "parts": parts,
+                                                "trajectories": table.num_rows, **details})
+    storage.write_json(f"{ORACLE_RANDOM_DIR}/current.json", {"fingerprint": fingerprint,
+                                                             "checkpoint_sha256": checkpoint_sha,
+                                                             "reference_sha256": reference.sha256})
+    marginal = pc.list_flatten(table.column("marginal")).to_numpy()
+    edges = np.linspace(marginal.min(), marginal.max(), 21) if len(marginal) and marginal.min() < marginal.max() \
+        else np.linspace(-1, 1, 21)
+    png = plots.histogram_png(edges.tolist(), np.histogram(marginal, bins=edges)[0].tolist(),
+                              f"{block_key}: marginal oracle influences", "change of reference loss")
+    probes = computed * length
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.num_rows, "trajectories": table.num_rows, "probes": table.num_rows * length,
+            "computed_trajectories": computed, "resumed_parts": resumed,
+            "probes_per_hour": round(probes / seconds * 3600, 1) if probes else None,
+            "base_reference_loss": round(collector.base_loss, 5),
+            "marginal_mean": float(np.mean(marginal)), "marginal_std": float(np.std(marginal)),
+            "fingerprint": fingerprint, "checkpoint_sha256": checkpoint_sha, "reference_sha256": reference.sha256,
+            "marginal_histogram": dg.MetadataValue.md(plots.png_markdown(png, "marginal influences")),
+            "path": dg.MetadataValue.path(storage.url(out)),
+        },
+        check_results=[dg.AssetCheckResult(check_name="labels_consistent", passed=passed, metadata=details,
+                                           severity=dg.AssetCheckSeverity.ERROR)],
+    )

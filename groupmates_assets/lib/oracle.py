@@ -1,0 +1,146 @@
+"""Oracle data influences: training trajectories from the probe checkpoint and their reference-loss labels.
+
+A trajectory is T distinct probe-pool contexts applied one after another, one AdamW step each. Model AND
+optimizer are restored to the probe checkpoint at the start of every trajectory, never between its steps,
+so the t-th label measures x_t given the prefix (Group-MATES), not x_t alone (MATES). After each step the
+reference loss L_r is measured; the stored labels are
+
+    cumulative c_t = L_r(M_{t+1}) - L_r(M_1)        marginal I_t = c_t - c_{t-1}  (I_1 = c_1)
+
+so sum_t I_t = L_r(M_{T+1}) - L_r(M_1) (invariant T8). The probe step uses the learning rate, betas and
+moments stored in the checkpoint's optimizer state, as the research code does.
+
+Work is split into blocks of trajectories (one Dagster partition each). Inside a block, results are written
+in parts of a fixed number of trajectories; a killed block resumes at the first missing part and, because
+the plan is a pure function of (seed, block), recomputes exactly the trajectories it lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from groupmates_assets.lib import lm
+
+ORACLE_SCHEMA = pa.schema([
+    ("trajectory_id", pa.int64()),
+    ("block", pa.int32()),
+    ("policy", pa.string()),
+    ("context_index", pa.list_(pa.int64())),  # rows of the probe pool
+    ("context_id", pa.list_(pa.string())),  # stable ids: "<shard key>:<context number>"
+    ("cumulative", pa.list_(pa.float32())),  # c_t = L_r(M_{t+1}) - L_r(M_1)
+    ("marginal", pa.list_(pa.float32())),  # I_t = c_t - c_{t-1}
+    ("base_loss", pa.float64()),  # L_r(M_1)
+    ("final_loss", pa.float64()),  # L_r(M_{T+1})
+])
+
+
+def random_plan(pool_size: int, trajectories: int, length: int, seed: int, block: int) -> np.ndarray:
+    """[trajectories, length] pool rows: each row `length` distinct rows drawn uniformly (pi_rand).
+
+    The generator is seeded by (seed, block) alone, so a block's plan never depends on which other blocks
+    ran, and a rerun draws exactly the same trajectories.
+    """
+    if length > pool_size:
+        raise ValueError(f"trajectory length {length} exceeds the probe pool ({pool_size} contexts)")
+    rng = np.random.default_rng([seed, block])
+    return np.stack([rng.choice(pool_size, size=length, replace=False) for _ in range(trajectories)]).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TrajectoryResult:
+    trajectory_id: int
+    context_index: list[int]
+    cumulative: list[float]
+    base_loss: float
+
+    @property
+    def marginal(self) -> list[float]:
+        return marginal_from_cumulative(self.cumulative)
+
+    @property
+    def final_loss(self) -> float:
+        return self.base_loss + self.cumulative[-1]
+
+
+def marginal_from_cumulative(cumulative: Sequence[float]) -> list[float]:
+    """I_1 = c_1, I_t = c_t - c_{t-1}: the marginal effect of each step given its prefix."""
+    out, previous = [], 0.0
+    for value in cumulative:
+        out.append(float(value) - previous)
+        previous = float(value)
+    return out
+
+
+class OracleCollector:
+    """Runs trajectories from one probe checkpoint, restoring model and optimizer before each."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, reference: lm.ReferenceBatch,
+                 pool: np.ndarray, optim_config: lm.OptimConfig, max_reference_tokens: int = 16384):
+        self.model, self.optimizer, self.reference = model, optimizer, reference
+        self.pool = pool
+        self.optim_config = optim_config
+        self.max_reference_tokens = max_reference_tokens
+        self.device = next(model.parameters()).device
+        self.checkpoint = lm.snapshot(model, optimizer)
+        self.base_loss = self._reference_loss()
+
+    def _reference_loss(self) -> float:
+        return lm.reference_loss(self.model, self.reference, max_tokens_per_forward=self.max_reference_tokens)
+
+    def _context(self, row: int) -> torch.Tensor:
+        return torch.from_numpy(self.pool[row].astype(np.int64)).unsqueeze(0).to(self.device)
+
+    def run(self, trajectory_id: int, rows: Sequence[int]) -> TrajectoryResult:
+        lm.restore(self.model, self.optimizer, self.checkpoint)
+        cumulative = []
+        for row in rows:
+            lm.train_step(self.model, self.optimizer, self._context(int(row)), self.optim_config)
+            cumulative.append(self._reference_loss() - self.base_loss)
+        return TrajectoryResult(trajectory_id, [int(r) for r in rows], cumulative, self.base_loss)
+
+    def run_many(self, ids: Sequence[int], plan: np.ndarray,
+                 progress: Callable[[int, float], None] | None = None) -> Iterator[TrajectoryResult]:
+        started = time.perf_counter()
+        for done, (trajectory_id, rows) in enumerate(zip(ids, plan, strict=True), 1):
+            yield self.run(int(trajectory_id), rows)
+            if progress:
+                progress(done, time.perf_counter() - started)
+
+
+def results_table(results: Sequence[TrajectoryResult], block: int, policy: str, context_ids: Sequence[str]) -> pa.Table:
+    """Oracle rows as Arrow, with stable context ids next to the pool rows."""
+    return pa.table({
+        "trajectory_id": [r.trajectory_id for r in results],
+        "block": [block] * len(results),
+        "policy": [policy] * len(results),
+        "context_index": [r.context_index for r in results],
+        "context_id": [[context_ids[i] for i in r.context_index] for r in results],
+        "cumulative": [r.cumulative for r in results],
+        "marginal": [r.marginal for r in results],
+        "base_loss": [r.base_loss for r in results],
+        "final_loss": [r.final_loss for r in results],
+    }, schema=ORACLE_SCHEMA)
+
+
+def check_labels(table: pa.Table, length: int, expected_rows: int, tolerance: float = 1e-4) -> tuple[bool, dict]:
+    """Block-level invariants: row count, T distinct contexts per row, finite labels, telescoping sums (T8)."""
+    rows = table.to_pydict()
+    problems = []
+    for i, (contexts, cumulative, marginal) in enumerate(zip(rows["context_index"], rows["cumulative"],
+                                                             rows["marginal"], strict=True)):
+        if len(contexts) != length or len(set(contexts)) != length:
+            problems.append(f"trajectory {rows['trajectory_id'][i]}: contexts not {length} distinct")
+        if not np.all(np.isfinite(cumulative)) or not np.all(np.isfinite(marginal)):
+            problems.append(f"trajectory {rows['trajectory_id'][i]}: non-finite labels")
+        elif abs(sum(marginal) - (rows["final_loss"][i] - rows["base_loss"][i])) > tolerance:
+            problems.append(f"trajectory {rows['trajectory_id'][i]}: marginal labels do not telescope")
+    duplicates = len(rows["trajectory_id"]) - len(set(rows["trajectory_id"]))
+    passed = not problems and duplicates == 0 and table.num_rows == expected_rows
+    return passed, {"rows": table.num_rows, "expected_rows": expected_rows, "duplicate_ids": duplicates,
+                    "problems": "; ".join(problems[:5]) or "none"}

@@ -1,0 +1,100 @@
+"""Oracle trajectories: invariants T8-T11 of the method spec, plans, and block-level checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from groupmates_assets.lib import lm
+from groupmates_assets.lib import oracle as oracle_lib
+
+VOCAB = 50304
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    """A tiny LM trained a few steps (so Adam moments are non-zero), a pool of contexts, a reference set."""
+    torch.manual_seed(0)
+    shape = lm.get_shape("tiny")
+    cfg = lm.OptimConfig(lr=3e-3, warmup_steps=2, total_steps=20, final_lr=3e-4)
+    model = lm.build_model(shape, seed=1)
+    optimizer = lm.make_optimizer(model, cfg)
+    rng = np.random.default_rng(0)
+    vocab = 512  # a small slice of the vocabulary, so a few steps visibly change the reference loss
+    pool = rng.integers(0, vocab, size=(32, shape.seq_len + 1)).astype(np.uint32)
+    lm.pretrain(model, optimizer, (torch.from_numpy(pool[i:i + 4].astype(np.int64)) for i in range(0, 24, 4)), cfg,
+                steps=6)
+    examples = []
+    for _ in range(16):
+        ids = rng.integers(0, vocab, size=20).tolist()
+        examples.append((ids, [-100] * 14 + ids[14:]))
+    return {"model": model, "optimizer": optimizer, "pool": pool, "cfg": cfg,
+            "reference": lm.ReferenceBatch(examples)}
+
+
+def _collector(c, fresh_optimizer: bool = False) -> oracle_lib.OracleCollector:
+    optimizer = lm.make_optimizer(c["model"], c["cfg"]) if fresh_optimizer else c["optimizer"]
+    if fresh_optimizer:
+        lm.set_lr(optimizer, lm.current_lr(c["optimizer"]))
+    return oracle_lib.OracleCollector(c["model"], optimizer, c["reference"], c["pool"], c["cfg"])
+
+
+def test_telescoping_sum_equals_directly_recomputed_loss_change(checkpoint):  # T8
+    collector = _collector(checkpoint)
+    result = collector.run(0, [3, 7, 11, 19])
+    assert sum(result.marginal) == pytest.approx(result.cumulative[-1], abs=1e-6)
+    lm.restore(checkpoint["model"], checkpoint["optimizer"], collector.checkpoint)
+    for row in [3, 7, 11, 19]:
+        lm.train_step(checkpoint["model"], checkpoint["optimizer"],
+                      torch.from_numpy(checkpoint["pool"][row].astype(np.int64))[None], checkpoint["cfg"])
+    direct = lm.reference_loss(checkpoint["model"], checkpoint["reference"])
+    assert direct - collector.base_loss == pytest.approx(sum(result.marginal), abs=1e-5)
+    lm.restore(checkpoint["model"], checkpoint["optimizer"], collector.checkpoint)
+
+
+def test_rerun_gives_identical_labels_and_first_label_is_the_single_point_probe(checkpoint):  # T9
+    collector = _collector(checkpoint)
+    first = collector.run(0, [5, 9, 2])
+    again = collector.run(0, [5, 9, 2])
+    assert first.cumulative == again.cumulative
+    single = collector.run(1, [5])
+    assert single.cumulative[0] == first.cumulative[0]
+
+
+def test_state_carries_over_within_a_trajectory(checkpoint):  # T10
+    collector = _collector(checkpoint)
+    pair = collector.run(0, [4, 8])
+    alone = collector.run(1, [8])
+    assert pair.marginal[1] != pytest.approx(alone.marginal[0], abs=1e-7)
+
+
+def test_checkpoint_optimizer_state_is_used_not_a_fresh_one(checkpoint):  # T11
+    restored = _collector(checkpoint).run(0, [6, 10])
+    fresh = _collector(checkpoint, fresh_optimizer=True).run(0, [6, 10])
+    assert restored.cumulative[0] != pytest.approx(fresh.cumulative[0], abs=1e-7)
+
+
+def test_random_plan_is_seeded_uniform_and_distinct():
+    plan = oracle_lib.random_plan(100, 50, 10, seed=3, block=1)
+    assert plan.shape == (50, 10) and all(len(set(row)) == 10 for row in plan)
+    assert (plan == oracle_lib.random_plan(100, 50, 10, seed=3, block=1)).all()
+    assert not (plan == oracle_lib.random_plan(100, 50, 10, seed=3, block=2)).all()
+    counts = np.bincount(oracle_lib.random_plan(20, 2000, 10, seed=0, block=0).ravel(), minlength=20)
+    assert counts.min() > 0.85 * counts.mean()  # every context equally likely
+    with pytest.raises(ValueError, match="exceeds the probe pool"):
+        oracle_lib.random_plan(5, 1, 10, seed=0, block=0)
+
+
+def test_check_labels_flags_broken_blocks(checkpoint):
+    collector = _collector(checkpoint)
+    results = [collector.run(i, [i, i + 1, i + 2]) for i in range(3)]
+    ids = [f"s:{i}" for i in range(len(checkpoint["pool"]))]
+    table = oracle_lib.results_table(results, 0, "random", ids)
+    assert table.column("context_id").to_pylist()[1] == ["s:1", "s:2", "s:3"]
+    assert oracle_lib.check_labels(table, 3, 3)[0]
+    assert not oracle_lib.check_labels(table, 3, 4)[0]  # a missing trajectory
+    broken = oracle_lib.results_table([oracle_lib.TrajectoryResult(9, [1, 1, 2], [0.1, 0.2, 0.3], 1.0)], 0,
+                                      "random", ids)
+    passed, details = oracle_lib.check_labels(broken, 3, 1)
+    assert not passed and "not 3 distinct" in details["problems"]
