@@ -22,8 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# name -> module exposing ``run(repeats: int) -> list[Figure]``; imported only after pinning.
-BENCHMARKS: dict[str, str] = {"filter": "bench.bench_filter"}
+# name -> (module exposing ``run(repeats: int) -> list[Figure]``, cores it measures on). Each benchmark runs in
+# its own process; one-core benchmarks are pinned before the module (and numpy, torch, ...) is imported.
+BENCHMARKS: dict[str, tuple[str, int]] = {
+    "filter": ("bench.bench_filter", 1),
+    "tokenize": ("bench.bench_tokenize", 2),
+    "oracle": ("bench.bench_oracle", 2),
+}
 DEFAULT_OUT = "bench/results/latest.json"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 HEAVY_MODULES = ("numpy", "pyarrow", "fasttext", "zstandard", "orjson", "torch")
@@ -80,7 +85,6 @@ def machine() -> dict[str, Any]:
         "cpus_allowed": len(_ALLOWED_AT_START) or os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "pinning": pin_to_one_core(),
     }
 
 
@@ -110,13 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run only this benchmark (repeatable); default: all")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per figure; the best is kept")
+    parser.add_argument("--child", choices=sorted(BENCHMARKS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    pin_note = pin_to_one_core()  # before any benchmark module imports numpy/fastText/Arrow
-    print(f"[bench] {pin_note}", file=sys.stderr)
+    if args.child:
+        return _run_child(args.child, args.repeats)
     results: dict[str, list[Figure]] = {}
     for name in args.only or sorted(BENCHMARKS):
-        module = importlib.import_module(BENCHMARKS[name])
-        results[name] = module.run(repeats=args.repeats)
+        results[name] = _run_in_subprocess(name, args.repeats)
     print(markdown_table([fig for figs in results.values() for fig in figs]))
     payload = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -129,6 +133,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"[bench] wrote {out}", file=sys.stderr)
     return 0
+
+
+def _run_child(name: str, repeats: int) -> int:
+    """Inside the benchmark's own process: pin if it is a one-core benchmark, run it, print figures as JSON."""
+    module_name, cores = BENCHMARKS[name]
+    if cores == 1:
+        print(f"[bench] {name}: {pin_to_one_core()}", file=sys.stderr)  # before numpy/fastText/Arrow start
+    else:
+        print(f"[bench] {name}: {len(_ALLOWED_AT_START) or os.cpu_count()} cores, not pinned", file=sys.stderr)
+    figures = importlib.import_module(module_name).run(repeats=repeats)
+    print(json.dumps([asdict(fig) for fig in figures]))
+    return 0
+
+
+def _run_in_subprocess(name: str, repeats: int) -> list[Figure]:
+    """A fresh interpreter per benchmark: its pinning and thread pools do not leak into the next one."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--child", name, "--repeats", str(repeats)],
+                          stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark {name!r} failed (exit {done.returncode})")
+    return [Figure(**fig) for fig in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 if __name__ == "__main__":
