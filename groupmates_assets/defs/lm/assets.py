@@ -83,10 +83,10 @@ def load_probe_checkpoint(storage, device=None):
     """(model, optimizer, trainer state, model sha256) of the stored probe checkpoint."""
     if not storage.exists(f"{CHECKPOINT_DIR}/trainer_state.json"):
         raise dg.Failure("no probe checkpoint: materialize probe_checkpoint first")
+    sha = storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256
+    if storage.is_local:
+        return (*lm.load_checkpoint(storage.path(CHECKPOINT_DIR), device), sha)
     with tempfile.TemporaryDirectory(prefix="groupmates-ckpt-") as tmp:
         for name in CHECKPOINT_FILES:
-            with storage.local_copy(f"{CHECKPOINT_DIR}/{name}") as local, open(local, "rb") as src, open(
-                    os.path.join(tmp, name), "wb") as dst:
-                dst.write(src.read())
-        model, optimizer, state = lm.load_checkpoint(tmp, device)
-    return model, optimizer, state, storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256
+            storage.fs.get(storage.path(f"{CHECKPOINT_DIR}/{name}"), os.path.join(tmp, name))
+        return (*lm.load_checkpoint(tmp, device), sha)

@@ -52,8 +52,9 @@ def tokenized_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRe
     out = TOKENIZED_DIR.format(key=key)
     storage.remove(f"{out}/manifest.json")  # completion marker goes last
     contexts = storage.write_numpy(f"{out}/contexts.npy", packed.tokens)
-    lineage = storage.write_parquet(f"{out}/lineage.parquet", packed.lineage_table())
-    documents_in_lineage = len(set(packed.lineage_table().column("doc_id").to_pylist()))
+    lineage_table = packed.lineage_table()
+    lineage = storage.write_parquet(f"{out}/lineage.parquet", lineage_table)
+    documents_in_lineage = len(set(lineage_table.column("doc_id").to_pylist()))
     expected_tokens = packed.total_tokens + packed.pad_tokens
     passed = (packed.tokens.size == expected_tokens and documents_in_lineage == kept.num_rows
               and packed.total_tokens == int(packed.doc_token_counts.sum()) + kept.num_rows)
