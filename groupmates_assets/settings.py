@@ -95,6 +95,7 @@ class OracleProfile:
     blocks: int = 4  # partitions of trajectories (paper: 4 seeds)
     trajectories_per_block: int = 5  # paper: 5,000
     part_size: int = 1  # trajectories written per atomic part (resume granularity)
+    workers: int = 1  # replica processes per block, each with its own model + optimizer (GPU: several per card)
     seed: int = 0
 
 
@@ -121,7 +122,7 @@ PROFILES: dict[str, Profile] = {
         name="ci",
         description="the demo's graph with a tiny LM and a handful of trajectories, for the end-to-end test",
         lm=LMProfile(shape="tiny", total_steps=10, warmup_steps=2, batch_size=2),
-        oracle=OracleProfile(reference_size=16, probe_pool_size=64, blocks=2, trajectories_per_block=2),
+        oracle=OracleProfile(reference_size=16, probe_pool_size=64, blocks=2, trajectories_per_block=2, workers=2),
     ),
     "dclm-400m": Profile(
         name="dclm-400m",
@@ -134,7 +135,8 @@ PROFILES: dict[str, Profile] = {
             batch_size=32768,
         ),
         lm=LMProfile(shape="411m", total_steps=31_403, batch_size=512, warmup_steps=2000, torch_threads=16),
-        oracle=OracleProfile(probe_pool_size=81_920, blocks=4, trajectories_per_block=5_000, part_size=250),
+        oracle=OracleProfile(probe_pool_size=81_920, blocks=4, trajectories_per_block=5_000, part_size=250,
+                             workers=4),
     ),
 }
 

@@ -98,3 +98,29 @@ def test_check_labels_flags_broken_blocks(checkpoint):
                                       "random", ids)
     passed, details = oracle_lib.check_labels(broken, 3, 1)
     assert not passed and "not 3 distinct" in details["problems"]
+
+
+def test_block_runs_the_same_in_one_process_or_in_replica_workers(checkpoint, tmp_path):
+    import pyarrow.parquet as pq
+
+    from groupmates_assets.lib.storage import Storage
+
+    lm.save_checkpoint(tmp_path / "ckpt", checkpoint["model"], checkpoint["optimizer"], lm.get_shape("tiny"),
+                       checkpoint["cfg"], step=6)
+    np.save(tmp_path / "pool.npy", checkpoint["pool"])
+    plan = oracle_lib.random_plan(len(checkpoint["pool"]), 3, 4, seed=0, block=1)
+    tables = {}
+    for workers in (1, 2):
+        job = oracle_lib.BlockJob(
+            storage_root=str(tmp_path / f"store{workers}"), out_dir="oracle/block-001",
+            checkpoint_dir=str(tmp_path / "ckpt"), pool_path=str(tmp_path / "pool.npy"),
+            reference_examples=checkpoint["reference"].examples,
+            context_ids=[f"s:{i}" for i in range(len(checkpoint["pool"]))], plan=plan,
+            trajectory_ids=np.arange(3, 6), block=1, part_size=2, torch_threads=1,
+        )
+        seen = []
+        base = oracle_lib.run_block(job, list(range(job.parts)), workers, progress=lambda d, t: seen.append((d, t)))
+        assert base is not None and seen[-1] == (3, 3)
+        tables[workers] = pq.read_table([Storage(job.storage_root).path(job.part_path(n)) for n in range(job.parts)])
+        assert oracle_lib.run_block(job, [], workers) is None  # nothing pending: nothing runs
+    assert tables[1].sort_by("trajectory_id").equals(tables[2].sort_by("trajectory_id"))

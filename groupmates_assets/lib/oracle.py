@@ -144,3 +144,93 @@ def check_labels(table: pa.Table, length: int, expected_rows: int, tolerance: fl
     passed = not problems and duplicates == 0 and table.num_rows == expected_rows
     return passed, {"rows": table.num_rows, "expected_rows": expected_rows, "duplicate_ids": duplicates,
                     "problems": "; ".join(problems[:5]) or "none"}
+
+
+# -- running a block, in this process or in several replica processes ----------------------------------------
+@dataclass(frozen=True)
+class BlockJob:
+    """Everything needed to run (parts of) one block of trajectories; picklable for worker processes."""
+
+    storage_root: str
+    out_dir: str  # relative to the storage root
+    checkpoint_dir: str  # a local directory holding the probe checkpoint
+    pool_path: str  # a local .npy of probe-pool contexts
+    reference_examples: list[tuple[list[int], list[int]]]
+    context_ids: list[str]
+    plan: np.ndarray  # [trajectories, T] probe-pool rows
+    trajectory_ids: np.ndarray
+    block: int
+    part_size: int
+    torch_threads: int = 2
+    device: str | None = None  # None: CUDA when present
+    policy: str = "random"
+
+    @property
+    def parts(self) -> int:
+        return -(-len(self.plan) // self.part_size)
+
+    def part_path(self, number: int) -> str:
+        return f"{self.out_dir}/part-{number:05d}.parquet"
+
+    def part_rows(self, number: int) -> slice:
+        return slice(number * self.part_size, min((number + 1) * self.part_size, len(self.plan)))
+
+
+_WORKER: dict[str, object] = {}
+
+
+def _init_worker(job: BlockJob) -> None:
+    """Load the checkpoint once per process; every trajectory then restores from the in-memory snapshot."""
+    torch.set_num_threads(job.torch_threads)
+    model, optimizer, state = lm.load_checkpoint(job.checkpoint_dir, job.device)
+    pool = np.load(job.pool_path, mmap_mode="r", allow_pickle=False)
+    _WORKER["job"] = job
+    _WORKER["collector"] = OracleCollector(model, optimizer, lm.ReferenceBatch(job.reference_examples), pool,
+                                           state["optim_config"])
+
+
+def _run_part(number: int) -> tuple[int, int, float]:
+    from groupmates_assets.lib.storage import Storage
+
+    job: BlockJob = _WORKER["job"]  # type: ignore[assignment]
+    collector: OracleCollector = _WORKER["collector"]  # type: ignore[assignment]
+    rows = job.part_rows(number)
+    results = list(collector.run_many(job.trajectory_ids[rows], job.plan[rows]))
+    Storage(job.storage_root).write_parquet(job.part_path(number),
+                                            results_table(results, job.block, job.policy, job.context_ids))
+    return number, len(results), collector.base_loss
+
+
+def run_block(job: BlockJob, parts: Sequence[int], workers: int = 1,
+              progress: Callable[[int, int], None] | None = None) -> float | None:
+    """Run the given parts of a block; returns the base reference loss (None when there was nothing to run).
+
+    With ``workers > 1`` the parts are spread over that many replica processes, each with its own model and
+    optimizer copy (on one GPU this overlaps many small single-sequence steps; on a CPU it trades threads for
+    processes). Each part is written atomically as soon as it is done, so progress survives a kill.
+    """
+    if not parts:
+        return None
+    base_loss, done = None, 0
+    total = sum(job.part_rows(p).stop - job.part_rows(p).start for p in parts)
+    if workers <= 1:
+        _init_worker(job)
+        results = map(_run_part, parts)
+        pool = None
+    else:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(parts)), initializer=_init_worker,
+                                                         initargs=(job,))
+        results = pool.imap_unordered(_run_part, parts)
+    try:
+        for _number, count, loss in results:
+            base_loss, done = loss, done + count
+            if progress:
+                progress(done, total)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        _WORKER.clear()
+    return base_loss

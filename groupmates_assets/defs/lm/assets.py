@@ -1,8 +1,10 @@
 """LM stage: the proxy LM pretrained on the filtered pool up to the probe checkpoint (model + optimizer)."""
 
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 
 import dagster as dg
 import torch
@@ -10,6 +12,7 @@ import torch
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.tokenize.assets import tokenized_pool, tokenized_pool_shard
 from groupmates_assets.lib import lm, plots
+from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import LMProfile
 
 CHECKPOINT_DIR = "lm/probe_checkpoint"
@@ -79,14 +82,16 @@ def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResour
     )
 
 
-def load_probe_checkpoint(storage, device=None):
-    """(model, optimizer, trainer state, model sha256) of the stored probe checkpoint."""
+@contextlib.contextmanager
+def local_probe_checkpoint(storage: Storage) -> Iterator[tuple[str, str]]:
+    """(local directory, model sha256) of the stored probe checkpoint; downloaded first from an object store."""
     if not storage.exists(f"{CHECKPOINT_DIR}/trainer_state.json"):
         raise dg.Failure("no probe checkpoint: materialize probe_checkpoint first")
     sha = storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256
     if storage.is_local:
-        return (*lm.load_checkpoint(storage.path(CHECKPOINT_DIR), device), sha)
+        yield storage.path(CHECKPOINT_DIR), sha
+        return
     with tempfile.TemporaryDirectory(prefix="groupmates-ckpt-") as tmp:
         for name in CHECKPOINT_FILES:
             storage.fs.get(storage.path(f"{CHECKPOINT_DIR}/{name}"), os.path.join(tmp, name))
-        return (*lm.load_checkpoint(tmp, device), sha)
+        yield tmp, sha

@@ -10,9 +10,8 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from groupmates_assets.defs.lm.assets import load_probe_checkpoint, probe_checkpoint
+from groupmates_assets.defs.lm.assets import local_probe_checkpoint, probe_checkpoint
 from groupmates_assets.defs.partitions import oracle_random_blocks
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.tokenize.assets import tokenized_pool, tokenized_pool_shard
@@ -109,40 +108,38 @@ def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource)
     storage, settings = platform.storage(), platform.settings()
     oracle_settings, block_key = settings.oracle, context.partition_key
     block = int(block_key.split("-", 1)[1])
-    torch.set_num_threads(settings.lm.torch_threads)
-    model, optimizer, state, checkpoint_sha = load_probe_checkpoint(storage)
-    pool_tokens = storage.read_numpy(f"{PROBE_POOL_DIR}/contexts.npy")
+    length, per_block = METHOD.trajectory_length, oracle_settings.trajectories_per_block
     pool_ids = storage.read_parquet(f"{PROBE_POOL_DIR}/contexts.parquet").column("context_id").to_pylist()
     with storage.local_copy(REFERENCE_FILE) as local:
         reference = ref_lib.load_reference_set(local)
-    length, per_block = METHOD.trajectory_length, oracle_settings.trajectories_per_block
-    fingerprint = _fingerprint(checkpoint=checkpoint_sha, pool=storage.info(f"{PROBE_POOL_DIR}/contexts.npy").sha256,
-                               reference=reference.sha256, length=length, seed=oracle_settings.seed,
-                               per_block=per_block, part_size=oracle_settings.part_size, policy="random")
-    out = f"{ORACLE_RANDOM_DIR}/{fingerprint}/{block_key}"
-    plan = oracle_lib.random_plan(len(pool_tokens), per_block, length, oracle_settings.seed, block)
-    ids = np.arange(block * per_block, (block + 1) * per_block)
-    collector = oracle_lib.OracleCollector(model, optimizer, lm.ReferenceBatch(reference.examples), pool_tokens,
-                                           state["optim_config"])
-    context.log.info(f"{block_key}: {per_block} trajectories x {length} steps from checkpoint step "
-                     f"{state['step']} (lr {lm.current_lr(optimizer):.3g}); base reference loss "
-                     f"{collector.base_loss:.4f}; writing to {storage.url(out)}")
-    computed, resumed, started = 0, 0, time.perf_counter()
-    parts = []
-    for number, start in enumerate(range(0, per_block, oracle_settings.part_size)):
-        part = f"{out}/part-{number:05d}.parquet"
-        parts.append(part)
-        if storage.exists(part):
-            resumed += 1
-            continue
-        stop = min(start + oracle_settings.part_size, per_block)
-        results = list(collector.run_many(ids[start:stop], plan[start:stop]))
-        storage.write_parquet(part, oracle_lib.results_table(results, block, "random", pool_ids))
-        computed += len(results)
-        elapsed = time.perf_counter() - started
-        context.log.info(f"{block_key}: {stop}/{per_block} trajectories ({computed * length / elapsed * 3600:,.0f} "
-                         f"probes/hour)")
+    with local_probe_checkpoint(storage) as (checkpoint_dir, checkpoint_sha), storage.local_copy(
+            f"{PROBE_POOL_DIR}/contexts.npy") as pool_path:
+        state = lm.read_trainer_state(checkpoint_dir)
+        fingerprint = _fingerprint(checkpoint=checkpoint_sha,
+                                   pool=storage.info(f"{PROBE_POOL_DIR}/contexts.npy").sha256,
+                                   reference=reference.sha256, length=length, seed=oracle_settings.seed,
+                                   per_block=per_block, part_size=oracle_settings.part_size, policy="random")
+        out = f"{ORACLE_RANDOM_DIR}/{fingerprint}/{block_key}"
+        workers = max(1, oracle_settings.workers)
+        job = oracle_lib.BlockJob(
+            storage_root=platform.storage_root, out_dir=out, checkpoint_dir=checkpoint_dir, pool_path=pool_path,
+            reference_examples=reference.examples, context_ids=pool_ids,
+            plan=oracle_lib.random_plan(len(pool_ids), per_block, length, oracle_settings.seed, block),
+            trajectory_ids=np.arange(block * per_block, (block + 1) * per_block), block=block,
+            part_size=oracle_settings.part_size, torch_threads=max(1, settings.lm.torch_threads // workers),
+        )
+        pending = [n for n in range(job.parts) if not storage.exists(job.part_path(n))]
+        context.log.info(f"{block_key}: {per_block} trajectories x {length} steps from checkpoint step "
+                         f"{state['step']} (lr {state['lr']:.3g}); {len(pending)} of {job.parts} parts to run on "
+                         f"{workers} worker(s); writing to {storage.url(out)}")
+        started = time.perf_counter()
+        oracle_lib.run_block(job, pending, workers, progress=lambda done, total: context.log.info(
+            f"{block_key}: {done}/{total} trajectories "
+            f"({done * length / (time.perf_counter() - started) * 3600:,.0f} probes/hour)"))
     seconds = time.perf_counter() - started
+    parts = [job.part_path(n) for n in range(job.parts)]
+    resumed = job.parts - len(pending)
+    computed = sum(job.part_rows(n).stop - job.part_rows(n).start for n in pending)
     table = pa.concat_tables([storage.read_parquet(p) for p in parts])
     passed, details = oracle_lib.check_labels(table, length, per_block)
     storage.write_json(f"{out}/_SUCCESS.json", {"block": block_key, "fingerprint": fingerprint, "parts": parts,
@@ -161,7 +158,7 @@ def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource)
             "dagster/row_count": table.num_rows, "trajectories": table.num_rows, "probes": table.num_rows * length,
             "computed_trajectories": computed, "resumed_parts": resumed,
             "probes_per_hour": round(probes / seconds * 3600, 1) if probes else None,
-            "base_reference_loss": round(collector.base_loss, 5),
+            "base_reference_loss": round(table.column("base_loss")[0].as_py(), 5),
             "marginal_mean": float(np.mean(marginal)), "marginal_std": float(np.std(marginal)),
             "fingerprint": fingerprint, "checkpoint_sha256": checkpoint_sha, "reference_sha256": reference.sha256,
             "marginal_histogram": dg.MetadataValue.md(plots.png_markdown(png, "marginal influences")),
