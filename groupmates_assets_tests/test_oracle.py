@@ -119,7 +119,8 @@ def test_block_runs_the_same_in_one_process_or_in_replica_workers(checkpoint, tm
             trajectory_ids=np.arange(3, 6), block=1, part_size=2, torch_threads=1,
         )
         seen = []
-        base = oracle_lib.run_block(job, list(range(job.parts)), workers, progress=lambda d, t: seen.append((d, t)))
+        base = oracle_lib.run_block(job, list(range(job.parts)), workers,
+                                    progress=lambda d, t, out=seen: out.append((d, t)))
         assert base is not None and seen[-1] == (3, 3)
         tables[workers] = pq.read_table([Storage(job.storage_root).path(job.part_path(n)) for n in range(job.parts)])
         assert oracle_lib.run_block(job, [], workers) is None  # nothing pending: nothing runs

@@ -3,34 +3,58 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+BLUE, RED = "#4f6bed", "#d1495b"
 
 
-def histogram_png(bin_edges: Sequence[float], counts: Sequence[int], title: str, xlabel: str,
-                  threshold: float | None = None) -> bytes:
-    """A bar histogram from precomputed bins (so shards can be merged without the raw scores)."""
+@contextlib.contextmanager
+def _figure(title: str, xlabel: str, ylabel: str, out: list[bytes]) -> Iterator[Any]:
+    """A small labelled axes; on exit the figure is rendered to PNG bytes (appended to ``out``) and closed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-    widths = [b - a for a, b in itertools.pairwise(bin_edges)]
-    ax.bar(bin_edges[:-1], counts, width=widths, align="edge", color="#4f6bed", edgecolor="white")
-    if threshold is not None:
-        ax.axvline(threshold, color="#d1495b", linestyle="--", label=f"threshold {threshold:.4g}")
-        ax.legend(loc="upper center", fontsize=8)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel, fontsize=9)
-    ax.set_ylabel("documents", fontsize=9)
-    ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    try:
+        yield ax
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.tick_params(labelsize=8)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", metadata={"Software": None})
+        out.append(buffer.getvalue())
+    finally:
+        plt.close(fig)
+
+
+def histogram_png(bin_edges: Sequence[float], counts: Sequence[int], title: str, xlabel: str,
+                  threshold: float | None = None, ylabel: str = "documents") -> bytes:
+    """A bar histogram from precomputed bins (so shards can be merged without the raw values)."""
+    out: list[bytes] = []
+    with _figure(title, xlabel, ylabel, out) as ax:
+        widths = [b - a for a, b in itertools.pairwise(bin_edges)]
+        ax.bar(bin_edges[:-1], counts, width=widths, align="edge", color=BLUE, edgecolor="white")
+        if threshold is not None:
+            ax.axvline(threshold, color=RED, linestyle="--", label=f"threshold {threshold:.4g}")
+            ax.legend(loc="upper center", fontsize=8)
+    return out[0]
+
+
+def line_png(xs: Sequence[float], ys: Sequence[float], title: str, xlabel: str, ylabel: str) -> bytes:
+    """A simple line chart (loss curves)."""
+    out: list[bytes] = []
+    with _figure(title, xlabel, ylabel, out) as ax:
+        ax.plot(xs, ys, color=BLUE, linewidth=1.2)
+        ax.grid(alpha=0.3)
+    return out[0]
 
 
 def png_markdown(png: bytes, alt: str) -> str:
@@ -44,24 +68,3 @@ def histogram_table(bin_edges: Sequence[float], counts: Sequence[int]) -> str:
     for lo, hi, count in zip(bin_edges[:-1], bin_edges[1:], counts, strict=True):
         rows.append(f"| {lo:.2f}-{hi:.2f} | {count} | {'█' * round(20 * count / peak)} |")
     return "\n".join(rows)
-
-
-def line_png(xs: Sequence[float], ys: Sequence[float], title: str, xlabel: str, ylabel: str) -> bytes:
-    """A simple line chart (loss curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-    ax.plot(xs, ys, color="#4f6bed", linewidth=1.2)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel, fontsize=9)
-    ax.set_ylabel(ylabel, fontsize=9)
-    ax.tick_params(labelsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()

@@ -151,7 +151,8 @@ def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource)
     edges = np.linspace(marginal.min(), marginal.max(), 21) if len(marginal) and marginal.min() < marginal.max() \
         else np.linspace(-1, 1, 21)
     png = plots.histogram_png(edges.tolist(), np.histogram(marginal, bins=edges)[0].tolist(),
-                              f"{block_key}: marginal oracle influences", "change of reference loss")
+                              f"{block_key}: marginal oracle influences", "change of reference loss",
+                              ylabel="trajectory steps")
     probes = computed * length
     return dg.MaterializeResult(
         metadata={
