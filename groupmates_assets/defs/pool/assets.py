@@ -10,7 +10,7 @@ from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
 from groupmates_assets.lib import shards as shard_io
 from groupmates_assets.lib.embedded_pool import build_embedded_pool
-from groupmates_assets.lib.storage import sha256_stream
+from groupmates_assets.lib.storage import Storage, sha256_stream
 
 SHARD_MANIFEST = "pool/shards/{key}/manifest.json"
 
@@ -97,3 +97,18 @@ def pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) ->
                   "sha256": digest, "manifest": dg.MetadataValue.path(info.path)},
         data_version=dg.DataVersion(digest[:16]),
     )
+
+
+def registered_shard(storage: Storage, key: str) -> shard_io.ShardFile | None:
+    """The shard file as ``pool_shard`` registered it, or None when that partition was never materialized."""
+    manifest_path = SHARD_MANIFEST.format(key=shard_io.validate_shard_key(key))
+    if not storage.exists(manifest_path):
+        return None
+    m = storage.read_json(manifest_path)
+    return shard_io.ShardFile(m["key"], m["path"], m["relative_path"], m["format"], m["bytes"])
+
+
+def registered_shards(storage: Storage) -> list[shard_io.ShardFile]:
+    """Shards whose ``pool_shard`` partition has been materialized, in key order."""
+    shards = (registered_shard(storage, key) for key in storage.list("pool/shards"))
+    return [shard for shard in shards if shard is not None]

@@ -10,7 +10,7 @@ import fsspec
 import numpy as np
 
 from groupmates_assets.defs.partitions import pool_shards
-from groupmates_assets.defs.pool.assets import SHARD_MANIFEST, embedded_pool, pool_shard
+from groupmates_assets.defs.pool.assets import embedded_pool, pool_shard, registered_shard, registered_shards
 from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
 from groupmates_assets.lib import filtering, plots
 from groupmates_assets.lib import shards as shard_io
@@ -39,21 +39,6 @@ class QualityClassifierConfig(dg.Config):
     threshold: float | None = None
     keep_fraction: float | None = None
     positives_path: str | None = None
-
-
-def registered_shard(storage: Storage, key: str) -> shard_io.ShardFile | None:
-    """The shard file as ``pool_shard`` registered it, or None when that partition was never materialized."""
-    manifest_path = SHARD_MANIFEST.format(key=shard_io.validate_shard_key(key))
-    if not storage.exists(manifest_path):
-        return None
-    m = storage.read_json(manifest_path)
-    return shard_io.ShardFile(m["key"], m["path"], m["relative_path"], m["format"], m["bytes"])
-
-
-def registered_shards(storage: Storage) -> list[shard_io.ShardFile]:
-    """Shards whose ``pool_shard`` partition has been materialized, in key order."""
-    shards = (registered_shard(storage, key) for key in storage.list("pool/shards"))
-    return [shard for shard in shards if shard is not None]
 
 
 def _positives(storage: Storage, quality: QualityProfile, group_field: str | None) -> list[SampledDoc]:
