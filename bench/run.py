@@ -29,6 +29,8 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "tokenize": ("bench.bench_tokenize", 2),
     "oracle": ("bench.bench_oracle", 2),
     "oracle_gpu": ("bench.bench_oracle_gpu", 2),
+    "influence": ("bench.bench_influence", 2),
+    "selection": ("bench.bench_selection", 2),
 }
 ON_REQUEST = {"oracle_gpu"}  # for a machine with an accelerator: run with --only
 DEFAULT_OUT = "bench/results/latest.json"

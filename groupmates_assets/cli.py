@@ -96,6 +96,10 @@ def demo(args: argparse.Namespace) -> int:
          f"({storage.url('filtered_pool')})")
     if args.until != "filter":
         failed += _oracle_stages(defs, instance, [k for k in keys if k not in failed], storage, started)
+    if args.until in ("influence", "selection") and not failed:
+        failed += _influence_stages(defs, instance, storage, started)
+    if args.until == "selection" and not failed:
+        failed += _selection_stages(defs, instance, [k for k in keys if k not in failed], storage, started)
     _say(f"done in {time.perf_counter() - started:.0f} s; results under {storage.root}")
     _say("open the UI on this instance with:  make ui   (then http://127.0.0.1:3000)")
     if failed:
@@ -126,6 +130,67 @@ def _oracle_stages(defs, instance, keys: list[str], storage, started: float) -> 
     return failed
 
 
+def _influence_stages(defs, instance, storage, started: float) -> list[str]:
+    """Initial relational model and bootstrap beams, their oracle, then the final and the individual model."""
+    _say("training the initial relational influence model and searching bootstrap trajectories ...")
+    stage_started = time.perf_counter()
+    if not _run(defs, "influence_model_init_job", instance):
+        return ["influence model init"]
+    failed = []
+    for block in defs.resolve_job_def("oracle_bootstrap_job").partitions_def.get_partition_keys():
+        ok = _run(defs, "oracle_bootstrap_job", instance, block)
+        _say(f"bootstrap oracle {block} ({time.perf_counter() - started:.0f} s){'' if ok else ' FAILED'}")
+        if not ok:
+            failed.append(f"bootstrap oracle {block}")
+    if failed:
+        return failed
+    _say("training the final relational model and the individual (MATES) model ...")
+    if not _run(defs, "influence_models_job", instance):
+        return ["influence models"]
+    report = storage.read_json("influence/report.json")
+    _say(f"influence models ({time.perf_counter() - stage_started:.0f} s, validation Spearman on held-out random "
+         "trajectories / on all held-out trajectories):")
+    for kind, name in (("init", "initial"), ("final", "final"), ("individual", "individual (MATES)")):
+        random_val, all_val = (report[kind][split].get("spearman") for split in ("random_val", "all_val"))
+        random_val, all_val = (float("nan") if v is None else v for v in (random_val, all_val))
+        _say(f"  {name:<20} {random_val:7.4f}  {all_val:7.4f}")
+    return failed
+
+
+def _per_shard(defs, instance, job: str, keys: list[str], label: str) -> list[str]:
+    failed = []
+    for i, key in enumerate(keys, 1):
+        if not _run(defs, job, instance, key):
+            failed.append(f"{label} {key}")
+        if i == len(keys) or i % 4 == 0:
+            _say(f"{label}: {i}/{len(keys)} shards")
+    return failed
+
+
+def _selection_stages(defs, instance, keys: list[str], storage, started: float) -> list[str]:
+    """Score the pool, cluster it, select per cluster range, the baselines, and the selected corpora."""
+    stage_started = time.perf_counter()
+    failed = _per_shard(defs, instance, "pool_predictions_job", keys, "pool predictions")
+    if failed or not _run(defs, "cluster_centroids_job", instance):
+        return [*failed, "cluster centroids"]
+    failed = _per_shard(defs, instance, "cluster_assignments_job", keys, "cluster assignments")
+    for block in defs.resolve_job_def("select_documents_job").partitions_def.get_partition_keys():
+        if not _run(defs, "select_documents_job", instance, block):
+            failed.append(f"selection {block}")
+    if failed or not _run(defs, "baselines_job", instance):
+        return [*failed, "baselines"]
+    failed = _per_shard(defs, instance, "selected_corpus_job", keys, "selected corpus")
+    totals: dict[str, int] = {}
+    for key in keys:
+        stats_path = f"selected_corpus/_stats/{key}.json"
+        for method, count in (storage.read_json(stats_path)["selected"] if storage.exists(stats_path) else {}).items():
+            totals[method] = totals.get(method, 0) + count
+    _say(f"selection stage in {time.perf_counter() - stage_started:.0f} s; selected documents per method: "
+         + ", ".join(f"{m} {c:,}" for m, c in totals.items()))
+    _say(f"selected corpora: {storage.url('selected_corpus')}")
+    return failed
+
+
 def ui(args: argparse.Namespace) -> int:
     """Start `dagster dev` on loopback against the same instance the demo wrote to."""
     prepare_dagster_home()
@@ -142,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_demo = commands.add_parser("demo", help="run the main job end to end on the embedded default pool")
     run_demo.add_argument("--rebuild-pool", action="store_true", help="rebuild the embedded pool first")
-    run_demo.add_argument("--until", choices=["filter", "oracle"], default="oracle",
+    run_demo.add_argument("--until", choices=["filter", "oracle", "influence", "selection"], default="selection",
                           help="last stage to run (default: every stage built so far)")
     run_demo.set_defaults(func=demo)
     run_ui = commands.add_parser("ui", help="open the Dagster UI on the project instance")

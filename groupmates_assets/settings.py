@@ -91,12 +91,55 @@ class LMProfile:
 class OracleProfile:
     reference_source: str = "nq_open"  # instruction-style QA, disjoint from the evaluation tasks
     reference_size: int = 128  # METHOD.reference_examples
-    probe_pool_size: int = 4096  # contexts trajectories draw from (paper: 81,920 = 10 x 8,192)
+    probe_pool_size: int = 2048  # contexts trajectories draw from (paper: 81,920 = 10 x 8,192)
     blocks: int = 4  # partitions of trajectories (paper: 4 seeds)
     trajectories_per_block: int = 5  # paper: 5,000
     part_size: int = 1  # trajectories written per atomic part (resume granularity)
     workers: int = 1  # replica processes per block, each with its own model + optimizer (GPU: several per card)
     seed: int = 0
+    bootstrap_blocks: int = 2  # partitions of bootstrap trajectories (paper: 4 seeds, 2 per tail)
+
+
+@dataclass(frozen=True)
+class InfluenceProfile:
+    """The relational influence model (and the MATES individual model): encoder, training, bootstrap."""
+
+    encoder: str | None = None  # None: all-MiniLM-L6-v2 from a registry package; a directory or a hub name
+    encoder_layers: int | None = 3  # keep only the encoder's first layers (None: all; 2 CPU cores: 3 of 6)
+    chunk_len: int = 32  # METHOD.encoder_chunk_tokens at paper scale
+    chunks: int = 2  # METHOD.encoder_chunks at paper scale
+    reference_empty_chunks: bool = False  # True: average all-padding chunks too, as the reference code did
+    dropout: float = 0.1  # on h before the linear head (the encoder's hidden dropout in the reference)
+    lr: float = 1e-3  # paper: 5e-5 over thousands of steps; the demo's few dozen steps need more to move u
+    weight_decay: float = 0.01
+    warmup_steps: int = 2  # reference: 50
+    epochs: int = 10  # reference: 5
+    trajectories_per_step: int = 4  # reference: 32, paper: 128
+    evals_per_epoch: int = 1
+    val_fraction: float = 0.2  # share of trajectory groups held out per rollout family (paper: 1,000 of 20,000)
+    seed: int = 1234
+    max_tokens: int = 8192  # encoder tokens per forward pass
+    torch_threads: int = 2
+    bootstrap_per_tail: int = 5  # beams kept per tail (paper: 10,000)
+    bootstrap_width: int = 5  # METHOD.bootstrap_width
+    tail_check_trajectories: int = 2000  # random trajectories the T18 check compares the tails with
+
+
+@dataclass(frozen=True)
+class SelectionProfile:
+    """Pool inference, influence-aware clusters and the per-cluster greedy group selection."""
+
+    ratio: float = 0.5  # METHOD.selection_ratio: share of each cluster selected
+    budget_rounding: str = "floor"  # "floor": reference code (a singleton cluster gives 0); "ceil": the paper
+    learned_alpha_tau: bool = True  # False reproduces the reference code's alpha = tau = 1
+    mean_cluster_size: int = 100  # k = ceil(documents / this) (paper: 10,000 clusters for 29.5M documents)
+    kmeans_iterations: int = 25  # METHOD.kmeans_iterations at paper scale
+    kmeans_seed: int = 1234  # METHOD.kmeans_seed
+    max_points_per_centroid: int = 256  # k-means trains on at most this many points per centroid
+    cluster_ranges: int = 1  # partitions of the selection; each selects a contiguous range of cluster ids
+    predict_batch_docs: int = 256  # documents per embedding batch (tokens per forward: influence.max_tokens)
+    random_seed: int = 0  # the random-selection baseline
+    torch_threads: int = 2
 
 
 @dataclass(frozen=True)
@@ -108,6 +151,8 @@ class Profile:
     tokenize: TokenizeProfile = field(default_factory=TokenizeProfile)
     lm: LMProfile = field(default_factory=LMProfile)
     oracle: OracleProfile = field(default_factory=OracleProfile)
+    influence: InfluenceProfile = field(default_factory=InfluenceProfile)
+    selection: SelectionProfile = field(default_factory=SelectionProfile)
 
     def as_metadata(self) -> dict[str, Any]:
         return {"profile": self.name, **asdict(self)}
@@ -122,7 +167,11 @@ PROFILES: dict[str, Profile] = {
         name="ci",
         description="the demo's graph with a tiny LM and a handful of trajectories, for the end-to-end test",
         lm=LMProfile(shape="tiny", total_steps=10, warmup_steps=2, batch_size=2),
-        oracle=OracleProfile(reference_size=16, probe_pool_size=64, blocks=2, trajectories_per_block=2, workers=2),
+        oracle=OracleProfile(reference_size=16, probe_pool_size=64, blocks=2, trajectories_per_block=3, workers=2,
+                             bootstrap_blocks=2),
+        influence=InfluenceProfile(chunk_len=16, chunks=2, encoder_layers=2, epochs=2, trajectories_per_step=2,
+                                   val_fraction=0.34, bootstrap_per_tail=2, tail_check_trajectories=200),
+        selection=SelectionProfile(mean_cluster_size=200, kmeans_iterations=10, cluster_ranges=2),
     ),
     "dclm-400m": Profile(
         name="dclm-400m",
@@ -136,7 +185,15 @@ PROFILES: dict[str, Profile] = {
         ),
         lm=LMProfile(shape="411m", total_steps=31_403, batch_size=512, warmup_steps=2000, torch_threads=16),
         oracle=OracleProfile(probe_pool_size=81_920, blocks=4, trajectories_per_block=5_000, part_size=250,
-                             workers=4),
+                             workers=4, bootstrap_blocks=4),
+        influence=InfluenceProfile(encoder="BAAI/bge-base-en-v1.5", encoder_layers=None,
+                                   chunk_len=METHOD.encoder_chunk_tokens,
+                                   chunks=METHOD.encoder_chunks, lr=5e-5, warmup_steps=50, epochs=5,
+                                   trajectories_per_step=32, evals_per_epoch=10, val_fraction=0.05,
+                                   max_tokens=65536, torch_threads=16, bootstrap_per_tail=10_000,
+                                   tail_check_trajectories=20_000),
+        selection=SelectionProfile(mean_cluster_size=2_950, kmeans_iterations=METHOD.kmeans_iterations,
+                                   cluster_ranges=16, predict_batch_docs=1024, torch_threads=16),
     ),
 }
 

@@ -16,16 +16,18 @@ def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
     run = subprocess.run([sys.executable, "-m", "groupmates_assets.cli", "demo"], env=env, capture_output=True,
                          text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "oracle labels:" in run.stdout
+    assert "oracle labels:" in run.stdout and "influence models" in run.stdout
     instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster_home"))
     for key in ("embedded_pool", "quality_classifier", "filtered_pool_summary", "probe_checkpoint",
-                "reference_set", "probe_pool"):
+                "reference_set", "probe_pool", "influence_model_init", "bootstrap_trajectories",
+                "influence_model_final", "individual_influence_model", "influence_model_report"):
         assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
     shards = instance.get_dynamic_partitions("pool_shards")
     assert len(shards) >= 8
     for key in ("filtered_pool_shard", "tokenized_pool_shard"):
         assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(shards), key
     assert instance.get_materialized_partitions(dg.AssetKey("oracle_random")) == {"block-000", "block-001"}
+    assert instance.get_materialized_partitions(dg.AssetKey("oracle_bootstrap")) == {"block-000", "block-001"}
 
     summary = instance.get_latest_materialization_event(dg.AssetKey("filtered_pool_summary"))
     metadata = summary.asset_materialization.metadata
@@ -36,16 +38,20 @@ def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key([
         dg.AssetCheckKey(dg.AssetKey("filtered_pool_summary"), "all_shards_reconcile"),
         dg.AssetCheckKey(dg.AssetKey("oracle_random"), "labels_consistent"),
+        dg.AssetCheckKey(dg.AssetKey("oracle_bootstrap"), "labels_consistent"),
+        dg.AssetCheckKey(dg.AssetKey("bootstrap_trajectories"), "tails_separated"),
     ])
-    assert len(checks) == 2 and all(c.status.value == "SUCCEEDED" for c in checks.values())
+    assert len(checks) == 4 and all(c.status.value == "SUCCEEDED" for c in checks.values())
 
     oracle_root = tmp_path / "storage" / "oracle" / "random"
     parts = sorted(oracle_root.glob("*/block-*/part-*.parquet"))
     rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
-    assert sorted(r["trajectory_id"] for r in rows) == [0, 1, 2, 3]
+    assert sorted(r["trajectory_id"] for r in rows) == list(range(6))
     for row in rows:
         assert len(row["context_id"]) == 10 and len(set(row["context_id"])) == 10
         assert abs(sum(row["marginal"]) - (row["final_loss"] - row["base_loss"])) < 1e-4
+    _check_influence_stage(tmp_path / "storage", instance)
+    _check_selection_stage(tmp_path / "storage", instance, shards)
 
     # A killed block reruns without duplicates: drop one part, rematerialize, get exactly that part back.
     from groupmates_assets.defs.oracle.assets import oracle_random
@@ -59,5 +65,58 @@ def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
                             resources={"platform": platform})
     metadata = result.asset_materializations_for_node("oracle_random")[0].metadata
     assert metadata["resumed_parts"].value == len(block_parts) - 1
-    assert metadata["computed_trajectories"].value == 1 and metadata["trajectories"].value == 2
+    assert metadata["computed_trajectories"].value == 1 and metadata["trajectories"].value == 3
     assert pq.read_table(block_parts[-1]).equals(original)  # same plan, same labels (T9)
+
+
+def _check_influence_stage(storage, instance) -> None:
+    """Bootstrap beams come from both tails and were labelled; the final model saw both policies."""
+    import json
+
+    boot_rows = [r for p in sorted((storage / "oracle" / "bootstrap").glob("*/block-*/part-*.parquet"))
+                 for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["policy"] for r in boot_rows) == ["bootstrap-beneficial"] * 2 + ["bootstrap-harmful"] * 2
+    beams = pq.read_table(next((storage / "influence" / "bootstrap").glob("*/trajectories.parquet"))).to_pylist()
+    assert {tuple(b["context_index"]) for b in beams} == {tuple(r["context_index"]) for r in boot_rows}
+    final = json.loads((storage / "influence" / "models" / "final" / "current.json").read_text())
+    assert set(final["oracle"]) == {"oracle_random", "oracle_bootstrap"}
+    assert final["train_trajectories"] + final["val_trajectories"] == 10
+    metadata = instance.get_latest_materialization_event(
+        dg.AssetKey("influence_model_final")).asset_materialization.metadata
+    assert metadata["relational"].value is True and metadata["train_trajectories"].value >= 6
+    report = json.loads((storage / "influence" / "report.json").read_text())
+    assert set(report) == {"init", "final", "individual"}
+    assert report["individual"]["alpha"] == 1.0 and report["individual"]["tau"] == 1.0
+
+
+def _check_selection_stage(storage, instance, shards) -> None:
+    """Every method selected the same number of documents; the corpora join back to the pool by doc_id."""
+    import hashlib
+    import io
+    import json
+
+    import zstandard
+
+    for key in ("pool_predictions", "cluster_assignments", "selected_corpus"):
+        assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(shards), key
+    assert instance.get_materialized_partitions(dg.AssetKey("selected_documents")) == {
+        "clusters-000-of-002", "clusters-001-of-002"}
+    check_keys = [dg.AssetCheckKey(dg.AssetKey("selected_documents"), "budgets_exact"),
+                  dg.AssetCheckKey(dg.AssetKey("selected_corpus"), "index_round_trip")]
+    checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
+    assert all(c.status.value == "SUCCEEDED" for c in checks.values())
+    totals = {}
+    for method in ("group_mates", "random", "mates", "fasttext"):
+        ids = []
+        for path in sorted((storage / "selected_corpus" / method).glob("*.jsonl.zst")):
+            text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read().decode()
+            for line in text.splitlines():
+                record = json.loads(line)
+                digest = hashlib.blake2b(record["text"].encode(), digest_size=8).hexdigest()
+                assert record["doc_id"].endswith(digest) and record["selection"]["method"] == method
+                ids.append(record["doc_id"])
+        assert len(ids) == len(set(ids))
+        totals[method] = len(ids)
+    assert len(set(totals.values())) == 1 and totals["group_mates"] > 1000, totals
+    centroids = instance.get_latest_materialization_event(dg.AssetKey("cluster_centroids"))
+    assert centroids.asset_materialization.metadata["clusters"].value > 50

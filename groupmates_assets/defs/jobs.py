@@ -2,7 +2,12 @@
 
 import dagster as dg
 
-from groupmates_assets.defs.partitions import oracle_random_blocks, pool_shards
+from groupmates_assets.defs.partitions import (
+    oracle_bootstrap_blocks,
+    oracle_random_blocks,
+    pool_shards,
+    selection_ranges,
+)
 
 embedded_pool_job = dg.define_asset_job("embedded_pool_job", selection=["embedded_pool"])
 register_pool_shards_job = dg.define_asset_job(
@@ -31,5 +36,44 @@ oracle_random_job = dg.define_asset_job(
     description="Collect oracle influences for one block of random trajectories.",
 )
 
+influence_model_init_job = dg.define_asset_job(
+    "influence_model_init_job", selection=["influence_model_init", "bootstrap_trajectories"],
+    description="Train the initial relational model on the random oracle and search bootstrap trajectories with it.",
+)
+oracle_bootstrap_job = dg.define_asset_job(
+    "oracle_bootstrap_job", selection=["oracle_bootstrap"], partitions_def=oracle_bootstrap_blocks,
+    description="Collect oracle influences for one block of bootstrap trajectories.",
+)
+influence_models_job = dg.define_asset_job(
+    "influence_models_job",
+    selection=["influence_model_final", "individual_influence_model", "influence_model_report"],
+    description="Train the final relational model and the MATES individual model on random + bootstrap oracles, "
+    "and compare all three on held-out trajectories.",
+)
+
+pool_predictions_job = dg.define_asset_job(
+    "pool_predictions_job", selection=["pool_predictions"], partitions_def=pool_shards,
+    description="Score the filtered documents of one shard with the final and the individual influence model.",
+)
+cluster_centroids_job = dg.define_asset_job("cluster_centroids_job", selection=["cluster_centroids"])
+cluster_assignments_job = dg.define_asset_job(
+    "cluster_assignments_job", selection=["cluster_assignments"], partitions_def=pool_shards,
+    description="Assign one shard's documents to their nearest centroid.",
+)
+select_documents_job = dg.define_asset_job(
+    "select_documents_job", selection=["selected_documents"], partitions_def=selection_ranges,
+    description="Group-MATES greedy selection inside one range of clusters.",
+)
+baselines_job = dg.define_asset_job(
+    "baselines_job", selection=["selected_random", "selected_mates", "selected_fasttext"],
+    description="Random, MATES and fastText selections with Group-MATES' budget.",
+)
+selected_corpus_job = dg.define_asset_job(
+    "selected_corpus_job", selection=["selected_corpus"], partitions_def=pool_shards,
+    description="Write one shard's selected documents for every method, joined by doc_id.",
+)
+
 ALL_JOBS = [embedded_pool_job, register_pool_shards_job, quality_classifier_job, filter_pool_job, filter_shards_job,
-            filtered_pool_summary_job, tokenize_shards_job, oracle_inputs_job, oracle_random_job]
+            filtered_pool_summary_job, tokenize_shards_job, oracle_inputs_job, oracle_random_job,
+            influence_model_init_job, oracle_bootstrap_job, influence_models_job, pool_predictions_job,
+            cluster_centroids_job, cluster_assignments_job, select_documents_job, baselines_job, selected_corpus_job]

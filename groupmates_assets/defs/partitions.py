@@ -18,3 +18,27 @@ def oracle_blocks_for_profile() -> dg.StaticPartitionsDefinition:
 
 
 oracle_random_blocks = oracle_blocks_for_profile()
+
+
+def oracle_bootstrap_blocks_for_profile() -> dg.StaticPartitionsDefinition:
+    """Blocks of bootstrap trajectories (paper: 4 seeds, two per tail); the count comes from the active profile."""
+    from groupmates_assets.settings import get_profile
+
+    return dg.StaticPartitionsDefinition(oracle_block_keys(get_profile().oracle.bootstrap_blocks))
+
+
+oracle_bootstrap_blocks = oracle_bootstrap_blocks_for_profile()
+
+
+def selection_range_keys(ranges: int) -> list[str]:
+    return [f"clusters-{i:03d}-of-{ranges:03d}" for i in range(ranges)]
+
+
+def selection_ranges_for_profile() -> dg.StaticPartitionsDefinition:
+    """Contiguous ranges of cluster ids selected in parallel; the count comes from the active profile."""
+    from groupmates_assets.settings import get_profile
+
+    return dg.StaticPartitionsDefinition(selection_range_keys(get_profile().selection.cluster_ranges))
+
+
+selection_ranges = selection_ranges_for_profile()

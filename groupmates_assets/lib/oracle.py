@@ -113,12 +113,14 @@ class OracleCollector:
                 progress(done, time.perf_counter() - started)
 
 
-def results_table(results: Sequence[TrajectoryResult], block: int, policy: str, context_ids: Sequence[str]) -> pa.Table:
-    """Oracle rows as Arrow, with stable context ids next to the pool rows."""
+def results_table(results: Sequence[TrajectoryResult], block: int, policy: str | Sequence[str],
+                  context_ids: Sequence[str]) -> pa.Table:
+    """Oracle rows as Arrow, with stable context ids next to the pool rows (``policy``: one, or one per row)."""
+    policies = [policy] * len(results) if isinstance(policy, str) else [str(p) for p in policy]
     return pa.table({
         "trajectory_id": [r.trajectory_id for r in results],
         "block": [block] * len(results),
-        "policy": [policy] * len(results),
+        "policy": policies,
         "context_index": [r.context_index for r in results],
         "context_id": [[context_ids[i] for i in r.context_index] for r in results],
         "cumulative": [r.cumulative for r in results],
@@ -163,7 +165,7 @@ class BlockJob:
     part_size: int
     torch_threads: int = 2
     device: str | None = None  # None: CUDA when present
-    policy: str = "random"
+    policy: str | tuple[str, ...] = "random"  # one for the block, or one per trajectory of the plan
 
     @property
     def parts(self) -> int:
@@ -196,8 +198,9 @@ def _run_part(number: int) -> tuple[int, int, float]:
     collector: OracleCollector = _WORKER["collector"]  # type: ignore[assignment]
     rows = job.part_rows(number)
     results = list(collector.run_many(job.trajectory_ids[rows], job.plan[rows]))
+    policy = job.policy if isinstance(job.policy, str) else job.policy[rows]
     Storage(job.storage_root).write_parquet(job.part_path(number),
-                                            results_table(results, job.block, job.policy, job.context_ids))
+                                            results_table(results, job.block, policy, job.context_ids))
     return number, len(results), collector.base_loss
 
 

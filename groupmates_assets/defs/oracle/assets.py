@@ -105,10 +105,40 @@ def _fingerprint(**parts) -> str:
     "partition = one block of trajectories, resumable part by part.",
 )
 def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    oracle_settings, block_key = platform.settings().oracle, context.partition_key
+    block = block_number(block_key)
+    per_block, pool_size = oracle_settings.trajectories_per_block, probe_pool_size(platform.storage())
+    return collect_oracle_block(
+        context, platform, root_dir=ORACLE_RANDOM_DIR,
+        plan=oracle_lib.random_plan(pool_size, per_block, METHOD.trajectory_length, oracle_settings.seed, block),
+        trajectory_ids=np.arange(block * per_block, (block + 1) * per_block), policy="random",
+        fingerprint_parts={"seed": oracle_settings.seed, "per_block": per_block, "policy": "random"},
+    )
+
+
+def block_number(block_key: str) -> int:
+    """``block-007`` -> 7 (keys come from a static partitions definition, so anything else is a bug)."""
+    prefix, _, number = block_key.partition("-")
+    if prefix != "block" or not number.isdigit():
+        raise ValueError(f"not an oracle block key: {block_key!r}")
+    return int(number)
+
+
+def probe_pool_size(storage) -> int:
+    return storage.read_parquet(f"{PROBE_POOL_DIR}/contexts.parquet", columns=["row"]).num_rows
+
+
+def collect_oracle_block(context: dg.AssetExecutionContext, platform: PlatformResource, *, root_dir: str,
+                         plan: np.ndarray, trajectory_ids: np.ndarray,
+                         policy: str | tuple[str, ...], fingerprint_parts: dict) -> dg.MaterializeResult:
+    """Run (or resume) one block of oracle trajectories and report it; shared by every rollout policy.
+
+    Output goes to ``<root_dir>/<fingerprint>/<block>/part-NNNNN.parquet``; the fingerprint covers the checkpoint,
+    the probe pool, the reference set and the plan's inputs, so changed inputs never mix with old parts.
+    """
     storage, settings = platform.storage(), platform.settings()
     oracle_settings, block_key = settings.oracle, context.partition_key
-    block = int(block_key.split("-", 1)[1])
-    length, per_block = METHOD.trajectory_length, oracle_settings.trajectories_per_block
+    block, length, per_block = block_number(block_key), plan.shape[1], len(plan)
     pool_ids = storage.read_parquet(f"{PROBE_POOL_DIR}/contexts.parquet").column("context_id").to_pylist()
     with storage.local_copy(REFERENCE_FILE) as local:
         reference = ref_lib.load_reference_set(local)
@@ -117,15 +147,14 @@ def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource)
         state = lm.read_trainer_state(checkpoint_dir)
         fingerprint = _fingerprint(checkpoint=checkpoint_sha,
                                    pool=storage.info(f"{PROBE_POOL_DIR}/contexts.npy").sha256,
-                                   reference=reference.sha256, length=length, seed=oracle_settings.seed,
-                                   per_block=per_block, part_size=oracle_settings.part_size, policy="random")
-        out = f"{ORACLE_RANDOM_DIR}/{fingerprint}/{block_key}"
+                                   reference=reference.sha256, length=length, part_size=oracle_settings.part_size,
+                                   **fingerprint_parts)
+        out = f"{root_dir}/{fingerprint}/{block_key}"
         workers = max(1, oracle_settings.workers)
         job = oracle_lib.BlockJob(
             storage_root=platform.storage_root, out_dir=out, checkpoint_dir=checkpoint_dir, pool_path=pool_path,
             reference_examples=reference.examples, context_ids=pool_ids,
-            plan=oracle_lib.random_plan(len(pool_ids), per_block, length, oracle_settings.seed, block),
-            trajectory_ids=np.arange(block * per_block, (block + 1) * per_block), block=block,
+            plan=plan, trajectory_ids=trajectory_ids, block=block, policy=policy,
             part_size=oracle_settings.part_size, torch_threads=max(1, settings.lm.torch_threads // workers),
         )
         pending = [n for n in range(job.parts) if not storage.exists(job.part_path(n))]
@@ -144,9 +173,8 @@ def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource)
     passed, details = oracle_lib.check_labels(table, length, per_block)
     storage.write_json(f"{out}/_SUCCESS.json", {"block": block_key, "fingerprint": fingerprint, "parts": parts,
                                                 "trajectories": table.num_rows, **details})
-    storage.write_json(f"{ORACLE_RANDOM_DIR}/current.json", {"fingerprint": fingerprint,
-                                                             "checkpoint_sha256": checkpoint_sha,
-                                                             "reference_sha256": reference.sha256})
+    storage.write_json(f"{root_dir}/current.json", {"fingerprint": fingerprint, "checkpoint_sha256": checkpoint_sha,
+                                                    "reference_sha256": reference.sha256, **fingerprint_parts})
     marginal = pc.list_flatten(table.column("marginal")).to_numpy()
     edges = np.linspace(marginal.min(), marginal.max(), 21) if len(marginal) and marginal.min() < marginal.max() \
         else np.linspace(-1, 1, 21)
@@ -168,3 +196,22 @@ def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource)
         check_results=[dg.AssetCheckResult(check_name="labels_consistent", passed=passed, metadata=details,
                                            severity=dg.AssetCheckSeverity.ERROR)],
     )
+
+
+def read_oracle_blocks(storage, root_dir: str, block_keys: list[str], asset_name: str) -> tuple[list[pa.Table], str]:
+    """Every block of the current oracle labels under ``root_dir`` (tables, fingerprint); a missing block is an
+    error that names it, never a silently smaller training set."""
+    if not storage.exists(f"{root_dir}/current.json"):
+        raise FileNotFoundError(f"no {asset_name} labels under {storage.url(root_dir)}; materialize {asset_name} first")
+    fingerprint = storage.read_json(f"{root_dir}/current.json")["fingerprint"]
+    tables, missing = [], []
+    for key in block_keys:
+        marker = f"{root_dir}/{fingerprint}/{key}/_SUCCESS.json"
+        if not storage.exists(marker):
+            missing.append(key)
+            continue
+        tables += [storage.read_parquet(p) for p in storage.read_json(marker)["parts"]]
+    if missing:
+        raise FileNotFoundError(f"{asset_name} blocks {', '.join(missing)} are not materialized for the current "
+                                f"inputs (fingerprint {fingerprint}); materialize them before training on the labels")
+    return tables, fingerprint

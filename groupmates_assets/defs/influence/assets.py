@@ -1,0 +1,411 @@
+"""Influence stage: the relational influence model (initial and final), bootstrap trajectories and their oracle
+labels, the MATES individual-influence model, and a side-by-side report of the three on held-out trajectories."""
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import torch
+
+from groupmates_assets.defs.oracle.assets import (
+    ORACLE_RANDOM_DIR,
+    PROBE_POOL_DIR,
+    block_number,
+    collect_oracle_block,
+    oracle_random,
+    probe_pool,
+    read_oracle_blocks,
+)
+from groupmates_assets.defs.partitions import oracle_block_keys, oracle_bootstrap_blocks
+from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.lib import plots
+from groupmates_assets.lib import tokenization as tk
+from groupmates_assets.lib.influence import bootstrap as boot
+from groupmates_assets.lib.influence import encoder as enc
+from groupmates_assets.lib.influence import model as im
+from groupmates_assets.lib.influence import training as tr
+from groupmates_assets.lib.storage import Storage
+from groupmates_assets.settings import METHOD, InfluenceProfile, Profile
+
+MODELS_DIR = "influence/models"
+BOOTSTRAP_DIR = "influence/bootstrap"
+ORACLE_BOOTSTRAP_DIR = "oracle/bootstrap"
+TAILS = {"beneficial": 1, "harmful": -1}  # beam-search order: +1 minimises the predicted loss change
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def probe_documents(storage: Storage, settings: Profile) -> tuple[enc.ChunkedDocuments, enc.EncoderSource, str]:
+    """The probe-pool contexts as encoder inputs: GPT-NeoX tokens decoded to text (special tokens dropped, as the
+    reference does), re-tokenized with the encoder's tokenizer and cut into chunks. Returns (docs, encoder, sha)."""
+    influence = settings.influence
+    tokens = storage.read_numpy(f"{PROBE_POOL_DIR}/contexts.npy")
+    neox = tk.load_tokenizer(settings.tokenize.tokenizer)
+    texts = neox.decode_batch([row.tolist() for row in tokens], skip_special_tokens=True)
+    source = enc.resolve_encoder(influence.encoder)
+    docs = enc.chunk_documents(enc.load_encoder_tokenizer(source), texts, influence.chunk_len, influence.chunks)
+    return docs, source, storage.info(f"{PROBE_POOL_DIR}/contexts.npy").sha256
+
+
+def model_config(influence: InfluenceProfile, source: enc.EncoderSource, relational: bool) -> im.InfluenceModelConfig:
+    return im.InfluenceModelConfig(
+        relational=relational, chunk_len=influence.chunk_len, chunks=influence.chunks,
+        reference_empty_chunks=influence.reference_empty_chunks, encoder_name=source.name,
+        encoder_origin=source.origin, encoder_layers=influence.encoder_layers, dropout=influence.dropout)
+
+
+def train_settings(influence: InfluenceProfile) -> tr.TrainSettings:
+    return tr.TrainSettings(lr=influence.lr, weight_decay=influence.weight_decay, warmup_steps=influence.warmup_steps,
+                            epochs=influence.epochs, trajectories_per_step=influence.trajectories_per_step,
+                            evals_per_epoch=influence.evals_per_epoch, seed=influence.seed,
+                            max_tokens=influence.max_tokens)
+
+
+def finite(value):
+    """NaN/inf (e.g. Spearman of a constant prediction) as None, recursively, for JSON files and metadata."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def fingerprint(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def put_dir(storage: Storage, local_dir: str, relative_dir: str) -> dict[str, str]:
+    """Upload a model directory file by file (each write atomic); returns sha256 per file."""
+    hashes = {}
+    for name in im.MODEL_FILES:
+        hashes[name] = storage.put_file(os.path.join(local_dir, name), f"{relative_dir}/{name}").sha256
+    return hashes
+
+
+@contextlib.contextmanager
+def local_model_dir(storage: Storage, relative_dir: str) -> Iterator[str]:
+    """A local copy of a saved influence model (works for any storage root)."""
+    with tempfile.TemporaryDirectory(prefix="groupmates-influence-") as tmp:
+        for name in im.MODEL_FILES:
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            with storage.open_read(f"{relative_dir}/{name}") as src, open(os.path.join(tmp, name), "wb") as dst:
+                while chunk := src.read(4 << 20):
+                    dst.write(chunk)
+        yield tmp
+
+
+def current_model(storage: Storage, kind: str) -> dict:
+    path = f"{MODELS_DIR}/{kind}/current.json"
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no {kind} influence model under {storage.url(MODELS_DIR)}; materialize "
+                                f"{ASSET_OF_KIND[kind]} first")
+    return storage.read_json(path)
+
+
+ASSET_OF_KIND = {"init": "influence_model_init", "final": "influence_model_final",
+                 "individual": "individual_influence_model"}
+
+
+def _curve_markdown(history: list[dict], title: str) -> str:
+    steps = [h["step"] for h in history]
+    spearman = [h.get("val_spearman", float("nan")) for h in history]
+    png = plots.line_png(steps, spearman, title, "optimizer step", "validation Spearman")
+    table = "| step | train MSE | val MSE | val Spearman | alpha | tau |\n|---|---|---|---|---|---|\n" + "\n".join(
+        f"| {h['step']} | {h['train_mse']:.4f} | {h.get('val_mse', float('nan')):.4f} | "
+        f"{h.get('val_spearman', float('nan')):.4f} | {h['alpha']:.4f} | {h['tau']:.4f} |" for h in history)
+    return plots.png_markdown(png, title) + "\n\n" + table
+
+
+def train_influence_asset(context: dg.AssetExecutionContext, platform: PlatformResource, kind: str,
+                          relational: bool, oracle_sources: list[tuple[str, list[str], str]],
+                          lineage: dict) -> dg.MaterializeResult:
+    """Shared body of the three model assets: read oracle labels, split, train, save, report."""
+    storage, settings = platform.storage(), platform.settings()
+    influence = settings.influence
+    torch.set_num_threads(influence.torch_threads)
+    tables, oracle_fingerprints = [], {}
+    for root_dir, keys, asset_name in oracle_sources:
+        blocks, oracle_fp = read_oracle_blocks(storage, root_dir, keys, asset_name)
+        tables += blocks
+        oracle_fingerprints[asset_name] = oracle_fp
+    data = tr.Trajectories.from_tables(tables)
+    docs, source, pool_sha = probe_documents(storage, settings)
+    if data.contexts.max() >= len(docs):
+        raise ValueError(f"oracle trajectories refer to probe-pool row {int(data.contexts.max())} but the probe pool "
+                         f"holds {len(docs)} contexts; rematerialize the oracle for the current probe pool")
+    train_rows, val_rows = tr.split_by_group(data, influence.val_fraction, influence.seed)
+    config = model_config(influence, source, relational)
+    model_fp = fingerprint(kind=kind, oracle=oracle_fingerprints, pool=pool_sha, config=asdict(config),
+                           train=asdict(train_settings(influence)), val_fraction=influence.val_fraction)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    context.log.info(f"{kind}: {len(train_rows)} training and {len(val_rows)} validation trajectories "
+                     f"({', '.join(sorted(set(data.policy)))}); encoder {source.name} on {device}")
+    model = im.build_model(source, config).to(device)
+    result = tr.train_model(model, docs, data, train_rows, val_rows, train_settings(influence),
+                            log=lambda line: context.log.info(f"{kind}: {line}"))
+    out = f"{MODELS_DIR}/{kind}/{model_fp}"
+    with tempfile.TemporaryDirectory(prefix="groupmates-influence-") as tmp:
+        local = os.path.join(tmp, "model")
+        model.config.extra = finite({"best_step": result.best_step, "best_metrics": result.best_metrics,
+                                     "oracle": oracle_fingerprints, "probe_pool_sha256": pool_sha, **lineage})
+        im.save_model(model, local, enc.load_encoder_tokenizer(source).to_str())
+        hashes = put_dir(storage, local, out)
+    alpha, tau = model.alpha_tau()
+    split = {"train_trajectories": len(train_rows), "val_trajectories": len(val_rows)}
+    storage.write_json(f"{MODELS_DIR}/{kind}/current.json", finite({
+        "fingerprint": model_fp, "path": out, "alpha": alpha, "tau": tau, "best_metrics": result.best_metrics,
+        "oracle": oracle_fingerprints, **split}))
+    best = result.best_metrics
+    beats = bool(best) and best["mse"] < best["mse_constant"]
+    return dg.MaterializeResult(
+        metadata={
+            "relational": relational, "alpha": alpha, "tau": tau, **split,
+            "oracle_points": int(data.labels.size), "best_step": result.best_step, "steps": result.steps,
+            **{f"val_{k}": v for k, v in finite(best).items()}, "beats_constant_predictor": beats,
+            "label_mean": result.label_mean, "label_std": result.label_std,
+            "trajectories_per_second": round(result.trajectories_per_second, 3),
+            "training_seconds": round(result.seconds, 1), "device": device,
+            "encoder": source.name, "encoder_origin": source.origin,
+            "learning_curve": dg.MetadataValue.md(_curve_markdown(result.history, f"{kind}: validation Spearman")),
+            "oracle_fingerprints": dg.MetadataValue.json(oracle_fingerprints), "fingerprint": model_fp,
+            "weights_sha256": hashes[im.MODEL_FILE], "settings": dg.MetadataValue.json(asdict(influence)),
+            "path": dg.MetadataValue.path(storage.url(out)),
+        },
+        data_version=dg.DataVersion(hashes[im.MODEL_FILE][:16]),
+    )
+
+
+def random_block_keys(platform: PlatformResource) -> list[str]:
+    return oracle_block_keys(platform.settings().oracle.blocks)
+
+
+def bootstrap_block_keys(platform: PlatformResource) -> list[str]:
+    return oracle_block_keys(platform.settings().oracle.bootstrap_blocks)
+
+
+# ------------------------------------------------------------------------------------------------- assets
+
+
+@dg.asset(
+    group_name="influence",
+    code_version="influence-model-v1",
+    deps=[dg.AssetDep(oracle_random, partition_mapping=dg.AllPartitionMapping()), probe_pool],
+    kinds={"pytorch", "safetensors"},
+    description="The initial relational influence model, trained on the random-rollout oracle: encoder -> h, "
+    "u = w.h + b, pred_t = alpha * u_t * mean_{i<t}(1 - <h_i,h_t>/tau); MSE on z-scored marginal labels, best "
+    "validation Spearman kept.",
+)
+def influence_model_init(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    return train_influence_asset(context, platform, "init", relational=True,
+                                 oracle_sources=[(ORACLE_RANDOM_DIR, random_block_keys(platform), "oracle_random")],
+                                 lineage={"policies": ["random"]})
+
+
+@dg.asset(
+    group_name="influence",
+    code_version="bootstrap-trajectories-v1",
+    deps=[influence_model_init, probe_pool],
+    kinds={"pytorch", "parquet"},
+    check_specs=[dg.AssetCheckSpec(
+        "tails_separated", asset="bootstrap_trajectories", blocking=True,
+        description="T18: every beneficial beam's predicted score is below the 1st percentile of random "
+        "trajectories', every harmful one above the 99th, and the tails do not start from the same rows",
+    )],
+    description="Bootstrap trajectories: beam search (width K) over the probe pool with the initial model toward "
+    "the most beneficial and the most harmful tail; step 0 scored by the individual influence u.",
+)
+def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    storage, settings = platform.storage(), platform.settings()
+    influence = settings.influence
+    torch.set_num_threads(influence.torch_threads)
+    init = current_model(storage, "init")
+    docs, _, pool_sha = probe_documents(storage, settings)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    with local_model_dir(storage, init["path"]) as local:
+        model = im.load_model(local, device)
+    h, u = embed_all(model, docs, influence.max_tokens, log=context.log.info)
+    embed_seconds = time.perf_counter() - started
+    alpha, tau = model.alpha_tau()
+    length, keep = METHOD.trajectory_length, influence.bootstrap_per_tail
+    beams = {tail: boot.beam_search(h, u, alpha, tau, length, influence.bootstrap_width, keep, order)
+             for tail, order in TAILS.items()}
+    report = boot.tail_report(h, u, alpha, tau, beams["beneficial"], beams["harmful"],
+                              influence.tail_check_trajectories, influence.seed)
+    pool_ids = storage.read_parquet(f"{PROBE_POOL_DIR}/contexts.parquet").column("context_id").to_pylist()
+    rows = [(tail, b) for tail in TAILS for b in range(keep)]
+    table = pa.table({
+        "row": np.arange(len(rows), dtype=np.int64),
+        "policy": [f"bootstrap-{tail}" for tail, _ in rows],
+        "context_index": [beams[tail].indices[b].tolist() for tail, b in rows],
+        "context_id": [[pool_ids[i] for i in beams[tail].indices[b]] for tail, b in rows],
+        "predicted_score": [float(beams[tail].scores[b]) for tail, b in rows],
+        "predicted_marginal": [beams[tail].predictions[b].tolist() for tail, b in rows],
+    })
+    boot_fp = fingerprint(model=init["fingerprint"], pool=pool_sha, width=influence.bootstrap_width, keep=keep,
+                          length=length)
+    info = storage.write_parquet(f"{BOOTSTRAP_DIR}/{boot_fp}/trajectories.parquet", table)
+    storage.write_json(f"{BOOTSTRAP_DIR}/current.json", {"fingerprint": boot_fp, "sha256": info.sha256,
+                                                         "path": f"{BOOTSTRAP_DIR}/{boot_fp}/trajectories.parquet",
+                                                         "model": init["fingerprint"]})
+    passed = report["beneficial_below_p01"] and report["harmful_above_p99"] and report[
+        "first_steps_differ_between_tails"]
+    scores = np.concatenate([beams["beneficial"].scores, beams["harmful"].scores])
+    random_scores = boot.trajectory_scores(h, u, alpha, tau, np.stack([
+        np.random.default_rng(influence.seed).choice(len(docs), size=length, replace=False) for _ in range(500)]))
+    edges = np.linspace(min(scores.min(), random_scores.min()), max(scores.max(), random_scores.max()), 31)
+    png = plots.histogram_png(edges.tolist(), np.histogram(random_scores, bins=edges)[0].tolist(),
+                              "predicted trajectory scores: 500 random trajectories", "sum of predicted influences",
+                              ylabel="trajectories")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.num_rows, "per_tail": keep, "width": influence.bootstrap_width,
+            "length": length, "alpha": alpha, "tau": tau, "probe_contexts": len(docs),
+            "embed_seconds": round(embed_seconds, 1),
+            "embed_documents_per_second": round(len(docs) / embed_seconds, 1),
+            "beneficial_scores": dg.MetadataValue.json([round(float(x), 4) for x in beams["beneficial"].scores[:20]]),
+            "harmful_scores": dg.MetadataValue.json([round(float(x), 4) for x in beams["harmful"].scores[:20]]),
+            "random_score_histogram": dg.MetadataValue.md(plots.png_markdown(png, "random trajectory scores")),
+            "model_fingerprint": init["fingerprint"], "fingerprint": boot_fp, "sha256": info.sha256,
+            "path": dg.MetadataValue.path(info.path),
+        },
+        check_results=[dg.AssetCheckResult(check_name="tails_separated", passed=bool(passed), metadata=report,
+                                           severity=dg.AssetCheckSeverity.ERROR)],
+        data_version=dg.DataVersion(info.sha256[:16]),
+    )
+
+
+def embed_all(model: im.InfluenceModel, docs: enc.ChunkedDocuments, max_tokens: int, batch_docs: int = 256,
+              log=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, u) of every document, eval mode, with progress in the log."""
+    hs, us, started = [], [], time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(docs), batch_docs):
+            h = model.embed(docs, np.arange(start, min(start + batch_docs, len(docs))), max_tokens=max_tokens)
+            hs.append(h)
+            us.append(model.individual(h))
+            done = min(start + batch_docs, len(docs))
+            if log and (done == len(docs) or (start // batch_docs) % 8 == 7):
+                log(f"embedded {done}/{len(docs)} documents ({done / (time.perf_counter() - started):.1f}/s)")
+    return torch.cat(hs).float(), torch.cat(us).float()
+
+
+@dg.asset(
+    partitions_def=oracle_bootstrap_blocks,
+    group_name="oracle",
+    code_version="oracle-bootstrap-v1",
+    deps=[bootstrap_trajectories],
+    kinds={"pytorch", "parquet"},
+    check_specs=[dg.AssetCheckSpec(
+        "labels_consistent", asset="oracle_bootstrap", blocking=True,
+        description="every trajectory complete (T distinct contexts, finite labels) and telescoping",
+    )],
+    description="Oracle data influences of the bootstrap trajectories, collected exactly as for random ones "
+    "(same checkpoint, reference set and collector); the trajectories are split into contiguous blocks.",
+)
+def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    storage, settings = platform.storage(), platform.settings()
+    if not storage.exists(f"{BOOTSTRAP_DIR}/current.json"):
+        raise FileNotFoundError("no bootstrap trajectories yet; materialize bootstrap_trajectories first")
+    current = storage.read_json(f"{BOOTSTRAP_DIR}/current.json")
+    table = storage.read_parquet(current["path"])
+    blocks, block = settings.oracle.bootstrap_blocks, block_number(context.partition_key)
+    per_block = -(-table.num_rows // blocks)
+    rows = slice(block * per_block, min((block + 1) * per_block, table.num_rows))
+    plan = np.array(table.column("context_index").to_pylist()[rows], dtype=np.int64)
+    if len(plan) == 0:
+        raise ValueError(f"{context.partition_key} has no bootstrap trajectories: {table.num_rows} trajectories "
+                         f"over {blocks} blocks; lower oracle.bootstrap_blocks or raise influence.bootstrap_per_tail")
+    return collect_oracle_block(
+        context, platform, root_dir=ORACLE_BOOTSTRAP_DIR, plan=plan,
+        trajectory_ids=np.array(table.column("row").to_pylist()[rows], dtype=np.int64),
+        policy=tuple(table.column("policy").to_pylist()[rows]),
+        fingerprint_parts={"bootstrap_sha256": current["sha256"], "blocks": blocks, "policy": "bootstrap"},
+    )
+
+
+@dg.asset(
+    group_name="influence",
+    code_version="influence-model-v1",
+    deps=[dg.AssetDep(oracle_random, partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), probe_pool],
+    kinds={"pytorch", "safetensors"},
+    description="The final relational influence model: trained fresh from the encoder on the random and the "
+    "bootstrap oracle; the model that scores the pool for selection.",
+)
+def influence_model_final(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    return train_influence_asset(context, platform, "final", relational=True, oracle_sources=oracle_union(platform),
+                                 lineage={"policies": ["random", "bootstrap"]})
+
+
+def oracle_union(platform: PlatformResource) -> list[tuple[str, list[str], str]]:
+    return [(ORACLE_RANDOM_DIR, random_block_keys(platform), "oracle_random"),
+            (ORACLE_BOOTSTRAP_DIR, bootstrap_block_keys(platform), "oracle_bootstrap")]
+
+
+@dg.asset(
+    group_name="influence",
+    code_version="individual-model-v1",
+    deps=[dg.AssetDep(oracle_random, partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), probe_pool],
+    kinds={"pytorch", "safetensors"},
+    description="MATES' individual-influence model: the same encoder and head without the relational term "
+    "(pred_t = u_t), trained on the same oracle data as the final model; the baseline Group-MATES improves on.",
+)
+def individual_influence_model(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    return train_influence_asset(context, platform, "individual", relational=False,
+                                 oracle_sources=oracle_union(platform), lineage={"policies": ["random", "bootstrap"]})
+
+
+@dg.asset(
+    group_name="influence",
+    code_version="influence-report-v1",
+    deps=[influence_model_init, influence_model_final, individual_influence_model],
+    kinds={"pytorch"},
+    description="The three influence models side by side on the same held-out trajectories: the random-rollout "
+    "validation set (shared by all three) and the final model's whole validation set.",
+)
+def influence_model_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    storage, settings = platform.storage(), platform.settings()
+    influence = settings.influence
+    torch.set_num_threads(influence.torch_threads)
+    tables = []
+    for root_dir, keys, asset_name in oracle_union(platform):
+        tables += read_oracle_blocks(storage, root_dir, keys, asset_name)[0]
+    data = tr.Trajectories.from_tables(tables)
+    _, val_rows = tr.split_by_group(data, influence.val_fraction, influence.seed)
+    random_val = val_rows[data.family()[val_rows] == "random"]
+    docs, _, _ = probe_documents(storage, settings)
+    rows, summary = [], {}
+    for kind in ("init", "final", "individual"):
+        current = current_model(storage, kind)
+        with local_model_dir(storage, current["path"]) as local:
+            model = im.load_model(local, "cuda" if torch.cuda.is_available() else "cpu")
+        on_random = tr.evaluate(model, docs, data, random_val, influence.max_tokens)
+        on_all = tr.evaluate(model, docs, data, val_rows, influence.max_tokens)
+        alpha, tau = model.alpha_tau()
+        summary[kind] = {"random_val": on_random, "all_val": on_all, "alpha": alpha, "tau": tau}
+        rows.append(f"| {ASSET_OF_KIND[kind]} | {on_random.get('spearman', float('nan')):.4f} | "
+                    f"{on_random.get('pearson', float('nan')):.4f} | {on_all.get('spearman', float('nan')):.4f} | "
+                    f"{on_all.get('mse', float('nan')):.4f} | {on_all.get('mse_constant', float('nan')):.4f} | "
+                    f"{alpha:.3f} | {tau:.3f} |")
+    table = ("| model | Spearman (random held-out) | Pearson (random held-out) | Spearman (all held-out) | "
+             "MSE (all held-out, z) | constant MSE | alpha | tau |\n|---|---|---|---|---|---|---|---|\n"
+             + "\n".join(rows))
+    storage.write_json("influence/report.json", finite(summary))
+    context.log.info("influence models on held-out trajectories:\n" + table)
+    return dg.MaterializeResult(metadata={
+        "comparison": dg.MetadataValue.md(table),
+        "random_heldout_trajectories": len(random_val), "all_heldout_trajectories": len(val_rows),
+        **finite({f"{kind}_spearman_random_heldout": summary[kind]["random_val"].get("spearman") for kind in summary}),
+        **finite({f"{kind}_spearman_all_heldout": summary[kind]["all_val"].get("spearman") for kind in summary}),
+    })

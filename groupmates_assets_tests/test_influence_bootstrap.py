@@ -1,0 +1,84 @@
+"""Bootstrap beam search: equals the reference algorithm (with the step-0 fix), tails per invariant T18."""
+
+import numpy as np
+import pytest
+import torch
+
+from groupmates_assets.lib.influence import bootstrap as boot
+
+
+def _pool(n=60, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1) * 0.9
+    u = torch.randn(n, generator=g)
+    return h, u
+
+
+def reference_beam_search(h, u, alpha, tau, length, width, keep, order):
+    """method.md 3.3's pseudo-code (a running avg_rel of N floats per beam), step 0 scored by u (the 7.2 fix)."""
+    h, pred = h.double().numpy(), u.double().numpy()
+    beams = [([], np.zeros(len(pred)), 0.0)]
+    for i in range(length):
+        new = []
+        for indices, avg_rel, score in beams:
+            s = pred.copy() if i == 0 else avg_rel * pred
+            s[indices] = order * np.inf
+            for j in np.argsort(order * s, kind="stable")[:width]:
+                rel_j = alpha * (1 - h @ h[j] / tau)
+                new.append(([*indices, int(j)], (i * avg_rel + rel_j) / (i + 1), score + s[j]))
+        new.sort(key=lambda beam: order * beam[2])
+        beams = new[:keep]
+    return np.array([b[0] for b in beams]), np.array([b[2] for b in beams])
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_matches_the_reference_algorithm(order):
+    h, u = _pool()
+    ours = boot.beam_search(h, u, 1.2, 0.8, length=6, width=3, keep=7, order=order)
+    indices, scores = reference_beam_search(h, u, 1.2, 0.8, 6, 3, 7, order)
+    assert np.array_equal(ours.indices, indices)
+    assert np.allclose(ours.scores, scores, atol=1e-5)
+
+
+def test_scores_are_the_relational_forward_of_the_beams():
+    h, u = _pool()
+    beams = boot.beam_search(h, u, 0.9, 1.1, length=10, width=5, keep=12, order=1, beam_chunk=4)
+    assert np.allclose(beams.scores, boot.trajectory_scores(h, u, 0.9, 1.1, beams.indices), atol=1e-5)
+    assert np.allclose(beams.predictions.sum(1), beams.scores, atol=1e-5)
+    assert all(len(set(row)) == 10 for row in beams.indices)
+    assert np.all(np.diff(beams.scores) >= -1e-9)  # best first
+
+
+def test_first_step_is_scored_by_u():
+    h, u = _pool()
+    beneficial = boot.beam_search(h, u, 1.0, 1.0, length=3, width=5, keep=25, order=1)
+    harmful = boot.beam_search(h, u, 1.0, 1.0, length=3, width=5, keep=25, order=-1)
+    assert set(beneficial.indices[:, 0]) <= set(torch.argsort(u)[:5].tolist())
+    assert set(harmful.indices[:, 0]) <= set(torch.argsort(u, descending=True)[:5].tolist())
+
+
+def test_t18_tails_lie_beyond_random_trajectories():
+    h, u = _pool(n=200, d=16, seed=3)
+    beneficial = boot.beam_search(h, u, 1.0, 1.0, length=10, width=5, keep=20, order=1)
+    harmful = boot.beam_search(h, u, 1.0, 1.0, length=10, width=5, keep=20, order=-1)
+    report = boot.tail_report(h, u, 1.0, 1.0, beneficial, harmful, random_trajectories=2000, seed=0)
+    assert report["beneficial_below_p01"] and report["harmful_above_p99"]
+    assert report["first_steps_differ_between_tails"]
+
+
+def test_reference_step_zero_bug_would_fail_t18_first_step_clause():
+    """With a constant step-0 score every beam of both tails starts from the same rows (the reference's bug)."""
+    h, u = _pool()
+    flat_u = torch.zeros_like(u)
+    beneficial = boot.beam_search(h, flat_u, 1.0, 1.0, length=2, width=5, keep=5, order=1)
+    harmful = boot.beam_search(h, flat_u, 1.0, 1.0, length=2, width=5, keep=5, order=-1)
+    report = boot.tail_report(h, flat_u, 1.0, 1.0, beneficial, harmful, random_trajectories=50, seed=0)
+    assert not report["first_steps_differ_between_tails"]
+
+
+def test_bad_arguments_are_clear_errors():
+    h, u = _pool(n=5)
+    with pytest.raises(ValueError, match="exceeds the probe pool"):
+        boot.beam_search(h, u, 1.0, 1.0, length=6, width=2, keep=2, order=1)
+    with pytest.raises(ValueError, match="order must be"):
+        boot.beam_search(h, u, 1.0, 1.0, length=2, width=2, keep=2, order=0)

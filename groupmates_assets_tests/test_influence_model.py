@@ -1,0 +1,172 @@
+"""The relational influence model: invariants T1-T7 of the method spec, the closed form, persistence."""
+
+import numpy as np
+import pytest
+import torch
+
+from groupmates_assets.lib.influence import encoder as enc
+from groupmates_assets.lib.influence import model as im
+
+TEXTS = [
+    "The mitochondrion is the powerhouse of the cell and produces ATP through respiration.",
+    "PostgreSQL supports transactions, indexes and a rich set of data types.",
+    "Why did the chicken cross the road? To get to the other side.",
+    "Python lists are mutable sequences, typically used to store collections of homogeneous items.",
+    "The French Revolution began in 1789 and reshaped European politics for a century.",
+    "VERA: Virtual Environment for Reactor Applications.",
+    "A compiler translates source code written in one programming language into another language.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "", "ok",
+] * 2
+
+
+@pytest.fixture(scope="module")
+def source():
+    return enc.resolve_encoder(None)
+
+
+@pytest.fixture(scope="module")
+def docs(source):
+    return enc.chunk_documents(enc.load_encoder_tokenizer(source), TEXTS, chunk_len=8, chunks=3)
+
+
+@pytest.fixture()
+def model(source):
+    torch.manual_seed(0)
+    built = im.build_model(source, im.InfluenceModelConfig(chunk_len=8, chunks=3, encoder_layers=1))
+    with torch.no_grad():  # a head with a visible spread of u, so relational effects are not lost in noise
+        built.head.weight.normal_(0, 1.0)
+    return built.eval()
+
+
+def test_chunking_respects_budget_and_keeps_empty_documents(docs):
+    counts = np.diff(docs.doc_chunks)
+    assert len(docs) == len(TEXTS)
+    assert counts.min() >= 1 and counts.max() <= 3
+    assert all(1 <= len(t) <= 8 for t in docs.chunk_tokens)
+    assert docs.chunk_tokens[docs.doc_chunks[8]].tolist() == [101, 102]  # "" -> [CLS] [SEP]
+    assert docs.chunk_tokens[0][0] == 101 and docs.chunk_tokens[1][0] != 101  # only chunk 1 starts with [CLS]
+
+
+def test_trimmed_layout_equals_padded_layout(model, docs):
+    with torch.no_grad():
+        trimmed = model.embed(docs, np.arange(len(docs)))
+        padded = model.embed(docs, np.arange(len(docs)), layout="padded")
+    assert torch.allclose(trimmed, padded, atol=1e-5)
+    assert torch.all(trimmed.norm(dim=-1) <= 1 + 1e-5)  # a mean of unit vectors
+
+
+def test_reference_empty_chunks_flag_changes_short_documents_only(source, docs):
+    torch.manual_seed(0)
+    ours = im.build_model(source, im.InfluenceModelConfig(chunk_len=8, chunks=3, encoder_layers=1)).eval()
+    reference = im.InfluenceModel(ours.encoder, im.InfluenceModelConfig(chunk_len=8, chunks=3,
+                                                                        reference_empty_chunks=True)).eval()
+    with torch.no_grad():
+        a, b = ours.embed(docs, np.arange(len(docs))), reference.embed(docs, np.arange(len(docs)))
+    full = np.diff(docs.doc_chunks) == 3
+    assert torch.allclose(a[full], b[full], atol=1e-5)
+    assert not torch.allclose(a[~full], b[~full], atol=1e-3)
+
+
+def test_t1_first_position_is_individual(model, docs):
+    trajectories = np.array([[0, 1, 2, 3, 4], [5, 6, 7, 1, 0]])
+    with torch.no_grad():
+        h = model.embed(docs, trajectories.reshape(-1)).view(2, 5, -1)
+        u = model.individual(h)
+        pred = model.trajectory_predictions(h, u)
+    assert torch.equal(pred[:, 0], u[:, 0])
+
+
+def test_t2_causality(model, docs):
+    with torch.no_grad():
+        base = model(docs, np.array([[0, 1, 2, 3]]))[0]
+        later_changed = model(docs, np.array([[0, 1, 2, 7]]))[0]
+        earlier_changed = model(docs, np.array([[5, 1, 2, 3]]))[0]
+    assert torch.equal(base[:3], later_changed[:3])
+    assert not torch.allclose(base[1:], earlier_changed[1:])
+
+
+def test_t3_zeroed_relationships_give_alpha_times_u():
+    h = torch.zeros(2, 4, 6)
+    u = torch.randn(2, 4)
+    pred = im.relational_predictions(h, u, alpha=torch.tensor(1.7), tau=torch.tensor(0.4))
+    assert torch.allclose(pred[:, 1:], 1.7 * u[:, 1:])
+    assert torch.equal(pred[:, 0], u[:, 0])
+
+
+def test_duplicate_has_no_marginal_effect_with_unit_embeddings():
+    h = torch.eye(3)[[0, 0]].unsqueeze(0)  # x2 duplicates x1
+    pred = im.relational_predictions(h, torch.tensor([[-3.0, -3.0]]), 1.0, 1.0)
+    assert pred[0, 1].item() == 0.0
+
+
+def test_t5_batch_independence(model, docs):
+    trajectories = np.array([[0, 1, 2, 3, 4], [5, 6, 7, 9, 11], [12, 13, 2, 1, 0]])
+    with torch.no_grad():
+        together = model(docs, trajectories)
+        alone = torch.cat([model(docs, trajectories[i:i + 1]) for i in range(3)])
+    assert torch.allclose(together, alone, atol=1e-6)
+
+
+def test_t6_alpha_and_tau_are_trained(model, docs):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    assert any(p is model.alpha for g in optimizer.param_groups for p in g["params"])
+    assert any(p is model.tau for g in optimizer.param_groups for p in g["params"])
+    model.train()
+    loss = (model(docs, np.array([[0, 1, 2, 3], [4, 5, 6, 7]])) - 1.0).pow(2).mean()
+    loss.backward()
+    assert model.alpha.grad is not None and model.alpha.grad.abs() > 0
+    assert model.tau.grad is not None and model.tau.grad.abs() > 0
+    optimizer.step()
+    assert model.alpha.item() != 1.0 and model.tau.item() != 1.0
+
+
+def test_t7_order_matters_but_prefix_order_does_not(model, docs):
+    with torch.no_grad():
+        pred = model(docs, np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 2, 0, 3]]))
+    assert not torch.allclose(pred[0, 1:], pred[1, 1:])
+    assert torch.allclose(pred[0, 3], pred[2, 3], atol=1e-6)  # same item, same prefix set in another order
+
+
+def test_closed_form_equals_trajectory_forward():
+    torch.manual_seed(1)
+    h = torch.nn.functional.normalize(torch.randn(3, 6, 5), dim=-1) * 0.8
+    u = torch.randn(3, 6)
+    alpha, tau = 1.3, 0.7
+    pred = im.relational_predictions(h, u, alpha, tau)
+    for b in range(3):
+        for t in range(1, 6):
+            mean = h[b, :t].mean(0)
+            closed = im.closed_form_scores(u[b, t:t + 1], h[b, t:t + 1], mean, alpha, tau)
+            assert torch.allclose(pred[b, t], closed[0], atol=1e-6)
+
+
+def test_individual_model_predicts_u_everywhere(source, docs):
+    torch.manual_seed(0)
+    individual = im.build_model(source, im.InfluenceModelConfig(relational=False, chunk_len=8, chunks=3,
+                                                                encoder_layers=1)).eval()
+    assert not hasattr(individual, "alpha")
+    with torch.no_grad():
+        h = individual.embed(docs, np.arange(4))
+        pred = individual(docs, np.array([[0, 1, 2, 3]]))
+    assert torch.allclose(pred[0], individual.individual(h), atol=1e-6)
+
+
+def test_save_load_round_trip(model, docs, source, tmp_path):
+    with torch.no_grad():
+        model.alpha.fill_(0.8)
+        model.tau.fill_(1.4)
+    model.config.label_mean, model.config.label_std = 0.01, 0.2
+    im.save_model(model, str(tmp_path / "m"), enc.load_encoder_tokenizer(source).to_str())
+    loaded = im.load_model(str(tmp_path / "m"))
+    trajectories = np.array([[0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(docs, trajectories), loaded(docs, trajectories))
+    assert loaded.alpha_tau() == pytest.approx((0.8, 1.4))
+    assert loaded.config.label_std == 0.2 and loaded.config.encoder_layers == 1
+    assert im.load_tokenizer(str(tmp_path / "m")).encode("hello world").ids[:1] == [101]
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved influence model"):
+        im.load_model(str(tmp_path))

@@ -1,0 +1,106 @@
+"""Training the influence model: splits, statistics, metrics, and learning a planted relational signal."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from groupmates_assets.lib.influence import encoder as enc
+from groupmates_assets.lib.influence import model as im
+from groupmates_assets.lib.influence import training as tr
+
+
+def _trajectories(policies, contexts, labels=None):
+    contexts = np.asarray(contexts)
+    labels = np.zeros(contexts.shape) if labels is None else labels
+    return tr.Trajectories(contexts, labels, np.array(policies, dtype=object), np.arange(len(contexts)))
+
+
+def test_bootstrap_beams_sharing_a_root_stay_on_one_side_and_random_split_is_stable():
+    rng = np.random.default_rng(0)
+    random_rows = [rng.choice(100, 10, replace=False) for _ in range(20)]
+    roots = [5, 5, 5, 9, 9, 17, 17, 17, 23, 23]
+    bootstrap_rows = [[r, *rng.choice(np.setdiff1d(np.arange(100), [r]), 9, replace=False)] for r in roots]
+    only_random = _trajectories(["random"] * 20, random_rows)
+    both = _trajectories(["random"] * 20 + ["bootstrap-beneficial"] * 5 + ["bootstrap-harmful"] * 5,
+                         random_rows + bootstrap_rows)
+    train, val = tr.split_by_group(both, 0.25, seed=7)
+    assert set(train).isdisjoint(val) and len(train) + len(val) == len(both)
+    side = {}
+    for row in range(20, 30):
+        root = both.contexts[row, 0]
+        assert side.setdefault(root, row in val) == (row in val)
+    _, val_random_only = tr.split_by_group(only_random, 0.25, seed=7)
+    assert np.array_equal(val[val < 20], val_random_only)
+    assert 0 < len(val_random_only) < 20
+
+
+def test_spearman_and_pearson_match_known_values():
+    assert tr.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert tr.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert tr.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # scipy's value
+    assert np.isnan(tr.pearson([1, 1, 1], [1, 2, 3]))
+    metrics = tr.regression_metrics(np.zeros(4), np.array([1.0, -1.0, 1.0, -1.0]))
+    assert metrics["mse"] == metrics["mse_constant"] == 1.0
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    factors = [tr.lr_factor(s, 4, 20) for s in range(20)]
+    assert factors[0] == 0.25 and factors[3] == 1.0
+    assert all(a >= b for a, b in itertools.pairwise(factors[3:]))
+    assert tr.lr_factor(20, 4, 20) == pytest.approx(0.0)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Real text, and labels from a fixed relational teacher on the pretrained encoder's own embeddings."""
+    topics = ["the heart pumps blood through arteries and veins", "sql databases store rows in tables",
+              "the orchestra played a symphony by beethoven", "rain forms when water vapour condenses",
+              "the striker scored a goal in the final minute", "compilers turn source code into machine code"]
+    texts = [f"{topic}. note {i}: {' '.join(topic.split()[i % 4:])}" for i in range(8) for topic in topics]
+    source = enc.resolve_encoder(None)
+    docs = enc.chunk_documents(enc.load_encoder_tokenizer(source), texts, chunk_len=16, chunks=2)
+    torch.manual_seed(0)
+    teacher = im.build_model(source, im.InfluenceModelConfig(chunk_len=16, chunks=2, encoder_layers=1)).eval()
+    with torch.no_grad():
+        h = teacher.embed(docs, np.arange(len(docs)))
+        u_true = torch.tensor([(i % 6) - 2.5 for i in range(len(texts))], dtype=torch.float32)  # by topic
+        rng = np.random.default_rng(0)
+        contexts = np.stack([rng.choice(len(texts), 6, replace=False) for _ in range(60)])
+        labels = im.relational_predictions(h[contexts], u_true[contexts], 1.0, 1.0).numpy().astype(np.float64)
+    data = tr.Trajectories(contexts, labels, np.array(["random"] * 60, dtype=object), np.arange(60))
+    return source, docs, data
+
+
+def test_trained_model_beats_a_constant_predictor_on_held_out_trajectories(planted):
+    source, docs, data = planted
+    train, val = tr.split_by_group(data, 0.25, seed=0)
+    torch.manual_seed(0)
+    model = im.build_model(source, im.InfluenceModelConfig(chunk_len=16, chunks=2, encoder_layers=1))
+    result = tr.train_model(model, docs, data, train, val, tr.TrainSettings(
+        lr=1e-3, epochs=8, trajectories_per_step=8, warmup_steps=2, evals_per_epoch=1, seed=0))
+    assert model.config.label_mean == pytest.approx(data.labels[train].mean())  # statistics from train only
+    assert model.config.label_std == pytest.approx(data.labels[train].std())
+    assert result.best_metrics["spearman"] > 0.5
+    assert result.best_metrics["mse"] < 0.8 * result.best_metrics["mse_constant"]
+    assert result.best_metrics == tr.evaluate(model, docs, data, val)  # the best weights are the ones kept
+    assert len(result.history) == 8 and result.trajectories_per_second > 0
+
+
+def test_empty_training_split_is_a_clear_error(planted):
+    source, docs, data = planted
+    model = im.build_model(source, im.InfluenceModelConfig(chunk_len=16, chunks=2, encoder_layers=1))
+    with pytest.raises(ValueError, match="training split is empty"):
+        tr.train_model(model, docs, data, np.array([], dtype=np.int64), np.arange(3), tr.TrainSettings())
+
+
+def test_trajectories_from_oracle_tables_reject_bad_labels():
+    import pyarrow as pa
+
+    table = pa.table({"trajectory_id": [0], "policy": ["random"], "context_index": [[1, 2]],
+                      "marginal": [[0.1, float("nan")]]})
+    with pytest.raises(ValueError, match="non-finite"):
+        tr.Trajectories.from_tables([table])
+    with pytest.raises(ValueError, match="no oracle trajectories"):
+        tr.Trajectories.from_tables([])

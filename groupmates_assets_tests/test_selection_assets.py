@@ -1,0 +1,124 @@
+"""The selection stage's assets materialized with Dagster on a small filtered pool with saved influence models:
+an empty shard, clusters, exact budgets, baselines at the same budget, and corpora joined by doc_id."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import zstandard
+
+from groupmates_assets import settings as settings_module
+from groupmates_assets.defs.partitions import pool_shards, selection_range_keys
+from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.defs.selection import assets as sa
+from groupmates_assets.lib.influence import encoder as enc
+from groupmates_assets.lib.influence import model as im
+from groupmates_assets.lib.shards import make_doc_id
+from groupmates_assets.lib.storage import Storage
+
+KEYS = ["web-a", "web-b", "web-empty"]
+PROFILE = "selection-test"
+TOPICS = ["the heart pumps blood", "databases store rows in tables", "the orchestra played beethoven",
+          "rain falls from clouds", "the striker scored a goal", "compilers translate source code"]
+ASSETS = [sa.pool_predictions, sa.cluster_centroids, sa.cluster_assignments, sa.selected_documents,
+          sa.selected_random, sa.selected_mates, sa.selected_fasttext, sa.selected_corpus]
+
+
+def _kept_table(key: str, count: int) -> pa.Table:
+    texts = [f"{TOPICS[i % len(TOPICS)]} (document {i} of {key})" for i in range(count)]
+    return pa.table({
+        "doc_id": pa.array([make_doc_id(key, i + 1, t) for i, t in enumerate(texts)], pa.string()),
+        "line": pa.array(range(1, count + 1), pa.int64()),
+        "text": pa.array(texts, pa.large_string()), "quality_score": pa.array(np.linspace(0.1, 0.9, count),
+                                                                            pa.float32()),
+        "fields": pa.array([json.dumps({"url": f"https://example.org/{key}/{i}"}) for i in range(count)], pa.string()),
+    })
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    ranges = len(selection_range_keys(1))
+    monkeypatch.setitem(settings_module.PROFILES, PROFILE, settings_module.Profile(
+        name=PROFILE, description="selection asset tests",
+        selection=settings_module.SelectionProfile(mean_cluster_size=12, kmeans_iterations=5, cluster_ranges=ranges,
+                                                   predict_batch_docs=16, torch_threads=1)))
+    storage = Storage(str(tmp_path / "store"))
+    source = enc.resolve_encoder(None)
+    tokenizer_json = enc.load_encoder_tokenizer(source).to_str()
+    for kind, relational in (("final", True), ("individual", False)):
+        torch.manual_seed(0)
+        model = im.build_model(source, im.InfluenceModelConfig(relational=relational, chunk_len=16, chunks=2,
+                                                               encoder_layers=1))
+        local = str(tmp_path / kind)
+        im.save_model(model, local, tokenizer_json)
+        for name in im.MODEL_FILES:
+            storage.put_file(os.path.join(local, name), f"influence/models/{kind}/fp-{kind}/{name}")
+        storage.write_json(f"influence/models/{kind}/current.json", {
+            "fingerprint": f"fp-{kind}", "path": f"influence/models/{kind}/fp-{kind}", "alpha": 1.0, "tau": 1.0})
+    shards = []
+    for key, count in zip(KEYS, (40, 33, 0), strict=True):
+        info = storage.write_parquet(f"filtered_pool/{key}/kept.parquet", _kept_table(key, count))
+        shards.append({"key": key, "kept": count, "path": info.path, "sha256": info.sha256})
+    storage.write_json("filtered_pool/_manifest.json", {"shards": shards})
+    storage.write_json("quality/classifier/current.json", {"version": "test"})
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        instance.add_dynamic_partitions(pool_shards.name, KEYS)
+        yield {"platform": PlatformResource(storage_root=storage.root, profile=PROFILE), "instance": instance,
+               "storage": storage, "root": tmp_path / "store"}
+
+
+def _materialize(setup, name, partition_key=None):
+    result = dg.materialize(ASSETS, selection=[name], partition_key=partition_key, instance=setup["instance"],
+                            resources={"platform": setup["platform"]})
+    return result.asset_materializations_for_node(name)[0].metadata, result.get_asset_check_evaluations()
+
+
+def _read_corpus(path) -> list[dict]:
+    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read().decode()
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_selection_stage_end_to_end(setup):
+    for key in KEYS:
+        metadata, _ = _materialize(setup, "pool_predictions", key)
+        assert metadata["documents"].value == {"web-a": 40, "web-b": 33, "web-empty": 0}[key]
+    centroids, _ = _materialize(setup, "cluster_centroids")
+    assert centroids["clusters"].value == 7 and centroids["documents"].value == 73  # ceil(73 / 12)
+    for key in KEYS:
+        _materialize(setup, "cluster_assignments", key)
+    metadata, checks = _materialize(setup, "selected_documents", selection_range_keys(1)[0])
+    assert all(c.passed for c in checks if c.check_name == "budgets_exact")
+    selected = metadata["selected"].value
+    assert 0 < selected <= 73 // 2 + 1
+    for name in ("selected_random", "selected_mates", "selected_fasttext"):
+        baseline, _ = _materialize(setup, name)
+        assert baseline["selected"].value == selected, name  # every method at the same budget
+    texts = {}
+    for key in KEYS:
+        metadata, checks = _materialize(setup, "selected_corpus", key)
+        assert checks[0].passed, checks[0].metadata
+        assert metadata["lineage"].value["influence_model_final"]["fingerprint"] == "fp-final"
+        for method in sa.METHODS:
+            for record in _read_corpus(setup["root"] / "selected_corpus" / method / f"{key}.jsonl.zst"):
+                digest = hashlib.blake2b(record["text"].encode(), digest_size=8).hexdigest()
+                assert record["doc_id"].endswith(digest) and record["url"].startswith("https://example.org/")
+                texts.setdefault(method, []).append(record["doc_id"])
+    assert {m: len(ids) for m, ids in texts.items()} == dict.fromkeys(sa.METHODS, selected)
+    fasttext = set(texts["fasttext"])
+    best = [make_doc_id("web-a", 40, f"{TOPICS[39 % 6]} (document 39 of web-a)")]
+    assert set(best) <= fasttext  # the highest quality score is kept by the fastText baseline
+    assert _read_corpus(setup["root"] / "selected_corpus" / "group_mates" / "web-empty.jsonl.zst") == []
+
+
+def test_missing_predictions_are_named(setup):
+    with pytest.raises(Exception, match="pool_predictions is missing for shards web-a, web-b, web-empty"):
+        _materialize(setup, "cluster_centroids")
