@@ -59,11 +59,12 @@ def _cluster_batches(sizes: np.ndarray, max_elements: int) -> Iterator[np.ndarra
 
 def select_in_clusters(h: np.ndarray | torch.Tensor, u: np.ndarray | torch.Tensor, clusters: np.ndarray,
                        budgets: dict[int, int] | np.ndarray, alpha: float, tau: float,
-                       device: str | torch.device = "cpu", max_elements: int = 1 << 25) -> ClusterSelection:
+                       device: str | torch.device = "cpu", max_elements: int = 1 << 26,
+                       dtype: torch.dtype = torch.float32) -> ClusterSelection:
     """Greedy selection inside every cluster. ``clusters[i]`` is row i's cluster id; rows of one cluster are
     taken in their given order (pass them sorted by doc_id). ``budgets[c]`` documents are chosen in cluster c."""
-    h = torch.as_tensor(np.asarray(h, dtype=np.float32)).to(device)
-    u = torch.as_tensor(np.asarray(u, dtype=np.float32)).to(device)
+    h = torch.as_tensor(np.asarray(h)).to(device=device, dtype=dtype)
+    u = torch.as_tensor(np.asarray(u)).to(device=device, dtype=dtype)
     clusters = np.asarray(clusters, dtype=np.int64)
     ids, sizes = np.unique(clusters, return_counts=True)
     members = np.split(np.argsort(clusters, kind="stable"), np.cumsum(sizes)[:-1]) if len(ids) else []
@@ -99,39 +100,61 @@ def _select_batch(members: Sequence[np.ndarray], budgets: np.ndarray, h: torch.T
         valid[i, :len(rows)] = True
     emb = h[index] * valid[..., None]
     # [clusters, m, m]: every similarity the greedy steps will need, unless one cluster alone is too big for it.
-    gram = emb @ emb.transpose(1, 2) if count * width * width <= max_elements else None
+    gram = batched_gram(emb) if count * width * width <= max_elements else None
     uu = u[index]
-    similarity_sum = torch.zeros((count, width), device=h.device)
-    available = valid.clone()
+    # score = alpha*u - (alpha*u/tau) * (similarity sum / step); +inf folded into the first term for padding and
+    # for what is already picked, so a step is one fused multiply-add, one argmin and two small updates.
+    masked_scale = torch.where(valid, alpha * uu, float("inf"))
+    slope = alpha * uu / tau
+    similarity_sum = torch.zeros((count, width), device=h.device, dtype=h.dtype)
     steps = int(budgets.max()) if len(budgets) else 0
-    picked = torch.zeros((count, max(steps, 1)), dtype=torch.long, device=h.device)
-    picked_score = torch.zeros((count, max(steps, 1)), device=h.device)
+    everyone_until = int(budgets.min()) if len(budgets) else 0  # before this step every cluster is selecting
     batch_rows = torch.arange(count, device=h.device)
+    row_offsets = batch_rows * width  # flat row index of (cluster, candidate) = cluster * width + candidate
+    flat_gram = gram.view(count * width, width) if gram is not None else None
     active_until = torch.as_tensor(budgets, device=h.device)
-    inf = torch.tensor(float("inf"), device=h.device)
+    choices, scores = [], []
     for step in range(steps):
-        score = uu if step == 0 else alpha * uu * (1 - similarity_sum / (step * tau))
-        choice = torch.where(available, score, inf).argmin(dim=1)
-        picked[:, step] = choice
-        picked_score[:, step] = score[batch_rows, choice]
-        live = step < active_until
-        available[batch_rows[live], choice[live]] = False
-        added = gram[batch_rows, :, choice] if gram is not None else torch.einsum(
-            "cmd,cd->cm", emb, emb[batch_rows, choice])
-        similarity_sum += added * live[:, None]
-    return list(members), picked.cpu().numpy(), picked_score.cpu().numpy()
+        score = torch.where(valid, uu, float("inf")) if step == 0 else torch.addcmul(
+            masked_scale, slope, similarity_sum, value=-1.0 / step)
+        choice = score.argmin(dim=1)  # first index among equal minima
+        choices.append(choice)
+        scores.append(score.gather(1, choice[:, None]))
+        if step < everyone_until:
+            flat = row_offsets + choice
+            masked_scale.view(-1).index_fill_(0, flat, float("inf"))
+            similarity_sum.add_(flat_gram.index_select(0, flat) if flat_gram is not None else torch.einsum(
+                "cmd,cd->cm", emb, emb[batch_rows, choice]))  # gram rows: it is symmetric
+        else:
+            live = step < active_until
+            rows, chosen = batch_rows[live], choice[live]
+            masked_scale[rows, chosen] = float("inf")
+            similarity_sum[rows] += gram[rows, chosen] if gram is not None else torch.einsum(
+                "cmd,cd->cm", emb[rows], emb[rows, chosen])
+    if not choices:
+        empty = np.zeros((count, 0))
+        return list(members), empty.astype(np.int64), empty
+    return list(members), torch.stack(choices, 1).cpu().numpy(), torch.cat(scores, 1).cpu().numpy()
+
+
+def batched_gram(emb: torch.Tensor) -> torch.Tensor:
+    """[C, m, m] Gram matrices in one batched matrix product (NumPy's on the CPU, where it is the faster one)."""
+    if emb.device.type == "cpu":
+        data = emb.numpy()
+        return torch.from_numpy(np.matmul(data, data.transpose(0, 2, 1)))
+    return emb @ emb.transpose(1, 2)
 
 
 def select_reference_loop(h: np.ndarray, u: np.ndarray, clusters: np.ndarray, budgets: dict[int, int] | np.ndarray,
-                          alpha: float, tau: float) -> ClusterSelection:
+                          alpha: float, tau: float, dtype: type = np.float32) -> ClusterSelection:
     """The reference code's structure (select_indices.py): cluster by cluster, one matrix-vector product per
     greedy step against the running ``avg_rel``. Kept as the baseline for benchmarks and equivalence tests."""
-    h, u = np.asarray(h, dtype=np.float32), np.asarray(u, dtype=np.float32)
+    h, u = np.asarray(h, dtype=dtype), np.asarray(u, dtype=dtype)
     rows_out, cluster_out, rank_out, pred_out = [], [], [], []
     for cluster in np.unique(clusters):
         idx = np.flatnonzero(clusters == cluster)
         hc, uc = h[idx], u[idx]
-        avg_rel = np.zeros(len(idx), dtype=np.float32)
+        avg_rel = np.zeros(len(idx), dtype=dtype)
         chosen = np.zeros(len(idx), dtype=bool)
         for i in range(int(budgets[cluster])):
             s = uc.copy() if i == 0 else avg_rel * uc
