@@ -314,7 +314,8 @@ def range_bounds(range_key: str, k: int) -> tuple[int, int]:
         dg.AssetCheckSpec("budgets_exact", asset="selected_documents", blocking=True,
                           description="T12: every cluster holds exactly its budget, no duplicates, all ids valid"),
         dg.AssetCheckSpec("quality_signal", asset="selected_documents",
-                          description="T16: mean u of the selected documents is below the pool's"),
+                          description="T16: mean u of the selected documents is below the pool's (a warning: it "
+                          "fails when u barely varies inside clusters, i.e. a weak model, or an inverted sign)"),
     ],
     description="Group-MATES: inside every cluster of this range, greedily the candidate with the most "
     "beneficial predicted influence given what the cluster already selected (closed form with the learned alpha "
@@ -371,6 +372,9 @@ def selected_documents(context: dg.AssetExecutionContext, platform: PlatformReso
     duplicates = out.num_rows - len(set(out.column("doc_id").to_pylist()))
     budget_ok = bool(np.array_equal(per_cluster, expected)) and duplicates == 0
     pool_u, picked_u = float(np.mean(u)) if len(u) else 0.0, float(np.mean(u[result.rows])) if len(result) else 0.0
+    # How much u varies inside clusters against across the pool: when it barely does (h-clusters also group
+    # similar u, and a weak model spreads u little), the greedy is driven by diversity and T16 can fail.
+    within_std = float(np.mean([u[cluster_arr == c].std() for c in np.unique(cluster_arr)])) if len(u) else 0.0
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": out.num_rows, "selected": out.num_rows, "candidates": len(doc_arr),
@@ -390,7 +394,9 @@ def selected_documents(context: dg.AssetExecutionContext, platform: PlatformReso
                                           "duplicate_ids": duplicates}),
             dg.AssetCheckResult(check_name="quality_signal", passed=bool(len(result) == 0 or picked_u < pool_u),
                                 severity=dg.AssetCheckSeverity.WARN,
-                                metadata={"mean_u_selected": picked_u, "mean_u_candidates": pool_u}),
+                                metadata={"mean_u_selected": picked_u, "mean_u_candidates": pool_u,
+                                          "u_std_pool": float(np.std(u)) if len(u) else 0.0,
+                                          "u_std_within_clusters": within_std}),
         ],
         data_version=dg.DataVersion(info.sha256[:16]),
     )
