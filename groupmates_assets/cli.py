@@ -188,6 +188,14 @@ def _selection_stages(defs, instance, keys: list[str], storage, started: float) 
     _say(f"selection stage in {time.perf_counter() - stage_started:.0f} s; selected documents per method: "
          + ", ".join(f"{m} {c:,}" for m, c in totals.items()))
     _say(f"selected corpora: {storage.url('selected_corpus')}")
+    for method in defs.resolve_job_def("tokenized_corpus_job").partitions_def.get_partition_keys():
+        if not _run(defs, "tokenized_corpus_job", instance, method):
+            failed.append(f"tokenized corpus {method}")
+            continue
+        current = storage.read_json(f"tokenized_corpus/{method}/current.json")
+        manifest = storage.read_json(f"{current['path']}/manifest.json")
+        _say(f"tokenized corpus {method}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens, "
+             f"{manifest['passes']} pass(es) for a budget of {manifest['token_budget']:,} tokens")
     return failed
 
 

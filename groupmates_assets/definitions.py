@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from groupmates_assets.defs import jobs
+from groupmates_assets.defs.corpus import assets as corpus_assets
 from groupmates_assets.defs.influence import assets as influence_assets
 from groupmates_assets.defs.lm import assets as lm_assets
 from groupmates_assets.defs.oracle import assets as oracle_assets
@@ -16,7 +17,7 @@ from groupmates_assets.defs.selection import assets as selection_assets
 from groupmates_assets.defs.tokenize import assets as tokenize_assets
 
 STAGES = [pool_assets, quality_assets, tokenize_assets, lm_assets, oracle_assets, influence_assets,
-          selection_assets]
+          selection_assets, corpus_assets]
 
 
 def build_definitions() -> dg.Definitions:

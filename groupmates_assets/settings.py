@@ -143,6 +143,14 @@ class SelectionProfile:
 
 
 @dataclass(frozen=True)
+class CorpusProfile:
+    """Each selected corpus as LM training data."""
+
+    token_budget: int | None = None  # tokens one training run reads; None: the LM profile's steps x batch x seq_len
+    seed: int = 1234  # shuffles of the data passes
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -153,6 +161,7 @@ class Profile:
     oracle: OracleProfile = field(default_factory=OracleProfile)
     influence: InfluenceProfile = field(default_factory=InfluenceProfile)
     selection: SelectionProfile = field(default_factory=SelectionProfile)
+    corpus: CorpusProfile = field(default_factory=CorpusProfile)
 
     def as_metadata(self) -> dict[str, Any]:
         return {"profile": self.name, **asdict(self)}

@@ -101,8 +101,11 @@ def _check_selection_stage(storage, instance, shards) -> None:
         assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(shards), key
     assert instance.get_materialized_partitions(dg.AssetKey("selected_documents")) == {
         "clusters-000-of-002", "clusters-001-of-002"}
+    assert instance.get_materialized_partitions(dg.AssetKey("tokenized_corpus")) == {
+        "group_mates", "random", "mates", "fasttext"}
     check_keys = [dg.AssetCheckKey(dg.AssetKey("selected_documents"), "budgets_exact"),
-                  dg.AssetCheckKey(dg.AssetKey("selected_corpus"), "index_round_trip")]
+                  dg.AssetCheckKey(dg.AssetKey("selected_corpus"), "index_round_trip"),
+                  dg.AssetCheckKey(dg.AssetKey("tokenized_corpus"), "every_document_every_pass")]
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
     assert all(c.status.value == "SUCCEEDED" for c in checks.values())
     totals = {}

@@ -6,6 +6,7 @@ from groupmates_assets.defs.partitions import (
     oracle_bootstrap_blocks,
     oracle_random_blocks,
     pool_shards,
+    selection_methods,
     selection_ranges,
 )
 
@@ -73,7 +74,13 @@ selected_corpus_job = dg.define_asset_job(
     description="Write one shard's selected documents for every method, joined by doc_id.",
 )
 
+tokenized_corpus_job = dg.define_asset_job(
+    "tokenized_corpus_job", selection=["tokenized_corpus"], partitions_def=selection_methods,
+    description="Tokenize and order one selection method's corpus for training.",
+)
+
 ALL_JOBS = [embedded_pool_job, register_pool_shards_job, quality_classifier_job, filter_pool_job, filter_shards_job,
             filtered_pool_summary_job, tokenize_shards_job, oracle_inputs_job, oracle_random_job,
             influence_model_init_job, oracle_bootstrap_job, influence_models_job, pool_predictions_job,
-            cluster_centroids_job, cluster_assignments_job, select_documents_job, baselines_job, selected_corpus_job]
+            cluster_centroids_job, cluster_assignments_job, select_documents_job, baselines_job, selected_corpus_job,
+            tokenized_corpus_job]

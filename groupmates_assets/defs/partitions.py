@@ -42,3 +42,7 @@ def selection_ranges_for_profile() -> dg.StaticPartitionsDefinition:
 
 
 selection_ranges = selection_ranges_for_profile()
+
+# One partition per selection method whose corpus is tokenized (and, later, trained on and evaluated).
+SELECTION_METHODS = ("group_mates", "random", "mates", "fasttext")
+selection_methods = dg.StaticPartitionsDefinition(list(SELECTION_METHODS))

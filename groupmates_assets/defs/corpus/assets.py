@@ -1,0 +1,105 @@
+"""Corpus stage: each selection method's corpus tokenized, packed and ordered for training at a token budget."""
+
+import time
+
+import dagster as dg
+import numpy as np
+
+from groupmates_assets.defs.influence.assets import fingerprint
+from groupmates_assets.defs.partitions import SELECTION_METHODS, selection_methods
+from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.defs.selection.assets import CORPUS_DIR, filtered_shards, require_files, selected_corpus
+from groupmates_assets.defs.tokenize.assets import context_len
+from groupmates_assets.lib import corpus as corpus_lib
+from groupmates_assets.lib import lm
+from groupmates_assets.lib import tokenization as tk
+
+TOKENIZED_CORPUS_DIR = "tokenized_corpus"
+
+
+def token_budget(platform: PlatformResource) -> int:
+    """Tokens one training run reads: the corpus profile's budget, or the LM run's steps x batch x seq_len."""
+    settings = platform.settings()
+    if settings.corpus.token_budget is not None:
+        return settings.corpus.token_budget
+    shape = lm.get_shape(settings.lm.shape)
+    return settings.lm.total_steps * settings.lm.batch_size * shape.seq_len
+
+
+@dg.asset(
+    partitions_def=selection_methods,
+    group_name="corpus",
+    code_version="tokenized-corpus-v1",
+    deps=[dg.AssetDep(selected_corpus, partition_mapping=dg.AllPartitionMapping())],
+    kinds={"numpy", "parquet"},
+    check_specs=[dg.AssetCheckSpec(
+        "every_document_every_pass", asset="tokenized_corpus", blocking=True,
+        description="every selected document's tokens are packed exactly once, and every complete data pass "
+        "visits every context exactly once",
+    )],
+    description="One selection method's corpus as training data: its selected documents packed into contexts "
+    "of seq_len + 1 tokens (GPT-NeoX, EOT between documents) with lineage to doc_ids, and a training order of "
+    "seeded passes (repeated when the corpus holds fewer tokens than the budget), cut at the budget.",
+)
+def tokenized_corpus(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    storage, settings = platform.storage(), platform.settings()
+    method = context.partition_key
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"unknown selection method {method!r}; known: {', '.join(SELECTION_METHODS)}")
+    keys = filtered_shards(storage)
+    require_files(storage, {k: f"{CORPUS_DIR}/_stats/{k}.json" for k in keys}, "selected_corpus")
+    doc_ids, texts, shard_hashes = [], [], {}
+    for key in keys:
+        path = f"{CORPUS_DIR}/{method}/{key}.jsonl.zst"
+        shard_hashes[key] = storage.read_json(f"{CORPUS_DIR}/_stats/{key}.json")["sha256"][method]
+        for doc_id, text in corpus_lib.read_selected_shard(storage.read_bytes(path), storage.url(path)):
+            doc_ids.append(doc_id)
+            texts.append(text)
+    tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
+    started = time.perf_counter()
+    packed = tk.pack_documents(doc_ids, texts, tokenizer, context_len(platform), tk.eot_token_id(tokenizer),
+                               batch_size=settings.tokenize.batch_size)
+    seconds = time.perf_counter() - started
+    budget = token_budget(platform)
+    seq_len = packed.context_len - 1
+    usable = np.setdiff1d(np.arange(packed.n_contexts), [packed.pad_context])  # the padded tail is never trained on
+    passes = corpus_lib.passes_needed(len(usable) * seq_len, budget)
+    budget_contexts = -(-budget // seq_len)
+    order = usable[corpus_lib.training_order(len(usable), passes, tk.derive_seed(settings.corpus.seed, method),
+                                             budget_contexts)]
+    corpus_fp = fingerprint(method=method, shards=shard_hashes, tokenizer=tk.tokenizer_fingerprint(tokenizer),
+                            context_len=packed.context_len, budget=budget, seed=settings.corpus.seed)
+    out = f"{TOKENIZED_CORPUS_DIR}/{method}/{corpus_fp}"
+    contexts = storage.write_numpy(f"{out}/contexts.npy", packed.tokens)
+    lineage = packed.lineage_table()
+    storage.write_parquet(f"{out}/lineage.parquet", lineage)
+    order_info = storage.write_numpy(f"{out}/order.npy", order.astype(np.int64))
+    complete = len(order) // len(usable) if len(usable) else 0
+    passes_ok = all(np.array_equal(np.sort(order[p * len(usable):(p + 1) * len(usable)]), usable)
+                    for p in range(complete))
+    documents_packed = len(set(lineage.column("doc_id").to_pylist()))
+    passed = (passes_ok and documents_packed == len(doc_ids) == len(set(doc_ids))
+              and packed.tokens.size == packed.total_tokens + packed.pad_tokens)
+    manifest = {"method": method, "fingerprint": corpus_fp, "documents": len(doc_ids), "tokens": packed.total_tokens,
+                "contexts": packed.n_contexts, "usable_contexts": len(usable), "pad_context": packed.pad_context,
+                "context_len": packed.context_len,
+                "token_budget": budget, "passes": passes, "training_contexts": len(order),
+                "shards": shard_hashes, "contexts_sha256": contexts.sha256, "order_sha256": order_info.sha256}
+    storage.write_json(f"{out}/manifest.json", manifest)
+    storage.write_json(f"{TOKENIZED_CORPUS_DIR}/{method}/current.json", {"fingerprint": corpus_fp, "path": out})
+    context.log.info(f"{method}: {len(doc_ids):,} documents -> {packed.total_tokens:,} tokens -> {packed.n_contexts:,} "
+                     f"contexts; {passes} pass(es), {len(order):,} contexts for a budget of {budget:,} tokens")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": packed.n_contexts, "documents": len(doc_ids), "tokens": packed.total_tokens,
+            "contexts": packed.n_contexts, "token_budget": budget, "passes": passes,
+            "training_contexts": len(order),
+            "tokens_per_second": round(packed.total_tokens / seconds, 1) if seconds > 0 else None,
+            "fingerprint": corpus_fp, "path": dg.MetadataValue.path(storage.url(out)),
+        },
+        check_results=[dg.AssetCheckResult(
+            check_name="every_document_every_pass", passed=bool(passed), severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"documents": len(doc_ids), "documents_in_lineage": documents_packed,
+                      "complete_passes_checked": complete})],
+        data_version=dg.DataVersion(contexts.sha256[:16]),
+    )
