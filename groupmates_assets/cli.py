@@ -98,8 +98,14 @@ def demo(args: argparse.Namespace) -> int:
         failed += _oracle_stages(defs, instance, [k for k in keys if k not in failed], storage, started)
     if args.until in ("influence", "selection") and not failed:
         failed += _influence_stages(defs, instance, storage, started)
-    if args.until == "selection" and not failed:
+    if args.until in ("selection", "pretrain") and not failed:
         failed += _selection_stages(defs, instance, [k for k in keys if k not in failed], storage, started)
+    if args.until == "pretrain" and not failed:
+        for method in defs.resolve_job_def("pretrain_job").partitions_def.get_partition_keys():
+            ok = _run(defs, "pretrain_job", instance, method)
+            _say(f"pretrained on the {method} corpus ({time.perf_counter() - started:.0f} s){'' if ok else ' FAILED'}")
+            if not ok:
+                failed.append(f"pretrain {method}")
     _say(f"done in {time.perf_counter() - started:.0f} s; results under {storage.root}")
     _say("open the UI on this instance with:  make ui   (then http://127.0.0.1:3000)")
     if failed:
@@ -215,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_demo = commands.add_parser("demo", help="run the main job end to end on the embedded default pool")
     run_demo.add_argument("--rebuild-pool", action="store_true", help="rebuild the embedded pool first")
-    run_demo.add_argument("--until", choices=["filter", "oracle", "influence", "selection"], default="selection",
-                          help="last stage to run (default: every stage built so far)")
+    run_demo.add_argument("--until", choices=["filter", "oracle", "influence", "selection", "pretrain"],
+                          default="selection",
+                          help="last stage to run (default: selection; pretrain also trains the target LM on every "
+                          "method's corpus, about 5 minutes per method on 2 cores)")
     run_demo.set_defaults(func=demo)
     run_ui = commands.add_parser("ui", help="open the Dagster UI on the project instance")
     run_ui.add_argument("--host", default="127.0.0.1")

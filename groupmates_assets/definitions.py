@@ -11,13 +11,14 @@ from groupmates_assets.defs.lm import assets as lm_assets
 from groupmates_assets.defs.oracle import assets as oracle_assets
 from groupmates_assets.defs.pool import assets as pool_assets
 from groupmates_assets.defs.pool import sensors as pool_sensors
+from groupmates_assets.defs.pretrain import assets as pretrain_assets
 from groupmates_assets.defs.quality import assets as quality_assets
 from groupmates_assets.defs.resources import platform_from_env
 from groupmates_assets.defs.selection import assets as selection_assets
 from groupmates_assets.defs.tokenize import assets as tokenize_assets
 
 STAGES = [pool_assets, quality_assets, tokenize_assets, lm_assets, oracle_assets, influence_assets,
-          selection_assets, corpus_assets]
+          selection_assets, corpus_assets, pretrain_assets]
 
 
 def build_definitions() -> dg.Definitions:

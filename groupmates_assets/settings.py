@@ -148,6 +148,7 @@ class CorpusProfile:
 
     token_budget: int | None = None  # tokens one training run reads; None: the LM profile's steps x batch x seq_len
     seed: int = 1234  # shuffles of the data passes
+    checkpoint_every: int = 50  # optimizer steps between the target LM's checkpoints (and the last step)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import zstandard
 
+from groupmates_assets import settings as settings_module
 from groupmates_assets.defs.corpus.assets import tokenized_corpus
+from groupmates_assets.defs.pretrain.assets import pretrain_checkpoints
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import corpus as corpus_lib
 from groupmates_assets.lib import tokenization as tk
@@ -95,3 +97,29 @@ def test_missing_selected_corpus_is_named(corpus_setup):
     with pytest.raises(Exception, match="selected_corpus is missing for shards web-b"):
         dg.materialize([tokenized_corpus], partition_key="random", instance=corpus_setup["instance"],
                        resources={"platform": corpus_setup["platform"]})
+
+
+def test_pretraining_resumes_to_the_same_weights(corpus_setup, monkeypatch):
+    """A run killed after a checkpoint resumes there and ends with byte-identical weights."""
+    ci = settings_module.PROFILES["ci"]
+    monkeypatch.setitem(settings_module.PROFILES, "pretrain-test", settings_module.Profile(
+        name="pretrain-test", description="ci with frequent checkpoints", lm=ci.lm, tokenize=ci.tokenize,
+        corpus=settings_module.CorpusProfile(checkpoint_every=4)))
+    resources = {"platform": PlatformResource(storage_root=corpus_setup["storage"].root, profile="pretrain-test")}
+    assets = [tokenized_corpus, pretrain_checkpoints]
+    run = {"instance": corpus_setup["instance"], "resources": resources, "partition_key": "random"}
+    dg.materialize(assets, selection=["tokenized_corpus"], **run)
+    first = dg.materialize(assets, selection=["pretrain_checkpoints"], **run)
+    metadata = first.asset_materializations_for_node("pretrain_checkpoints")[0].metadata
+    assert metadata["steps"].value == 10 and metadata["resumed_from_step"].value == 0
+    assert metadata["checkpoints"].value == ["step-000004", "step-000008", "step-000010"]
+    storage = corpus_setup["storage"]
+    run_dir = storage.read_json("pretrain/random/current.json")["path"]
+    final = storage.read_bytes(f"{run_dir}/step-000010/model.safetensors")
+    for step in ("step-000008", "step-000010"):  # as if killed right after the step-4 checkpoint
+        storage.remove(f"{run_dir}/{step}", recursive=True)
+    again = dg.materialize(assets, selection=["pretrain_checkpoints"], **run)
+    metadata = again.asset_materializations_for_node("pretrain_checkpoints")[0].metadata
+    assert metadata["resumed_from_step"].value == 4
+    assert storage.read_bytes(f"{run_dir}/step-000010/model.safetensors") == final
+    assert [r["step"] for r in storage.read_json(f"{run_dir}/curve.json")] == list(range(1, 11))

@@ -79,8 +79,13 @@ tokenized_corpus_job = dg.define_asset_job(
     description="Tokenize and order one selection method's corpus for training.",
 )
 
+pretrain_job = dg.define_asset_job(
+    "pretrain_job", selection=["pretrain_checkpoints"], partitions_def=selection_methods,
+    description="Train the target LM from scratch on one method's tokenized corpus (resumes from its last checkpoint).",
+)
+
 ALL_JOBS = [embedded_pool_job, register_pool_shards_job, quality_classifier_job, filter_pool_job, filter_shards_job,
             filtered_pool_summary_job, tokenize_shards_job, oracle_inputs_job, oracle_random_job,
             influence_model_init_job, oracle_bootstrap_job, influence_models_job, pool_predictions_job,
             cluster_centroids_job, cluster_assignments_job, select_documents_job, baselines_job, selected_corpus_job,
-            tokenized_corpus_job]
+            tokenized_corpus_job, pretrain_job]
