@@ -102,10 +102,14 @@ def demo(args: argparse.Namespace) -> int:
         failed += _selection_stages(defs, instance, [k for k in keys if k not in failed], storage, started)
     if args.until == "pretrain" and not failed:
         for method in defs.resolve_job_def("pretrain_job").partitions_def.get_partition_keys():
-            ok = _run(defs, "pretrain_job", instance, method)
-            _say(f"pretrained on the {method} corpus ({time.perf_counter() - started:.0f} s){'' if ok else ' FAILED'}")
+            ok = _run(defs, "pretrain_job", instance, method) and _run(defs, "evaluation_job", instance, method)
             if not ok:
-                failed.append(f"pretrain {method}")
+                failed.append(f"pretrain/evaluate {method}")
+                continue
+            report = storage.read_json(f"evaluation/{method}.json")
+            bpb = report["heldout"]["bits_per_byte"]
+            _say(f"{method}: core centered accuracy {report['core_centered']:.4f}, held-out bits per byte "
+                 f"{bpb if bpb is None else round(bpb, 4)} ({time.perf_counter() - started:.0f} s)")
     _say(f"done in {time.perf_counter() - started:.0f} s; results under {storage.root}")
     _say("open the UI on this instance with:  make ui   (then http://127.0.0.1:3000)")
     if failed:

@@ -6,6 +6,7 @@ import dagster as dg
 
 from groupmates_assets.defs import jobs
 from groupmates_assets.defs.corpus import assets as corpus_assets
+from groupmates_assets.defs.evaluation import assets as evaluation_assets
 from groupmates_assets.defs.influence import assets as influence_assets
 from groupmates_assets.defs.lm import assets as lm_assets
 from groupmates_assets.defs.oracle import assets as oracle_assets
@@ -18,7 +19,8 @@ from groupmates_assets.defs.selection import assets as selection_assets
 from groupmates_assets.defs.tokenize import assets as tokenize_assets
 
 STAGES = [pool_assets, quality_assets, tokenize_assets, lm_assets, oracle_assets, influence_assets,
-          selection_assets, corpus_assets, pretrain_assets]
+          selection_assets, corpus_assets, pretrain_assets,
+          evaluation_assets]
 
 
 def build_definitions() -> dg.Definitions:

@@ -152,6 +152,18 @@ class CorpusProfile:
 
 
 @dataclass(frozen=True)
+class EvalProfile:
+    """Evaluation of each pretrained checkpoint: offline multiple-choice tasks and held-out bits per byte."""
+
+    tasks: tuple[str, ...] | None = None  # None: the DCLM core tasks available offline (lib.evaluation.CORE_TASKS)
+    limit_per_task: int | None = 200  # seeded subset per task (None: the whole validation split)
+    seed: int = 0
+    heldout_path: str | None = None  # JSON lines with "text" (.jsonl or .jsonl.zst, in the storage root); None:
+    # the embedded pool's held-out Wikipedia summaries, which never enter the pool
+    heldout_documents: int = 200
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -163,6 +175,7 @@ class Profile:
     influence: InfluenceProfile = field(default_factory=InfluenceProfile)
     selection: SelectionProfile = field(default_factory=SelectionProfile)
     corpus: CorpusProfile = field(default_factory=CorpusProfile)
+    evaluation: EvalProfile = field(default_factory=EvalProfile)
 
     def as_metadata(self) -> dict[str, Any]:
         return {"profile": self.name, **asdict(self)}
@@ -182,6 +195,8 @@ PROFILES: dict[str, Profile] = {
         influence=InfluenceProfile(chunk_len=16, chunks=2, encoder_layers=2, epochs=2, trajectories_per_step=2,
                                    val_fraction=0.34, bootstrap_per_tail=2, tail_check_trajectories=200),
         selection=SelectionProfile(mean_cluster_size=200, kmeans_iterations=10, cluster_ranges=2),
+        evaluation=EvalProfile(tasks=("arc_easy", "arc_challenge", "copa", "openbookqa"), limit_per_task=4,
+                               heldout_documents=10),
     ),
     "dclm-400m": Profile(
         name="dclm-400m",

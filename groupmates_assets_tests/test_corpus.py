@@ -11,6 +11,7 @@ import zstandard
 
 from groupmates_assets import settings as settings_module
 from groupmates_assets.defs.corpus.assets import tokenized_corpus
+from groupmates_assets.defs.evaluation.assets import evaluation
 from groupmates_assets.defs.pretrain.assets import pretrain_checkpoints
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import corpus as corpus_lib
@@ -104,9 +105,9 @@ def test_pretraining_resumes_to_the_same_weights(corpus_setup, monkeypatch):
     ci = settings_module.PROFILES["ci"]
     monkeypatch.setitem(settings_module.PROFILES, "pretrain-test", settings_module.Profile(
         name="pretrain-test", description="ci with frequent checkpoints", lm=ci.lm, tokenize=ci.tokenize,
-        corpus=settings_module.CorpusProfile(checkpoint_every=4)))
+        corpus=settings_module.CorpusProfile(checkpoint_every=4), evaluation=ci.evaluation))
     resources = {"platform": PlatformResource(storage_root=corpus_setup["storage"].root, profile="pretrain-test")}
-    assets = [tokenized_corpus, pretrain_checkpoints]
+    assets = [tokenized_corpus, pretrain_checkpoints, evaluation]
     run = {"instance": corpus_setup["instance"], "resources": resources, "partition_key": "random"}
     dg.materialize(assets, selection=["tokenized_corpus"], **run)
     first = dg.materialize(assets, selection=["pretrain_checkpoints"], **run)
@@ -123,3 +124,16 @@ def test_pretraining_resumes_to_the_same_weights(corpus_setup, monkeypatch):
     assert metadata["resumed_from_step"].value == 4
     assert storage.read_bytes(f"{run_dir}/step-000010/model.safetensors") == final
     assert [r["step"] for r in storage.read_json(f"{run_dir}/curve.json")] == list(range(1, 11))
+
+    # The trained LM evaluated: every configured task scored, centered accuracy and held-out bits per byte.
+    heldout = [{"text": f"Held-out article {i}: rivers carry water to the sea."} for i in range(12)]
+    storage.write_bytes("embedded_pool/positives/wikipedia-summaries-hq.jsonl.zst", _shard(heldout))
+    evaluated = dg.materialize(assets, selection=["evaluation"], **run)
+    metadata = evaluated.asset_materializations_for_node("evaluation")[0].metadata
+    report = storage.read_json("evaluation/random.json")
+    assert set(report["tasks"]) == {"arc_easy", "arc_challenge", "copa", "openbookqa"}
+    assert all(t["n_examples"] == 4 for t in report["tasks"].values())
+    centered = [t["centered"] for t in report["tasks"].values()]
+    assert report["core_centered"] == pytest.approx(sum(centered) / len(centered))
+    assert report["heldout"]["documents"] == 10 and 0 < metadata["bits_per_byte"].value < 20
+    assert report["step"] == 10

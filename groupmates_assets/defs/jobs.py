@@ -84,8 +84,13 @@ pretrain_job = dg.define_asset_job(
     description="Train the target LM from scratch on one method's tokenized corpus (resumes from its last checkpoint).",
 )
 
+evaluation_job = dg.define_asset_job(
+    "evaluation_job", selection=["evaluation"], partitions_def=selection_methods,
+    description="Evaluate the LM trained on one method's corpus on offline tasks and held-out text.",
+)
+
 ALL_JOBS = [embedded_pool_job, register_pool_shards_job, quality_classifier_job, filter_pool_job, filter_shards_job,
             filtered_pool_summary_job, tokenize_shards_job, oracle_inputs_job, oracle_random_job,
             influence_model_init_job, oracle_bootstrap_job, influence_models_job, pool_predictions_job,
             cluster_centroids_job, cluster_assignments_job, select_documents_job, baselines_job, selected_corpus_job,
-            tokenized_corpus_job, pretrain_job]
+            tokenized_corpus_job, pretrain_job, evaluation_job]

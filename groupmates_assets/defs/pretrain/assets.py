@@ -42,7 +42,8 @@ def _save(storage: Storage, run_dir: str, model, optimizer, shape, cfg, step: in
     return target
 
 
-def _load(storage: Storage, checkpoint_dir: str, device):
+def load_checkpoint_from(storage: Storage, checkpoint_dir: str, device):
+    """(model, optimizer, state) of a stored checkpoint, through a local copy (works for any storage root)."""
     with tempfile.TemporaryDirectory(prefix="groupmates-pretrain-") as tmp:
         for name in CHECKPOINT_FILES:
             with storage.open_read(f"{checkpoint_dir}/{name}") as src, open(os.path.join(tmp, name), "wb") as dst:
@@ -77,7 +78,7 @@ def pretrain_checkpoints(context: dg.AssetExecutionContext, platform: PlatformRe
     device = lm.default_device()
     resumed_from = latest_checkpoint(storage, run_dir)
     if resumed_from:
-        model, optimizer, _ = _load(storage, f"{run_dir}/step-{resumed_from:06d}", device)
+        model, optimizer, _ = load_checkpoint_from(storage, f"{run_dir}/step-{resumed_from:06d}", device)
         context.log.info(f"{method}: resuming from step {resumed_from} of {steps}")
     else:
         model = lm.build_model(shape, seed=profile.seed, device=device)
