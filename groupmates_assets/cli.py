@@ -35,6 +35,20 @@ def _say(message: str) -> None:
     print(f"[groupmates] {message}", flush=True)
 
 
+def _each_partition(defs, instance, job: str, keys: list[str] | None, label: str, every: int = 4) -> list[str]:
+    """Run ``job`` once per partition key (None: every key of its partitions), reporting progress every ``every``
+    runs; returns the keys that failed, labelled."""
+    keys = keys if keys is not None else defs.resolve_job_def(job).partitions_def.get_partition_keys()
+    failed, started = [], time.perf_counter()
+    for i, key in enumerate(keys, 1):
+        if not _run(defs, job, instance, key):
+            failed.append(f"{label} {key}")
+        if i == len(keys) or i % every == 0:
+            _say(f"{label}: {i}/{len(keys)} ({time.perf_counter() - started:.0f} s)"
+                 + (f", {len(failed)} failed" if failed else ""))
+    return failed
+
+
 def _run(defs, job_name: str, instance, partition_key: str | None = None) -> bool:
     """Run one job in this process on the persistent instance; report a failure without a traceback."""
     job = defs.resolve_job_def(job_name)
@@ -120,21 +134,11 @@ def demo(args: argparse.Namespace) -> int:
 
 def _oracle_stages(defs, instance, keys: list[str], storage, started: float) -> list[str]:
     """Tokenize every filtered shard, pretrain to the probe checkpoint, collect random-trajectory oracles."""
-    failed = []
-    for i, key in enumerate(keys, 1):
-        if not _run(defs, "tokenize_shards_job", instance, key):
-            failed.append(f"tokenize {key}")
-        elif i == len(keys) or i % 4 == 0:
-            _say(f"tokenized {i}/{len(keys)} shards")
+    failed = _each_partition(defs, instance, "tokenize_shards_job", keys, "tokenized shards")
     _say("building the reference set and probe pool, pretraining the proxy LM to the probe checkpoint ...")
     if not _run(defs, "oracle_inputs_job", instance):
         return [*failed, "oracle inputs"]
-    blocks = defs.resolve_job_def("oracle_random_job").partitions_def.get_partition_keys()
-    for block in blocks:
-        ok = _run(defs, "oracle_random_job", instance, block)
-        _say(f"oracle {block} ({time.perf_counter() - started:.0f} s){'' if ok else ' FAILED'}")
-        if not ok:
-            failed.append(f"oracle {block}")
+    failed += _each_partition(defs, instance, "oracle_random_job", None, "random oracle blocks", every=1)
     current = storage.read_json("oracle/random/current.json")
     _say(f"oracle labels: {storage.url('oracle/random/' + current['fingerprint'])}")
     return failed
@@ -146,12 +150,7 @@ def _influence_stages(defs, instance, storage, started: float) -> list[str]:
     stage_started = time.perf_counter()
     if not _run(defs, "influence_model_init_job", instance):
         return ["influence model init"]
-    failed = []
-    for block in defs.resolve_job_def("oracle_bootstrap_job").partitions_def.get_partition_keys():
-        ok = _run(defs, "oracle_bootstrap_job", instance, block)
-        _say(f"bootstrap oracle {block} ({time.perf_counter() - started:.0f} s){'' if ok else ' FAILED'}")
-        if not ok:
-            failed.append(f"bootstrap oracle {block}")
+    failed = _each_partition(defs, instance, "oracle_bootstrap_job", None, "bootstrap oracle blocks", every=1)
     if failed:
         return failed
     _say("training the final relational model and the individual (MATES) model ...")
@@ -167,29 +166,19 @@ def _influence_stages(defs, instance, storage, started: float) -> list[str]:
     return failed
 
 
-def _per_shard(defs, instance, job: str, keys: list[str], label: str) -> list[str]:
-    failed = []
-    for i, key in enumerate(keys, 1):
-        if not _run(defs, job, instance, key):
-            failed.append(f"{label} {key}")
-        if i == len(keys) or i % 4 == 0:
-            _say(f"{label}: {i}/{len(keys)} shards")
-    return failed
 
 
 def _selection_stages(defs, instance, keys: list[str], storage, started: float) -> list[str]:
     """Score the pool, cluster it, select per cluster range, the baselines, and the selected corpora."""
     stage_started = time.perf_counter()
-    failed = _per_shard(defs, instance, "pool_predictions_job", keys, "pool predictions")
+    failed = _each_partition(defs, instance, "pool_predictions_job", keys, "pool predictions")
     if failed or not _run(defs, "cluster_centroids_job", instance):
         return [*failed, "cluster centroids"]
-    failed = _per_shard(defs, instance, "cluster_assignments_job", keys, "cluster assignments")
-    for block in defs.resolve_job_def("select_documents_job").partitions_def.get_partition_keys():
-        if not _run(defs, "select_documents_job", instance, block):
-            failed.append(f"selection {block}")
+    failed = _each_partition(defs, instance, "cluster_assignments_job", keys, "cluster assignments")
+    failed += _each_partition(defs, instance, "select_documents_job", None, "cluster ranges selected")
     if failed or not _run(defs, "baselines_job", instance):
         return [*failed, "baselines"]
-    failed = _per_shard(defs, instance, "selected_corpus_job", keys, "selected corpus")
+    failed = _each_partition(defs, instance, "selected_corpus_job", keys, "selected corpus")
     totals: dict[str, int] = {}
     for key in keys:
         stats_path = f"selected_corpus/_stats/{key}.json"

@@ -16,7 +16,7 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -221,6 +221,28 @@ class Storage:
             target = os.path.join(tmp, posixpath.basename(relative))
             self.fs.get(self.path(relative), target)
             yield target
+
+
+    @contextlib.contextmanager
+    def local_dir(self, relative_dir: str, names: Iterable[str]) -> Iterator[str]:
+        """A local directory holding ``names`` (paths inside ``relative_dir``, sub-folders allowed) for loaders
+        that read a directory (checkpoints, models); no copy when the storage root is local."""
+        if self.is_local:
+            yield self.path(relative_dir)
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="groupmates-") as tmp:
+            for name in names:
+                target = os.path.join(tmp, name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                self.fs.get(self.path(f"{relative_dir}/{name}"), target)
+            yield tmp
+
+    def put_dir(self, local_dir: str, relative_dir: str, names: Iterable[str]) -> dict[str, ArtifactInfo]:
+        """Upload ``names`` from a local directory, each file written atomically, in the order given (so a
+        completion marker listed last lands last)."""
+        return {name: self.put_file(os.path.join(local_dir, name), f"{relative_dir}/{name}") for name in names}
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ import time
 import dagster as dg
 import numpy as np
 
-from groupmates_assets.defs.influence.assets import fingerprint
+from groupmates_assets.defs.common import fingerprint
 from groupmates_assets.defs.partitions import SELECTION_METHODS, selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.selection.assets import CORPUS_DIR, filtered_shards, require_files, selected_corpus

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import zstandard
 
-from groupmates_assets.defs.influence.assets import finite
+from groupmates_assets.defs.common import finite
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.pretrain.assets import PRETRAIN_DIR, load_checkpoint_from, pretrain_checkpoints
 from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource

@@ -2,8 +2,6 @@
 labels, the MATES individual-influence model, and a side-by-side report of the three on held-out trajectories."""
 
 import contextlib
-import hashlib
-import json
 import os
 import tempfile
 import time
@@ -15,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from groupmates_assets.defs.common import fingerprint, finite
 from groupmates_assets.defs.oracle.assets import (
     ORACLE_RANDOM_DIR,
     PROBE_POOL_DIR,
@@ -26,7 +25,7 @@ from groupmates_assets.defs.oracle.assets import (
 )
 from groupmates_assets.defs.partitions import oracle_block_keys, oracle_bootstrap_blocks
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import plots
+from groupmates_assets.lib import lm, plots
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.influence import bootstrap as boot
 from groupmates_assets.lib.influence import encoder as enc
@@ -70,37 +69,11 @@ def train_settings(influence: InfluenceProfile) -> tr.TrainSettings:
                             max_tokens=influence.max_tokens)
 
 
-def finite(value):
-    """NaN/inf (e.g. Spearman of a constant prediction) as None, recursively, for JSON files and metadata."""
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def fingerprint(**parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def put_dir(storage: Storage, local_dir: str, relative_dir: str) -> dict[str, str]:
-    """Upload a model directory file by file (each write atomic); returns sha256 per file."""
-    hashes = {}
-    for name in im.MODEL_FILES:
-        hashes[name] = storage.put_file(os.path.join(local_dir, name), f"{relative_dir}/{name}").sha256
-    return hashes
-
-
 @contextlib.contextmanager
 def local_model_dir(storage: Storage, relative_dir: str) -> Iterator[str]:
-    """A local copy of a saved influence model (works for any storage root)."""
-    with tempfile.TemporaryDirectory(prefix="groupmates-influence-") as tmp:
-        for name in im.MODEL_FILES:
-            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
-            with storage.open_read(f"{relative_dir}/{name}") as src, open(os.path.join(tmp, name), "wb") as dst:
-                while chunk := src.read(4 << 20):
-                    dst.write(chunk)
-        yield tmp
+    """A local directory holding a saved influence model (works for any storage root)."""
+    with storage.local_dir(relative_dir, im.MODEL_FILES) as local:
+        yield local
 
 
 def current_model(storage: Storage, kind: str) -> dict:
@@ -146,7 +119,7 @@ def train_influence_asset(context: dg.AssetExecutionContext, platform: PlatformR
     config = model_config(influence, source, relational)
     model_fp = fingerprint(kind=kind, oracle=oracle_fingerprints, pool=pool_sha, config=asdict(config),
                            train=asdict(train_settings(influence)), val_fraction=influence.val_fraction)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(lm.default_device())
     context.log.info(f"{kind}: {len(train_rows)} training and {len(val_rows)} validation trajectories "
                      f"({', '.join(sorted(set(data.policy)))}); encoder {source.name} on {device}")
     model = im.build_model(source, config).to(device)
@@ -158,7 +131,7 @@ def train_influence_asset(context: dg.AssetExecutionContext, platform: PlatformR
         model.config.extra = finite({"best_step": result.best_step, "best_metrics": result.best_metrics,
                                      "oracle": oracle_fingerprints, "probe_pool_sha256": pool_sha, **lineage})
         im.save_model(model, local, enc.load_encoder_tokenizer(source).to_str())
-        hashes = put_dir(storage, local, out)
+        hashes = {name: info.sha256 for name, info in storage.put_dir(local, out, im.MODEL_FILES).items()}
     alpha, tau = model.alpha_tau()
     split = {"train_trajectories": len(train_rows), "val_trajectories": len(val_rows)}
     storage.write_json(f"{MODELS_DIR}/{kind}/current.json", finite({
@@ -229,11 +202,10 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
     torch.set_num_threads(influence.torch_threads)
     init = current_model(storage, "init")
     docs, _, pool_sha = probe_documents(storage, settings)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     with local_model_dir(storage, init["path"]) as local:
-        model = im.load_model(local, device)
-    h, u = embed_all(model, docs, influence.max_tokens, log=context.log.info)
+        model = im.load_model(local, lm.default_device())
+    h, u = im.embed_documents(model, docs, max_tokens=influence.max_tokens, log=context.log.info)
     embed_seconds = time.perf_counter() - started
     alpha, tau = model.alpha_tau()
     length, keep = METHOD.trajectory_length, influence.bootstrap_per_tail
@@ -282,21 +254,6 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
                                            severity=dg.AssetCheckSeverity.ERROR)],
         data_version=dg.DataVersion(info.sha256[:16]),
     )
-
-
-def embed_all(model: im.InfluenceModel, docs: enc.ChunkedDocuments, max_tokens: int, batch_docs: int = 256,
-              log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, u) of every document, eval mode, with progress in the log."""
-    hs, us, started = [], [], time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, len(docs), batch_docs):
-            h = model.embed(docs, np.arange(start, min(start + batch_docs, len(docs))), max_tokens=max_tokens)
-            hs.append(h)
-            us.append(model.individual(h))
-            done = min(start + batch_docs, len(docs))
-            if log and (done == len(docs) or (start // batch_docs) % 8 == 7):
-                log(f"embedded {done}/{len(docs)} documents ({done / (time.perf_counter() - started):.1f}/s)")
-    return torch.cat(hs).float(), torch.cat(us).float()
 
 
 @dg.asset(
@@ -389,7 +346,7 @@ def influence_model_report(context: dg.AssetExecutionContext, platform: Platform
     for kind in ("init", "final", "individual"):
         current = current_model(storage, kind)
         with local_model_dir(storage, current["path"]) as local:
-            model = im.load_model(local, "cuda" if torch.cuda.is_available() else "cpu")
+            model = im.load_model(local, lm.default_device())
         on_random = tr.evaluate(model, docs, data, random_val, influence.max_tokens)
         on_all = tr.evaluate(model, docs, data, val_rows, influence.max_tokens)
         alpha, tau = model.alpha_tau()

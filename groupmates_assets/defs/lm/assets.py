@@ -1,7 +1,6 @@
 """LM stage: the proxy LM pretrained on the filtered pool up to the probe checkpoint (model + optimizer)."""
 
 import contextlib
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -61,8 +60,7 @@ def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResour
     with tempfile.TemporaryDirectory(prefix="groupmates-ckpt-") as tmp:
         lm.save_checkpoint(tmp, model, optimizer, shape, cfg, steps, extra)
         storage.remove(f"{CHECKPOINT_DIR}/trainer_state.json")  # completion marker goes last
-        infos = {name: storage.put_file(os.path.join(tmp, name), f"{CHECKPOINT_DIR}/{name}")
-                 for name in CHECKPOINT_FILES}
+        infos = storage.put_dir(tmp, CHECKPOINT_DIR, CHECKPOINT_FILES)
     version = infos["model.safetensors"].sha256[:12]
     png = plots.line_png([r["step"] for r in curve], [r["loss"] for r in curve], f"{shape.name}: training loss",
                          "step", "loss (CE + z-loss)")
@@ -88,10 +86,5 @@ def local_probe_checkpoint(storage: Storage) -> Iterator[tuple[str, str]]:
     if not storage.exists(f"{CHECKPOINT_DIR}/trainer_state.json"):
         raise dg.Failure("no probe checkpoint: materialize probe_checkpoint first")
     sha = storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256
-    if storage.is_local:
-        yield storage.path(CHECKPOINT_DIR), sha
-        return
-    with tempfile.TemporaryDirectory(prefix="groupmates-ckpt-") as tmp:
-        for name in CHECKPOINT_FILES:
-            storage.fs.get(storage.path(f"{CHECKPOINT_DIR}/{name}"), os.path.join(tmp, name))
-        yield tmp, sha
+    with storage.local_dir(CHECKPOINT_DIR, CHECKPOINT_FILES) as local:
+        yield local, sha

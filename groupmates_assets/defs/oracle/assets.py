@@ -1,7 +1,5 @@
 """Oracle stage: the reference set, the probe pool, and oracle influences of random trajectories."""
 
-import hashlib
-import json
 import os
 import tempfile
 import time
@@ -11,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from groupmates_assets.defs.common import fingerprint as input_fingerprint
 from groupmates_assets.defs.lm.assets import local_probe_checkpoint, probe_checkpoint
 from groupmates_assets.defs.partitions import oracle_random_blocks
 from groupmates_assets.defs.resources import PlatformResource
@@ -84,11 +83,6 @@ def probe_pool(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     )
 
 
-def _fingerprint(**parts) -> str:
-    """Identifies the inputs of a set of oracle labels; a change starts a new directory, never mixes."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-
-
 @dg.asset(
     partitions_def=oracle_random_blocks,
     group_name="oracle",
@@ -145,7 +139,7 @@ def collect_oracle_block(context: dg.AssetExecutionContext, platform: PlatformRe
     with local_probe_checkpoint(storage) as (checkpoint_dir, checkpoint_sha), storage.local_copy(
             f"{PROBE_POOL_DIR}/contexts.npy") as pool_path:
         state = lm.read_trainer_state(checkpoint_dir)
-        fingerprint = _fingerprint(checkpoint=checkpoint_sha,
+        fingerprint = input_fingerprint(checkpoint=checkpoint_sha,
                                    pool=storage.info(f"{PROBE_POOL_DIR}/contexts.npy").sha256,
                                    reference=reference.sha256, length=length, part_size=oracle_settings.part_size,
                                    **fingerprint_parts)

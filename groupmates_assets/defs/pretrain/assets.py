@@ -1,6 +1,5 @@
 """Pretraining stage: the target LM trained from scratch on each method's tokenized corpus, resumable."""
 
-import os
 import tempfile
 import time
 
@@ -36,19 +35,15 @@ def _save(storage: Storage, run_dir: str, model, optimizer, shape, cfg, step: in
     with tempfile.TemporaryDirectory(prefix="groupmates-pretrain-") as tmp:
         lm.save_checkpoint(tmp, model, optimizer, shape, cfg, step, extra)
         target = f"{run_dir}/step-{step:06d}"
-        storage.remove(f"{target}/trainer_state.json")  # completion marker goes last
-        for name in CHECKPOINT_FILES:
-            storage.put_file(os.path.join(tmp, name), f"{target}/{name}")
+        storage.remove(f"{target}/trainer_state.json")  # completion marker goes last (CHECKPOINT_FILES ends with it)
+        storage.put_dir(tmp, target, CHECKPOINT_FILES)
     return target
 
 
 def load_checkpoint_from(storage: Storage, checkpoint_dir: str, device):
     """(model, optimizer, state) of a stored checkpoint, through a local copy (works for any storage root)."""
-    with tempfile.TemporaryDirectory(prefix="groupmates-pretrain-") as tmp:
-        for name in CHECKPOINT_FILES:
-            with storage.open_read(f"{checkpoint_dir}/{name}") as src, open(os.path.join(tmp, name), "wb") as dst:
-                dst.write(src.read())
-        return lm.load_checkpoint(tmp, device)
+    with storage.local_dir(checkpoint_dir, CHECKPOINT_FILES) as local:
+        return lm.load_checkpoint(local, device)
 
 
 @dg.asset(

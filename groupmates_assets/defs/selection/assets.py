@@ -26,7 +26,7 @@ from groupmates_assets.defs.influence.assets import (
 from groupmates_assets.defs.partitions import pool_shards, selection_range_keys, selection_ranges
 from groupmates_assets.defs.quality.assets import FILTERED_DIR, filtered_pool_shard, filtered_pool_summary
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import clustering, plots
+from groupmates_assets.lib import clustering, lm, plots
 from groupmates_assets.lib import selection as sel
 from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
@@ -89,35 +89,21 @@ def selection_fingerprint(storage: Storage, settings: SelectionProfile) -> str:
                        rounding=settings.budget_rounding, alpha=alpha, tau=tau)
 
 
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ---------------------------------------------------------------------------------------------- predictions
 
 
-def _predict(storage: Storage, kind: str, texts: list[str], batch_docs: int, log) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, u) of every text with a saved model; documents ordered by length so batches carry little padding."""
+def _predict(storage: Storage, kind: str, texts: list[str], batch_docs: int, log,
+             chunked: dict[tuple, enc.ChunkedDocuments]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, u) of every text with a saved model. ``chunked`` caches the encoder inputs by tokenizer and chunking,
+    so two models that share them (final and individual, as trained here) tokenize the shard once."""
     with local_model_dir(storage, current_model(storage, kind)["path"]) as local:
-        model = im.load_model(local, device())
+        model = im.load_model(local, lm.default_device())
         tokenizer = im.load_tokenizer(local)
-    docs = enc.chunk_documents(tokenizer, texts, model.config.chunk_len, model.config.chunks)
-    order = np.argsort(-np.add.reduceat(docs.token_counts, docs.doc_chunks[:-1]) if len(docs) else np.zeros(0),
-                       kind="stable")
-    h = torch.zeros((len(docs), model.hidden_size))
-    u = torch.zeros(len(docs))
-    started = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, len(docs), batch_docs):
-            rows = order[start:start + batch_docs]
-            vectors = model.embed(docs, rows, max_tokens=model.config.chunk_len * batch_docs)
-            h[torch.as_tensor(rows)] = vectors.float().cpu()
-            u[torch.as_tensor(rows)] = model.individual(vectors).float().cpu()
-            done = min(start + batch_docs, len(docs))
-            if done == len(docs) or (start // batch_docs) % 10 == 9:
-                log(f"{ASSET_OF_KIND[kind]}: {done:,}/{len(docs):,} documents "
-                    f"({done / (time.perf_counter() - started):,.1f}/s)")
-    return h, u
+    key = (tokenizer.to_str(), model.config.chunk_len, model.config.chunks)
+    if key not in chunked:
+        chunked[key] = enc.chunk_documents(tokenizer, texts, model.config.chunk_len, model.config.chunks)
+    return im.embed_documents(model, chunked[key], batch_docs, max_tokens=model.config.chunk_len * batch_docs,
+                              log=lambda line: log(f"{ASSET_OF_KIND[kind]}: {line}"))
 
 
 @dg.asset(
@@ -137,8 +123,9 @@ def pool_predictions(context: dg.AssetExecutionContext, platform: PlatformResour
     kept = storage.read_parquet(f"{FILTERED_DIR.format(key=key)}/kept.parquet", columns=["doc_id", "text"])
     texts = kept.column("text").to_pylist()
     started = time.perf_counter()
-    h, u = _predict(storage, "final", texts, settings.predict_batch_docs, context.log.info)
-    _, u_individual = _predict(storage, "individual", texts, settings.predict_batch_docs, context.log.info)
+    chunked: dict[tuple, enc.ChunkedDocuments] = {}
+    h, u = _predict(storage, "final", texts, settings.predict_batch_docs, context.log.info, chunked)
+    _, u_individual = _predict(storage, "individual", texts, settings.predict_batch_docs, context.log.info, chunked)
     seconds = time.perf_counter() - started
     dim = h.shape[1]
     table = pa.table({
@@ -153,7 +140,7 @@ def pool_predictions(context: dg.AssetExecutionContext, platform: PlatformResour
         metadata={
             "dagster/row_count": table.num_rows, "documents": table.num_rows, "dim": dim,
             "documents_per_second": round(table.num_rows / seconds, 1) if seconds and table.num_rows else None,
-            "seconds": round(seconds, 1), "device": device(),
+            "seconds": round(seconds, 1), "device": str(lm.default_device()),
             "u_mean": finite(float(u.mean())) if len(u) else None,
             "u_individual_mean": finite(float(u_individual.mean())) if len(u) else None,
             "models_fingerprint": models_fingerprint(storage), "sha256": info.sha256,
@@ -353,7 +340,7 @@ def selected_documents(context: dg.AssetExecutionContext, platform: PlatformReso
         order = np.argsort(np.array(doc_ids, dtype=object), kind="stable")  # cluster order by doc_id, not input
         cluster_arr, h, u = np.concatenate(clusters)[order], np.concatenate(hs)[order], np.concatenate(us)[order]
         doc_arr, shard_arr = np.array(doc_ids, dtype=object)[order], np.array(shards, dtype=object)[order]
-        result = sel.select_in_clusters(h, u, cluster_arr, budgets, alpha, tau, device=device())
+        result = sel.select_in_clusters(h, u, cluster_arr, budgets, alpha, tau, device=lm.default_device())
     else:
         cluster_arr, u = np.zeros(0, np.int64), np.zeros(0)
         doc_arr, shard_arr = np.zeros(0, object), np.zeros(0, object)

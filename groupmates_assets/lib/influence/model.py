@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -181,6 +182,27 @@ class _nullcontext:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def embed_documents(model: InfluenceModel, docs: ChunkedDocuments, batch_docs: int = 256, max_tokens: int = 16384,
+                    log: Callable[[str], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, u) of every document on the CPU, eval mode; documents go longest first so each batch carries little
+    padding, and progress goes to ``log`` every 10 batches."""
+    model.eval()
+    lengths = np.add.reduceat(docs.token_counts, docs.doc_chunks[:-1]) if len(docs) else np.zeros(0, np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    h, u = torch.zeros((len(docs), model.hidden_size)), torch.zeros(len(docs))
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(docs), batch_docs):
+            rows = torch.as_tensor(order[start:start + batch_docs])
+            vectors = model.embed(docs, rows.numpy(), max_tokens=max_tokens)
+            h[rows] = vectors.float().cpu()
+            u[rows] = model.individual(vectors).float().cpu()
+            done = min(start + batch_docs, len(docs))
+            if log and (done == len(docs) or (start // batch_docs) % 10 == 9):
+                log(f"embedded {done:,}/{len(docs):,} documents ({done / (time.perf_counter() - started):,.1f}/s)")
+    return h, u
 
 
 # ------------------------------------------------------------------------------------------- persistence
