@@ -29,10 +29,11 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "tokenize": ("bench.bench_tokenize", 2),
     "oracle": ("bench.bench_oracle", 2),
     "oracle_gpu": ("bench.bench_oracle_gpu", 2),
+    "pretrain_gpu": ("bench.bench_pretrain_gpu", 2),
     "influence": ("bench.bench_influence", 2),
     "selection": ("bench.bench_selection", 2),
 }
-ON_REQUEST = {"oracle_gpu"}  # for a machine with an accelerator: run with --only
+ON_REQUEST = {"oracle_gpu", "pretrain_gpu"}  # for a machine with an accelerator: run with --only
 DEFAULT_OUT = "bench/results/latest.json"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 HEAVY_MODULES = ("numpy", "pyarrow", "fasttext", "zstandard", "orjson", "torch")

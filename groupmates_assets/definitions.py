@@ -14,13 +14,13 @@ from groupmates_assets.defs.pool import assets as pool_assets
 from groupmates_assets.defs.pool import sensors as pool_sensors
 from groupmates_assets.defs.pretrain import assets as pretrain_assets
 from groupmates_assets.defs.quality import assets as quality_assets
+from groupmates_assets.defs.report import assets as report_assets
 from groupmates_assets.defs.resources import platform_from_env
 from groupmates_assets.defs.selection import assets as selection_assets
 from groupmates_assets.defs.tokenize import assets as tokenize_assets
 
 STAGES = [pool_assets, quality_assets, tokenize_assets, lm_assets, oracle_assets, influence_assets,
-          selection_assets, corpus_assets, pretrain_assets,
-          evaluation_assets]
+          selection_assets, corpus_assets, pretrain_assets, evaluation_assets, report_assets]
 
 
 def build_definitions() -> dg.Definitions:

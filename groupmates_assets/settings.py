@@ -86,6 +86,11 @@ class LMProfile:
     seed: int = 124
     torch_threads: int = 2
 
+    @property
+    def probe_steps(self) -> int:
+        """Optimizer steps of stage 1: the run up to the probe checkpoint."""
+        return max(1, round(self.probe_fraction * self.total_steps))
+
 
 @dataclass(frozen=True)
 class OracleProfile:
@@ -146,9 +151,37 @@ class SelectionProfile:
 class CorpusProfile:
     """Each selected corpus as LM training data."""
 
-    token_budget: int | None = None  # tokens one training run reads; None: the LM profile's steps x batch x seq_len
-    seed: int = 1234  # shuffles of the data passes
-    checkpoint_every: int = 50  # optimizer steps between the target LM's checkpoints (and the last step)
+    token_budget: int | None = None  # tokens one training run reads; None: the steps of the selected-data stage
+    # (stage 2 of S = 2, the whole run for S = 1) x batch x seq_len
+    seed: int = 1234  # shuffles of the data passes (run r of a method uses seed + r)
+
+
+@dataclass(frozen=True)
+class PretrainProfile:
+    """The target-LM runs that compare selection methods at one token budget (method spec stage 15).
+
+    With ``stages = 2`` (the paper's S = 2) the LM run of the ``lm`` profile is continued from the probe
+    checkpoint (stage 1 on the filtered pool) on each method's selected data up to ``lm.total_steps``; with
+    ``stages = 1`` each method trains from scratch for ``lm.total_steps`` on its selected data alone.
+    """
+
+    stages: int = 2
+    seeds: int = 1  # runs per method: the data order differs (and with S = 1 also the initialisation)
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (and the last step); each one is evaluated
+    gpus_per_run: int = 1  # > 1: torchrun through Dagster Pipes, one data-parallel process per device
+    launcher: str = "auto"  # "auto" (torchrun when gpus_per_run > 1), "in_process" or "torchrun"
+
+    def __post_init__(self) -> None:
+        if self.stages not in (1, 2):
+            raise ValueError(f"pretrain.stages must be 1 or 2, got {self.stages}")
+        if self.seeds < 1 or self.gpus_per_run < 1 or self.checkpoint_every < 1:
+            raise ValueError("pretrain.seeds, gpus_per_run and checkpoint_every must be at least 1")
+        if self.launcher not in ("auto", "in_process", "torchrun"):
+            raise ValueError(f"pretrain.launcher must be auto, in_process or torchrun, got {self.launcher!r}")
+
+    @property
+    def uses_torchrun(self) -> bool:
+        return self.launcher == "torchrun" or (self.launcher == "auto" and self.gpus_per_run > 1)
 
 
 @dataclass(frozen=True)
@@ -161,6 +194,7 @@ class EvalProfile:
     heldout_path: str | None = None  # JSON lines with "text" (.jsonl or .jsonl.zst, in the storage root); None:
     # the embedded pool's held-out Wikipedia summaries, which never enter the pool
     heldout_documents: int = 200
+    every_checkpoint: bool = True  # evaluate each saved checkpoint (score-vs-tokens curves), not only the last
 
 
 @dataclass(frozen=True)
@@ -175,6 +209,7 @@ class Profile:
     influence: InfluenceProfile = field(default_factory=InfluenceProfile)
     selection: SelectionProfile = field(default_factory=SelectionProfile)
     corpus: CorpusProfile = field(default_factory=CorpusProfile)
+    pretrain: PretrainProfile = field(default_factory=PretrainProfile)
     evaluation: EvalProfile = field(default_factory=EvalProfile)
 
     def as_metadata(self) -> dict[str, Any]:
@@ -184,7 +219,23 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "demo": Profile(
         name="demo",
-        description="2 CPU cores: the embedded pool, a classifier trained on it, half of the pool kept",
+        description="2 CPU cores: the embedded pool, a classifier trained on it, half of the pool kept; the whole "
+        "graph in about half an hour",
+        lm=LMProfile(total_steps=100),  # probe at step 40; stage 2 trains 60 steps on each method's data
+        pretrain=PretrainProfile(checkpoint_every=30),
+        evaluation=EvalProfile(limit_per_task=25, heldout_documents=100),
+    ),
+    "gpu-demo": Profile(
+        name="gpu-demo",
+        description="one GPU: the embedded pool with a 76M-parameter LM, 150 oracle trajectories, the full MiniLM "
+        "encoder on 4 x 128 tokens, 3 seeds per method; the whole graph in about 10 minutes on an H100",
+        lm=LMProfile(shape="small", total_steps=400, batch_size=32, warmup_steps=40, torch_threads=8),
+        oracle=OracleProfile(blocks=4, trajectories_per_block=25, part_size=5, bootstrap_blocks=2),
+        influence=InfluenceProfile(encoder_layers=None, chunk_len=128, chunks=4, epochs=10, trajectories_per_step=8,
+                                   max_tokens=65536, torch_threads=8, bootstrap_per_tail=25),
+        selection=SelectionProfile(predict_batch_docs=1024, torch_threads=8),
+        pretrain=PretrainProfile(seeds=3, checkpoint_every=80),
+        evaluation=EvalProfile(limit_per_task=200, heldout_documents=200),
     ),
     "ci": Profile(
         name="ci",
@@ -195,6 +246,7 @@ PROFILES: dict[str, Profile] = {
         influence=InfluenceProfile(chunk_len=16, chunks=2, encoder_layers=2, epochs=2, trajectories_per_step=2,
                                    val_fraction=0.34, bootstrap_per_tail=2, tail_check_trajectories=200),
         selection=SelectionProfile(mean_cluster_size=200, kmeans_iterations=10, cluster_ranges=2),
+        pretrain=PretrainProfile(seeds=2, checkpoint_every=5),
         evaluation=EvalProfile(tasks=("arc_easy", "arc_challenge", "copa", "openbookqa"), limit_per_task=4,
                                heldout_documents=10),
     ),
@@ -219,6 +271,8 @@ PROFILES: dict[str, Profile] = {
                                    tail_check_trajectories=20_000),
         selection=SelectionProfile(mean_cluster_size=2_950, kmeans_iterations=METHOD.kmeans_iterations,
                                    cluster_ranges=16, predict_batch_docs=1024, torch_threads=16),
+        pretrain=PretrainProfile(checkpoint_every=3_000, gpus_per_run=8),
+        evaluation=EvalProfile(limit_per_task=None, every_checkpoint=False),
     ),
 }
 

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import dagster as dg
 import numpy as np
 import pytest
+import torch
 import zstandard
 
 from groupmates_assets import settings as settings_module
 from groupmates_assets.defs.corpus.assets import tokenized_corpus
 from groupmates_assets.defs.evaluation.assets import evaluation
+from groupmates_assets.defs.lm.assets import CHECKPOINT_DIR, optim_config
 from groupmates_assets.defs.pretrain.assets import pretrain_checkpoints
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import corpus as corpus_lib
+from groupmates_assets.lib import lm
+from groupmates_assets.lib import pretraining as pt
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.storage import Storage
 
@@ -66,16 +71,16 @@ def corpus_setup(tmp_path):
                "platform": PlatformResource(storage_root=storage.root, profile="ci")}
 
 
-def test_tokenized_corpus_round_trip_and_passes(corpus_setup):
+def test_tokenized_corpus_round_trip_and_passes(corpus_setup, monkeypatch):
     result = dg.materialize([tokenized_corpus], partition_key="random", instance=corpus_setup["instance"],
-                            resources={"platform": corpus_setup["platform"]})
+                            resources=_resources(corpus_setup, monkeypatch, "corpus-s1", stages=1, seeds=2))
     metadata = result.asset_materializations_for_node("tokenized_corpus")[0].metadata
     assert result.get_asset_check_evaluations()[0].passed
     storage = corpus_setup["storage"]
     current = storage.read_json("tokenized_corpus/random/current.json")
     contexts = np.asarray(storage.read_numpy(f"{current['path']}/contexts.npy"))
     lineage = storage.read_parquet(f"{current['path']}/lineage.parquet").to_pylist()
-    order = np.asarray(storage.read_numpy(f"{current['path']}/order.npy"))
+    orders = np.asarray(storage.read_numpy(f"{current['path']}/orders.npy"))
     manifest = storage.read_json(f"{current['path']}/manifest.json")
     tokenizer = tk.load_tokenizer()
     eot = tk.eot_token_id(tokenizer)
@@ -85,12 +90,15 @@ def test_tokenized_corpus_round_trip_and_passes(corpus_setup):
         pieces = sorted((p for p in lineage if p["doc_id"] == doc_id), key=lambda p: p["doc_offset"])
         tokens = np.concatenate([contexts[p["context_index"], p["start"]:p["end"]] for p in pieces]).tolist()
         assert tokens == [*tokenizer.encode(text).ids, eot]
-    # The ci LM reads 10 steps x 2 sequences x 64 tokens = 1,280 tokens: more than the corpus, so passes repeat.
+    # S = 1: each run reads 10 steps x 2 sequences x 64 tokens = 1,280 tokens: more than the corpus, so passes
+    # repeat; one training order per seed.
     usable = manifest["usable_contexts"]
     assert manifest["token_budget"] == 1280 and manifest["passes"] == -(-1280 // (usable * 64)) >= 2
-    assert len(order) == 20 and manifest["pad_context"] not in set(order.tolist())
-    for p in range(len(order) // usable):
-        assert sorted(order[p * usable:(p + 1) * usable].tolist()) == sorted(set(order.tolist()))
+    assert orders.shape == (2, 20) and not np.array_equal(orders[0], orders[1])
+    for order in orders:
+        assert manifest["pad_context"] not in set(order.tolist())
+        for p in range(len(order) // usable):
+            assert sorted(order[p * usable:(p + 1) * usable].tolist()) == sorted(set(order.tolist()))
 
 
 def test_missing_selected_corpus_is_named(corpus_setup):
@@ -100,40 +108,119 @@ def test_missing_selected_corpus_is_named(corpus_setup):
                        resources={"platform": corpus_setup["platform"]})
 
 
-def test_pretraining_resumes_to_the_same_weights(corpus_setup, monkeypatch):
-    """A run killed after a checkpoint resumes there and ends with byte-identical weights."""
+def _resources(corpus_setup, monkeypatch, name: str, **pretrain) -> dict:
+    """Resources for a registered copy of the ci profile with these pretraining settings."""
     ci = settings_module.PROFILES["ci"]
-    monkeypatch.setitem(settings_module.PROFILES, "pretrain-test", settings_module.Profile(
-        name="pretrain-test", description="ci with frequent checkpoints", lm=ci.lm, tokenize=ci.tokenize,
-        corpus=settings_module.CorpusProfile(checkpoint_every=4), evaluation=ci.evaluation))
-    resources = {"platform": PlatformResource(storage_root=corpus_setup["storage"].root, profile="pretrain-test")}
+    monkeypatch.setitem(settings_module.PROFILES, name, settings_module.Profile(
+        name=name, description="ci with frequent checkpoints", lm=ci.lm, tokenize=ci.tokenize,
+        pretrain=settings_module.PretrainProfile(**pretrain), evaluation=ci.evaluation))
+    return {"platform": PlatformResource(storage_root=corpus_setup["storage"].root, profile=name)}
+
+
+def _probe_checkpoint(storage: Storage, step: int) -> bytes:
+    """A stage-1 checkpoint of the ci LM at ``step`` (the optimizer has moments), stored where S = 2 reads it."""
+    ci = settings_module.PROFILES["ci"].lm
+    shape = lm.get_shape(ci.shape)
+    cfg = optim_config(ci)
+    model = lm.build_model(shape, seed=ci.seed)
+    optimizer = lm.make_optimizer(model, cfg)
+    batches = (torch.randint(0, 1000, (ci.batch_size, shape.seq_len + 1)) for _ in range(step))
+    lm.pretrain(model, optimizer, batches, cfg, steps=step)
+    with tempfile.TemporaryDirectory() as tmp:
+        lm.save_checkpoint(tmp, model, optimizer, shape, cfg, step, {"tokens_seen": step * ci.batch_size * 64})
+        storage.put_dir(tmp, CHECKPOINT_DIR, pt.CHECKPOINT_FILES)
+    return storage.read_bytes(f"{CHECKPOINT_DIR}/model.safetensors")
+
+
+def test_pretraining_resumes_to_the_same_weights(corpus_setup, monkeypatch):
+    """S = 1: a run killed after a checkpoint resumes there and ends with byte-identical weights; two seeds."""
+    resources = _resources(corpus_setup, monkeypatch, "pretrain-s1", stages=1, seeds=2, checkpoint_every=4)
     assets = [tokenized_corpus, pretrain_checkpoints, evaluation]
     run = {"instance": corpus_setup["instance"], "resources": resources, "partition_key": "random"}
     dg.materialize(assets, selection=["tokenized_corpus"], **run)
     first = dg.materialize(assets, selection=["pretrain_checkpoints"], **run)
     metadata = first.asset_materializations_for_node("pretrain_checkpoints")[0].metadata
-    assert metadata["steps"].value == 10 and metadata["resumed_from_step"].value == 0
-    assert metadata["checkpoints"].value == ["step-000004", "step-000008", "step-000010"]
+    assert metadata["stage_steps"].value == 10 and metadata["start_step"].value == 0
+    assert metadata["resumed_from_steps"].value == [0, 0]
+    assert metadata["checkpoints"].value == {"seed-0": [4, 8, 10], "seed-1": [4, 8, 10]}
     storage = corpus_setup["storage"]
-    run_dir = storage.read_json("pretrain/random/current.json")["path"]
+    runs = storage.read_json("pretrain/random/current.json")["runs"]
+    run_dir = runs[0]["path"]
     final = storage.read_bytes(f"{run_dir}/step-000010/model.safetensors")
+    assert final != storage.read_bytes(f"{runs[1]['path']}/step-000010/model.safetensors")  # seeds differ
     for step in ("step-000008", "step-000010"):  # as if killed right after the step-4 checkpoint
         storage.remove(f"{run_dir}/{step}", recursive=True)
     again = dg.materialize(assets, selection=["pretrain_checkpoints"], **run)
     metadata = again.asset_materializations_for_node("pretrain_checkpoints")[0].metadata
-    assert metadata["resumed_from_step"].value == 4
+    assert metadata["resumed_from_steps"].value == [4, 10]  # seed 1 was complete: nothing retrained
     assert storage.read_bytes(f"{run_dir}/step-000010/model.safetensors") == final
     assert [r["step"] for r in storage.read_json(f"{run_dir}/curve.json")] == list(range(1, 11))
 
-    # The trained LM evaluated: every configured task scored, centered accuracy and held-out bits per byte.
+    # Every checkpoint of both seeds evaluated: every configured task scored, centered accuracy, bits per byte.
     heldout = [{"text": f"Held-out article {i}: rivers carry water to the sea."} for i in range(12)]
     storage.write_bytes("embedded_pool/positives/wikipedia-summaries-hq.jsonl.zst", _shard(heldout))
     evaluated = dg.materialize(assets, selection=["evaluation"], **run)
     metadata = evaluated.asset_materializations_for_node("evaluation")[0].metadata
     report = storage.read_json("evaluation/random.json")
-    assert set(report["tasks"]) == {"arc_easy", "arc_challenge", "copa", "openbookqa"}
-    assert all(t["n_examples"] == 4 for t in report["tasks"].values())
-    centered = [t["centered"] for t in report["tasks"].values()]
-    assert report["core_centered"] == pytest.approx(sum(centered) / len(centered))
+    assert metadata["checkpoints_evaluated_now"].value == 6 and metadata["seeds"].value == 2
+    assert [[p["step"] for p in r["points"]] for r in report["runs"]] == [[4, 8, 10], [4, 8, 10]]
+    final = report["final"]
+    assert set(final["tasks"]) == {"arc_easy", "arc_challenge", "copa", "openbookqa"}
+    values = final["core_centered"]["values"]
+    assert final["core_centered"]["mean"] == pytest.approx(np.mean(values))
+    assert final["core_centered"]["std"] == pytest.approx(np.std(values))
     assert report["heldout"]["documents"] == 10 and 0 < metadata["bits_per_byte"].value < 20
-    assert report["step"] == 10
+    assert final["step"] == 10
+    again = dg.materialize(assets, selection=["evaluation"], **run)  # evaluated checkpoints are not redone
+    assert again.asset_materializations_for_node("evaluation")[0].metadata["checkpoints_evaluated_now"].value == 0
+
+
+def test_stage_two_continues_the_probe_run(corpus_setup, monkeypatch):
+    """S = 2: each run starts from the probe checkpoint (weights, moments, schedule) at its step and trains the
+    remaining steps on the selected data."""
+    resources = _resources(corpus_setup, monkeypatch, "pretrain-s2", stages=2, seeds=1, checkpoint_every=3)
+    storage = corpus_setup["storage"]
+    _probe_checkpoint(storage, step=4)
+    assets = [tokenized_corpus, pretrain_checkpoints]
+    run = {"instance": corpus_setup["instance"], "resources": resources, "partition_key": "random"}
+    dg.materialize(assets, selection=["tokenized_corpus"], **run)
+    result = dg.materialize(assets, selection=["pretrain_checkpoints"], **run)
+    metadata = result.asset_materializations_for_node("pretrain_checkpoints")[0].metadata
+    assert (metadata["start_step"].value, metadata["final_step"].value) == (4, 10)
+    assert metadata["checkpoints"].value == {"seed-0": [6, 9, 10]}
+    run_dir = storage.read_json("pretrain/random/current.json")["runs"][0]["path"]
+    curve = storage.read_json(f"{run_dir}/curve.json")
+    assert [r["step"] for r in curve] == list(range(5, 11)) and curve[-1]["tokens_seen"] == 10 * 2 * 64
+    ci = settings_module.PROFILES["ci"].lm
+    cfg = optim_config(ci)
+    assert [r["lr"] for r in curve] == pytest.approx([lm.lr_at(s, cfg) for s in range(4, 10)])
+    # The first stage-2 step equals one step of the probe checkpoint on the corpus' first batch.
+    with storage.local_dir(CHECKPOINT_DIR, pt.CHECKPOINT_FILES) as local:
+        model, optimizer, _ = lm.load_checkpoint(local, "cpu")
+    current = storage.read_json("tokenized_corpus/random/current.json")
+    tokens = storage.read_numpy(f"{current['path']}/contexts.npy")
+    order = storage.read_numpy(f"{current['path']}/orders.npy")[0]
+    batch = torch.from_numpy(np.asarray(tokens[order[:2]]).astype(np.int64))
+    step = lm.train_step(model, optimizer, batch, cfg, lr=lm.lr_at(4, cfg))
+    assert step["loss"] == pytest.approx(curve[0]["loss"], rel=1e-6)
+
+
+def test_torchrun_through_pipes_matches_one_process(corpus_setup, monkeypatch):
+    """pretrain.gpus_per_run = 2 on the CPU: torchrun (gloo) launched through Dagster Pipes, rank 0 reporting
+    back, trains the same run as one process on the whole batch."""
+    storage = corpus_setup["storage"]
+    one = _resources(corpus_setup, monkeypatch, "pretrain-one", stages=1, seeds=1, checkpoint_every=5)
+    two = _resources(corpus_setup, monkeypatch, "pretrain-two", stages=1, seeds=1, checkpoint_every=5, gpus_per_run=2)
+    run = {"instance": corpus_setup["instance"], "partition_key": "random"}
+    assets = [tokenized_corpus, pretrain_checkpoints]
+    dg.materialize(assets, selection=["tokenized_corpus"], resources=one, **run)
+    dg.materialize(assets, selection=["pretrain_checkpoints"], resources=one, **run)
+    single = storage.read_json(f"{storage.read_json('pretrain/random/current.json')['runs'][0]['path']}/curve.json")
+    storage.remove("pretrain", recursive=True)
+    result = dg.materialize(assets, selection=["pretrain_checkpoints"], resources=two, **run)
+    metadata = result.asset_materializations_for_node("pretrain_checkpoints")[0].metadata
+    assert metadata["launcher"].value == "torchrun" and metadata["checkpoints"].value == {"seed-0": [5, 10]}
+    distributed = storage.read_json(f"{storage.read_json('pretrain/random/current.json')['runs'][0]['path']}/"
+                                    "curve.json")
+    assert [r["step"] for r in distributed] == [r["step"] for r in single] == list(range(1, 11))
+    assert [r["loss"] for r in distributed] == pytest.approx([r["loss"] for r in single], rel=1e-4)

@@ -52,6 +52,7 @@ def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
         assert abs(sum(row["marginal"]) - (row["final_loss"] - row["base_loss"])) < 1e-4
     _check_influence_stage(tmp_path / "storage", instance)
     _check_selection_stage(tmp_path / "storage", instance, shards)
+    _check_report_stage(tmp_path / "storage", instance, run.stdout)
 
     # A killed block reruns without duplicates: drop one part, rematerialize, get exactly that part back.
     from groupmates_assets.defs.oracle.assets import oracle_random
@@ -123,3 +124,33 @@ def _check_selection_stage(storage, instance, shards) -> None:
     assert len(set(totals.values())) == 1 and totals["group_mates"] > 1000, totals
     centroids = instance.get_latest_materialization_event(dg.AssetKey("cluster_centroids"))
     assert centroids.asset_materialization.metadata["clusters"].value > 50
+
+
+def _check_report_stage(storage, instance, stdout: str) -> None:
+    """Pretraining (S = 2 from the probe checkpoint, 2 seeds), evaluation and the report close the loop."""
+    import json
+
+    for key in ("pretrain_checkpoints", "evaluation"):
+        assert instance.get_materialized_partitions(dg.AssetKey(key)) == {
+            "group_mates", "random", "mates", "fasttext"}, key
+    probe_step = json.loads((storage / "lm" / "probe_checkpoint" / "trainer_state.json").read_text())["step"]
+    for method in ("group_mates", "random", "mates", "fasttext"):
+        runs = json.loads((storage / "pretrain" / method / "current.json").read_text())["runs"]
+        assert len(runs) == 2
+        for run in runs:
+            curve = json.loads((storage / run["path"] / "curve.json").read_text())
+            assert curve[0]["step"] == probe_step + 1 and curve[-1]["step"] == 10
+    report = json.loads((storage / "report" / "report.json").read_text())
+    assert set(report["methods"]) == {"group_mates", "random", "mates", "fasttext"}
+    tokens = {m["tokens_seen"] for m in report["methods"].values()}
+    assert tokens == {10 * 2 * 64}  # equal tokens for every method
+    for figures in report["methods"].values():
+        assert figures["seeds"] == 2 and figures["core_centered"]["std"] is not None
+        assert len(figures["points"]) == 2  # checkpoints at steps 5 and 10
+    components = {c["component"].split(" (")[0]: c["seconds"] for c in report["costs"]}
+    assert all(seconds > 0 for seconds in components.values()), components
+    assert 0 < report["overhead_share"] < 1
+    assert (storage / "report" / "selection_report.md").exists()
+    assert "| group_mates |" in stdout  # the headline table is printed
+    materialized = instance.get_latest_materialization_event(dg.AssetKey("selection_report"))
+    assert "training_loss.png" in materialized.asset_materialization.metadata["report"].value

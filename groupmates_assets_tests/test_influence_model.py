@@ -170,3 +170,21 @@ def test_save_load_round_trip(model, docs, source, tmp_path):
 def test_missing_model_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved influence model"):
         im.load_model(str(tmp_path))
+
+
+def test_half_precision_checkpoints_load_as_float32(model, source, tmp_path):
+    """transformers 5 loads weights in their stored dtype; an encoder published in bf16 (or a saved config that
+    names bf16) must still train and run with fp32 weights (bf16 on CUDA is autocast's, forward only)."""
+    import json
+    import shutil
+
+    half = tmp_path / "bf16-encoder"
+    enc.load_pretrained_encoder(source, 1).to(torch.bfloat16).save_pretrained(half)
+    shutil.copy(f"{source.location}/tokenizer.json", half / "tokenizer.json")
+    encoder = enc.load_pretrained_encoder(enc.resolve_encoder(str(half)))
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+    im.save_model(model, str(tmp_path / "m"), enc.load_encoder_tokenizer(source).to_str())
+    config_path = tmp_path / "m" / im.ENCODER_DIR / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert {p.dtype for p in im.load_model(str(tmp_path / "m")).parameters()} == {torch.float32}

@@ -114,6 +114,16 @@ def test_same_seed_same_weights_and_caller_rng_untouched() -> None:
     assert torch.equal(a["model.norm.weight"], torch.ones(TINY.d_model))
 
 
+def test_init_draws_on_cpu_under_a_default_device_context() -> None:
+    """``with torch.device("cuda"): build_model(...)`` must not send the redraws of the truncated normal to the GPU,
+    where the CPU generator cannot sample; a meta default device stands in for CUDA on a CPU-only machine."""
+    expected = lm.build_model(TINY, seed=3)
+    model = lm.build_model(TINY, seed=0)
+    with torch.device("meta"):
+        lm.model.init_open_lm_(model, TINY, seed=3)
+    _assert_bitwise_equal(_state(model), _state(expected))
+
+
 # --- loss ---------------------------------------------------------------------------------------------------
 
 
@@ -217,6 +227,38 @@ def test_grad_clipping_reports_pre_clip_norm_and_bounds_the_update(tiny) -> None
     step_norm = torch.sqrt(sum((p.detach() - b).double().pow(2).sum() for p, b in zip(model.parameters(), before,
                                                                                        strict=True))).item()
     assert step_norm == pytest.approx(clip, rel=1e-3)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_micro_batches_give_the_whole_batch_update(tiny, masked: bool) -> None:
+    """Gradient accumulation over passes of 1 or 3 rows equals one pass over the batch (SGD with lr 1, no clip,
+    so the update is the gradient); with a mask each pass weighs by its target tokens, and an all-padding row
+    (a pass with nothing to score) is skipped."""
+    cfg = _cfg(grad_clip=0.0, z_loss=1e-2)
+    batch = _tokens(4, 17, 11)
+    mask = None
+    if masked:
+        mask = torch.ones_like(batch, dtype=torch.bool)
+        mask[0, 5:] = False
+        mask[2, :] = False
+        mask[3, 12:] = False
+    results, weights = {}, {}
+    for micro in (None, 3, 1):
+        model = copy.deepcopy(tiny)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        results[micro] = lm.train_step(model, sgd, batch, cfg, loss_mask=mask, micro_batch=micro)
+        weights[micro] = _state(model)
+    for micro in (3, 1):
+        for key in ("loss", "ce", "grad_norm"):
+            assert results[micro][key] == pytest.approx(results[None][key], rel=1e-5), (micro, key)
+        for name, value in weights[None].items():
+            torch.testing.assert_close(weights[micro][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_default_micro_batch_is_the_whole_batch_off_cuda() -> None:
+    assert lm.default_micro_batch(2048, "cpu") is None
+    assert lm.default_micro_batch(2048, torch.device("cuda")) == lm.CUDA_MICRO_BATCH_TOKENS // 2048
+    assert lm.default_micro_batch(10**6, "cuda:1") == 1
 
 
 def test_pretrain_returns_a_loss_curve_on_schedule(tiny) -> None:

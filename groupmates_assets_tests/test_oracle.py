@@ -125,3 +125,11 @@ def test_block_runs_the_same_in_one_process_or_in_replica_workers(checkpoint, tm
         tables[workers] = pq.read_table([Storage(job.storage_root).path(job.part_path(n)) for n in range(job.parts)])
         assert oracle_lib.run_block(job, [], workers) is None  # nothing pending: nothing runs
     assert tables[1].sort_by("trajectory_id").equals(tables[2].sort_by("trajectory_id"))
+
+
+def test_replicas_spread_over_gpus_only_when_the_device_is_left_open():
+    assert [oracle_lib.replica_device(None, r, 4) for r in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3",
+                                                                          "cuda:0"]
+    assert oracle_lib.replica_device(None, 3, 1) is None  # one GPU (or none): lm.default_device()
+    assert oracle_lib.replica_device(None, 3, 0) is None
+    assert oracle_lib.replica_device("cpu", 3, 4) == "cpu"  # an explicit device wins

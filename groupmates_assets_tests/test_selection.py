@@ -101,6 +101,20 @@ def test_determinism_and_empty_input():
     assert len(empty) == 0
 
 
+def test_low_precision_working_dtype_returns_float32_scores():
+    """bfloat16 (a natural GPU choice) has no NumPy dtype: the CPU Gram falls back to torch and the predicted
+    scores leave as float32; torch inputs work as NumPy ones do."""
+    import torch
+
+    h, u, clusters = _pool()
+    budgets = sel.cluster_budgets(np.bincount(clusters), 0.5)
+    low = sel.select_in_clusters(torch.from_numpy(h), torch.from_numpy(u), clusters, budgets, 1.0, 1.0,
+                                 dtype=torch.bfloat16)
+    assert low.predicted.dtype == np.float32 and np.isfinite(low.predicted).all()
+    assert np.array_equal(np.bincount(low.cluster, minlength=len(budgets)), budgets)
+    assert len(set(low.rows.tolist())) == len(low)
+
+
 def test_budget_and_cluster_count_validation():
     with pytest.raises(ValueError, match="ratio"):
         sel.cluster_budgets(np.array([4]), 0.0)

@@ -81,7 +81,8 @@ tokenized_corpus_job = dg.define_asset_job(
 
 pretrain_job = dg.define_asset_job(
     "pretrain_job", selection=["pretrain_checkpoints"], partitions_def=selection_methods,
-    description="Train the target LM from scratch on one method's tokenized corpus (resumes from its last checkpoint).",
+    description="Train the target LM on one method's tokenized corpus, every seed (stage 2 from the probe checkpoint "
+    "with S = 2, from scratch with S = 1); resumes from the last checkpoints.",
 )
 
 evaluation_job = dg.define_asset_job(
@@ -89,8 +90,13 @@ evaluation_job = dg.define_asset_job(
     description="Evaluate the LM trained on one method's corpus on offline tasks and held-out text.",
 )
 
+selection_report_job = dg.define_asset_job(
+    "selection_report_job", selection=["selection_report"],
+    description="Compare Group-MATES with random, MATES and fastText-only selection at equal tokens.",
+)
+
 ALL_JOBS = [embedded_pool_job, register_pool_shards_job, quality_classifier_job, filter_pool_job, filter_shards_job,
             filtered_pool_summary_job, tokenize_shards_job, oracle_inputs_job, oracle_random_job,
             influence_model_init_job, oracle_bootstrap_job, influence_models_job, pool_predictions_job,
             cluster_centroids_job, cluster_assignments_job, select_documents_job, baselines_job, selected_corpus_job,
-            tokenized_corpus_job, pretrain_job, evaluation_job]
+            tokenized_corpus_job, pretrain_job, evaluation_job, selection_report_job]

@@ -181,10 +181,27 @@ class BlockJob:
 _WORKER: dict[str, object] = {}
 
 
-def _init_worker(job: BlockJob) -> None:
-    """Load the checkpoint once per process; every trajectory then restores from the in-memory snapshot."""
+def replica_device(device: str | None, replica: int, gpus: int) -> str | None:
+    """Where replica ``replica`` (0-based) runs: ``device`` when one is set or the machine has at most one GPU
+    (None: ``lm.default_device()``), else GPU ``replica mod gpus``, so replicas spread over every card instead
+    of all landing on cuda:0."""
+    if device is None and gpus > 1:
+        return f"cuda:{replica % gpus}"
+    return device
+
+
+def _init_worker(job: BlockJob, counter=None) -> None:
+    """Load the checkpoint once per process; every trajectory then restores from the in-memory snapshot.
+    ``counter`` (a shared ``multiprocessing.Value``) numbers the replica processes of a pool."""
     torch.set_num_threads(job.torch_threads)
-    model, optimizer, state = lm.load_checkpoint(job.checkpoint_dir, job.device)
+    device = job.device
+    if counter is not None:
+        with counter.get_lock():
+            replica, counter.value = counter.value, counter.value + 1
+        device = replica_device(device, replica, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            torch.cuda.set_device(device)  # no stray context (and kernels) on cuda:0 for a replica elsewhere
+    model, optimizer, state = lm.load_checkpoint(job.checkpoint_dir, device)
     pool = np.load(job.pool_path, mmap_mode="r", allow_pickle=False)
     _WORKER["job"] = job
     _WORKER["collector"] = OracleCollector(model, optimizer, lm.ReferenceBatch(job.reference_examples), pool,
@@ -209,8 +226,9 @@ def run_block(job: BlockJob, parts: Sequence[int], workers: int = 1,
     """Run the given parts of a block; returns the base reference loss (None when there was nothing to run).
 
     With ``workers > 1`` the parts are spread over that many replica processes, each with its own model and
-    optimizer copy (on one GPU this overlaps many small single-sequence steps; on a CPU it trades threads for
-    processes). Each part is written atomically as soon as it is done, so progress survives a kill.
+    optimizer copy (on one GPU this overlaps many small single-sequence steps; with several GPUs and no
+    ``job.device`` the replicas go round-robin over them; on a CPU it trades threads for processes). Each part is
+    written atomically as soon as it is done, so progress survives a kill.
     """
     if not parts:
         return None
@@ -223,8 +241,9 @@ def run_block(job: BlockJob, parts: Sequence[int], workers: int = 1,
     else:
         import multiprocessing
 
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(parts)), initializer=_init_worker,
-                                                         initargs=(job,))
+        # spawn, never fork: a forked child cannot use CUDA once the parent has initialised it.
+        ctx = multiprocessing.get_context("spawn")
+        pool = ctx.Pool(min(workers, len(parts)), initializer=_init_worker, initargs=(job, ctx.Value("i", 0)))
         results = pool.imap_unordered(_run_part, parts)
     try:
         for _number, count, loss in results:

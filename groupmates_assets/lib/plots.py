@@ -57,6 +57,29 @@ def line_png(xs: Sequence[float], ys: Sequence[float], title: str, xlabel: str, 
     return out[0]
 
 
+PALETTE = (BLUE, RED, "#2e933c", "#f4a259", "#7b2cbf", "#555555")
+
+
+def lines_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str,
+              bands: dict[str, Sequence[float]] | None = None, hline: tuple[float, str] | None = None) -> bytes:
+    """Several labelled lines on one axes (one per method or seed); ``bands`` adds a +-spread around a line;
+    ``hline`` draws a dashed reference level with its label."""
+    out: list[bytes] = []
+    with _figure(title, xlabel, ylabel, out) as ax:
+        for (label, (xs, ys)), color in zip(series.items(), itertools.cycle(PALETTE)):
+            ax.plot(xs, ys, color=color, linewidth=1.2, label=label, marker="o" if len(xs) <= 12 else None,
+                    markersize=3)
+            if bands and label in bands:
+                spread = bands[label]
+                ax.fill_between(xs, [y - s for y, s in zip(ys, spread, strict=True)],
+                                [y + s for y, s in zip(ys, spread, strict=True)], color=color, alpha=0.15)
+        if hline is not None:
+            ax.axhline(hline[0], color="#999999", linestyle="--", linewidth=1, label=hline[1])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return out[0]
+
+
 def png_markdown(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 

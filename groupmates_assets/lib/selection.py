@@ -62,9 +62,11 @@ def select_in_clusters(h: np.ndarray | torch.Tensor, u: np.ndarray | torch.Tenso
                        device: str | torch.device = "cpu", max_elements: int = 1 << 26,
                        dtype: torch.dtype = torch.float32) -> ClusterSelection:
     """Greedy selection inside every cluster. ``clusters[i]`` is row i's cluster id; rows of one cluster are
-    taken in their given order (pass them sorted by doc_id). ``budgets[c]`` documents are chosen in cluster c."""
-    h = torch.as_tensor(np.asarray(h)).to(device=device, dtype=dtype)
-    u = torch.as_tensor(np.asarray(u)).to(device=device, dtype=dtype)
+    taken in their given order (pass them sorted by doc_id). ``budgets[c]`` documents are chosen in cluster c.
+    h and u stay in host memory; only one padded batch of clusters at a time goes to ``device``, so a GPU never
+    holds the whole pool. ``predicted`` is float32 for a half-precision ``dtype`` (NumPy has no bfloat16)."""
+    h = torch.as_tensor(h).detach().to(device="cpu", dtype=dtype)
+    u = torch.as_tensor(u).detach().to(device="cpu", dtype=dtype)
     clusters = np.asarray(clusters, dtype=np.int64)
     ids, sizes = np.unique(clusters, return_counts=True)
     members = np.split(np.argsort(clusters, kind="stable"), np.cumsum(sizes)[:-1]) if len(ids) else []
@@ -74,7 +76,7 @@ def select_in_clusters(h: np.ndarray | torch.Tensor, u: np.ndarray | torch.Tenso
     out_rows, out_cluster, out_rank, out_pred = [], [], [], []
     for batch in _cluster_batches(sizes, max_elements):
         rows, picked, scores = _select_batch([members[i] for i in batch], wanted[batch], h, u, alpha, tau,
-                                              max_elements)
+                                              max_elements, torch.device(device))
         for position, cluster_index in enumerate(batch):
             count = int(wanted[cluster_index])
             out_rows.append(rows[position][picked[position, :count]])
@@ -90,29 +92,31 @@ def select_in_clusters(h: np.ndarray | torch.Tensor, u: np.ndarray | torch.Tenso
 
 
 def _select_batch(members: Sequence[np.ndarray], budgets: np.ndarray, h: torch.Tensor, u: torch.Tensor,
-                  alpha: float, tau: float, max_elements: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """One padded batch of clusters stepped together; returns (member rows, picked positions, scores)."""
+                  alpha: float, tau: float, max_elements: int,
+                  device: torch.device) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """One padded batch of clusters stepped together on ``device`` (gathered from h, u on the host); returns
+    (member rows, picked positions, float32 scores)."""
     count, width = len(members), max(len(m) for m in members)
-    index = torch.zeros((count, width), dtype=torch.long, device=h.device)
-    valid = torch.zeros((count, width), dtype=torch.bool, device=h.device)
+    index = torch.zeros((count, width), dtype=torch.long)
+    valid = torch.zeros((count, width), dtype=torch.bool)
     for i, rows in enumerate(members):
-        index[i, :len(rows)] = torch.as_tensor(rows, device=h.device)
+        index[i, :len(rows)] = torch.as_tensor(rows)
         valid[i, :len(rows)] = True
-    emb = h[index] * valid[..., None]
+    emb = (h[index] * valid[..., None]).to(device)
+    uu, valid = u[index].to(device), valid.to(device)
     # [clusters, m, m]: every similarity the greedy steps will need, unless one cluster alone is too big for it.
     gram = batched_gram(emb) if count * width * width <= max_elements else None
-    uu = u[index]
     # score = alpha*u - (alpha*u/tau) * (similarity sum / step); +inf folded into the first term for padding and
     # for what is already picked, so a step is one fused multiply-add, one argmin and two small updates.
     masked_scale = torch.where(valid, alpha * uu, float("inf"))
     slope = alpha * uu / tau
-    similarity_sum = torch.zeros((count, width), device=h.device, dtype=h.dtype)
+    similarity_sum = torch.zeros((count, width), device=device, dtype=emb.dtype)
     steps = int(budgets.max()) if len(budgets) else 0
     everyone_until = int(budgets.min()) if len(budgets) else 0  # before this step every cluster is selecting
-    batch_rows = torch.arange(count, device=h.device)
+    batch_rows = torch.arange(count, device=device)
     row_offsets = batch_rows * width  # flat row index of (cluster, candidate) = cluster * width + candidate
     flat_gram = gram.view(count * width, width) if gram is not None else None
-    active_until = torch.as_tensor(budgets, device=h.device)
+    active_until = torch.as_tensor(budgets, device=device)
     choices, scores = [], []
     for step in range(steps):
         score = torch.where(valid, uu, float("inf")) if step == 0 else torch.addcmul(
@@ -134,12 +138,15 @@ def _select_batch(members: Sequence[np.ndarray], budgets: np.ndarray, h: torch.T
     if not choices:
         empty = np.zeros((count, 0))
         return list(members), empty.astype(np.int64), empty
-    return list(members), torch.stack(choices, 1).cpu().numpy(), torch.cat(scores, 1).cpu().numpy()
+    # numpy has no bfloat16: half-precision scores leave as float32 (float64 stays float64).
+    scores_out = torch.cat(scores, 1).to(torch.promote_types(emb.dtype, torch.float32))
+    return list(members), torch.stack(choices, 1).cpu().numpy(), scores_out.cpu().numpy()
 
 
 def batched_gram(emb: torch.Tensor) -> torch.Tensor:
-    """[C, m, m] Gram matrices in one batched matrix product (NumPy's on the CPU, where it is the faster one)."""
-    if emb.device.type == "cpu":
+    """[C, m, m] Gram matrices in one batched matrix product (NumPy's on the CPU, where it is the faster one, for
+    the dtypes NumPy has; torch's otherwise, e.g. bfloat16)."""
+    if emb.device.type == "cpu" and emb.dtype in (torch.float32, torch.float64):
         data = emb.numpy()
         return torch.from_numpy(np.matmul(data, data.transpose(0, 2, 1)))
     return emb @ emb.transpose(1, 2)

@@ -18,18 +18,23 @@ TOKENIZED_CORPUS_DIR = "tokenized_corpus"
 
 
 def token_budget(platform: PlatformResource) -> int:
-    """Tokens one training run reads: the corpus profile's budget, or the LM run's steps x batch x seq_len."""
+    """Tokens one training run reads from a selected corpus: the corpus profile's budget, else the steps trained
+    on selected data (S = 2: the LM run after the probe checkpoint; S = 1: the whole run) x batch x seq_len."""
     settings = platform.settings()
     if settings.corpus.token_budget is not None:
         return settings.corpus.token_budget
     shape = lm.get_shape(settings.lm.shape)
-    return settings.lm.total_steps * settings.lm.batch_size * shape.seq_len
+    steps = settings.lm.total_steps - (settings.lm.probe_steps if settings.pretrain.stages == 2 else 0)
+    if steps < 1:
+        raise dg.Failure(f"the probe checkpoint is at step {settings.lm.probe_steps} of {settings.lm.total_steps}: "
+                         "S = 2 leaves no steps for the selected data")
+    return steps * settings.lm.batch_size * shape.seq_len
 
 
 @dg.asset(
     partitions_def=selection_methods,
     group_name="corpus",
-    code_version="tokenized-corpus-v1",
+    code_version="tokenized-corpus-v2",
     deps=[dg.AssetDep(selected_corpus, partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy", "parquet"},
     check_specs=[dg.AssetCheckSpec(
@@ -38,8 +43,8 @@ def token_budget(platform: PlatformResource) -> int:
         "visits every context exactly once",
     )],
     description="One selection method's corpus as training data: its selected documents packed into contexts "
-    "of seq_len + 1 tokens (GPT-NeoX, EOT between documents) with lineage to doc_ids, and a training order of "
-    "seeded passes (repeated when the corpus holds fewer tokens than the budget), cut at the budget.",
+    "of seq_len + 1 tokens (GPT-NeoX, EOT between documents) with lineage to doc_ids, and one training order per "
+    "seed of seeded passes (repeated when the corpus holds fewer tokens than the budget), cut at the budget.",
 )
 def tokenized_corpus(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings()
@@ -65,35 +70,38 @@ def tokenized_corpus(context: dg.AssetExecutionContext, platform: PlatformResour
     usable = np.setdiff1d(np.arange(packed.n_contexts), [packed.pad_context])  # the padded tail is never trained on
     passes = corpus_lib.passes_needed(len(usable) * seq_len, budget)
     budget_contexts = -(-budget // seq_len)
-    order = usable[corpus_lib.training_order(len(usable), passes, tk.derive_seed(settings.corpus.seed, method),
-                                             budget_contexts)]
+    seeds = settings.pretrain.seeds
+    orders = np.stack([usable[corpus_lib.training_order(
+        len(usable), passes, tk.derive_seed(settings.corpus.seed + run, method), budget_contexts)]
+        for run in range(seeds)])
     corpus_fp = fingerprint(method=method, shards=shard_hashes, tokenizer=tk.tokenizer_fingerprint(tokenizer),
-                            context_len=packed.context_len, budget=budget, seed=settings.corpus.seed)
+                            context_len=packed.context_len, budget=budget, seed=settings.corpus.seed, seeds=seeds)
     out = f"{TOKENIZED_CORPUS_DIR}/{method}/{corpus_fp}"
     contexts = storage.write_numpy(f"{out}/contexts.npy", packed.tokens)
     lineage = packed.lineage_table()
     storage.write_parquet(f"{out}/lineage.parquet", lineage)
-    order_info = storage.write_numpy(f"{out}/order.npy", order.astype(np.int64))
-    complete = len(order) // len(usable) if len(usable) else 0
+    order_info = storage.write_numpy(f"{out}/orders.npy", orders.astype(np.int64))
+    complete = orders.shape[1] // len(usable) if len(usable) else 0
     passes_ok = all(np.array_equal(np.sort(order[p * len(usable):(p + 1) * len(usable)]), usable)
-                    for p in range(complete))
+                    for order in orders for p in range(complete))
     documents_packed = len(set(lineage.column("doc_id").to_pylist()))
     passed = (passes_ok and documents_packed == len(doc_ids) == len(set(doc_ids))
               and packed.tokens.size == packed.total_tokens + packed.pad_tokens)
     manifest = {"method": method, "fingerprint": corpus_fp, "documents": len(doc_ids), "tokens": packed.total_tokens,
                 "contexts": packed.n_contexts, "usable_contexts": len(usable), "pad_context": packed.pad_context,
                 "context_len": packed.context_len,
-                "token_budget": budget, "passes": passes, "training_contexts": len(order),
-                "shards": shard_hashes, "contexts_sha256": contexts.sha256, "order_sha256": order_info.sha256}
+                "token_budget": budget, "passes": passes, "training_contexts": orders.shape[1], "seeds": seeds,
+                "shards": shard_hashes, "contexts_sha256": contexts.sha256, "orders_sha256": order_info.sha256}
     storage.write_json(f"{out}/manifest.json", manifest)
     storage.write_json(f"{TOKENIZED_CORPUS_DIR}/{method}/current.json", {"fingerprint": corpus_fp, "path": out})
     context.log.info(f"{method}: {len(doc_ids):,} documents -> {packed.total_tokens:,} tokens -> {packed.n_contexts:,} "
-                     f"contexts; {passes} pass(es), {len(order):,} contexts for a budget of {budget:,} tokens")
+                     f"contexts; {passes} pass(es), {orders.shape[1]:,} contexts for a budget of {budget:,} tokens, "
+                     f"{seeds} seed(s)")
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": packed.n_contexts, "documents": len(doc_ids), "tokens": packed.total_tokens,
             "contexts": packed.n_contexts, "token_budget": budget, "passes": passes,
-            "training_contexts": len(order),
+            "training_contexts": orders.shape[1], "seeds": seeds,
             "tokens_per_second": round(packed.total_tokens / seconds, 1) if seconds > 0 else None,
             "fingerprint": corpus_fp, "path": dg.MetadataValue.path(storage.url(out)),
         },

@@ -1,21 +1,24 @@
 """Evaluation stage: each method's pretrained LM on offline multiple-choice tasks and held-out text."""
 
+import dataclasses
 import io
 import json
 import time
+from typing import Any
 
 import dagster as dg
 import numpy as np
 import torch
 import zstandard
 
-from groupmates_assets.defs.common import finite
+from groupmates_assets.defs.common import fingerprint, finite
 from groupmates_assets.defs.partitions import selection_methods
-from groupmates_assets.defs.pretrain.assets import PRETRAIN_DIR, load_checkpoint_from, pretrain_checkpoints
+from groupmates_assets.defs.pretrain.assets import PRETRAIN_DIR, pretrain_checkpoints
 from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
 from groupmates_assets.lib import evaluation as ev
 from groupmates_assets.lib import lm
 from groupmates_assets.lib import tokenization as tk
+from groupmates_assets.lib.pretraining import load_weights_from
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import EvalProfile
 
@@ -43,15 +46,41 @@ def heldout_texts(storage: Storage, settings: EvalProfile) -> tuple[list[str], s
     return [texts[i] for i in chosen], path
 
 
+def _summary(values: list[float | None]) -> dict[str, Any]:
+    """Mean and (population) standard deviation over seeds, with the values; None where nothing is finite."""
+    finite_values = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not finite_values:
+        return {"mean": None, "std": None, "values": values}
+    return {"mean": float(np.mean(finite_values)), "std": float(np.std(finite_values)), "values": values}
+
+
+def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalProfile, tokenizer, texts: list[str],
+                        device) -> dict[str, Any]:
+    """Tasks and held-out text for one stored checkpoint."""
+    model, state = load_weights_from(storage, checkpoint, device)
+    model.eval()
+    batch_tokens = 65_536 if torch.device(device).type == "cuda" else 4096  # tokens per forward pass
+    result = ev.evaluate_tasks(model, tokenizer, list(eval_settings.tasks) if eval_settings.tasks else None,
+                               limit_per_task=eval_settings.limit_per_task, seed=eval_settings.seed, device=device,
+                               max_tokens_per_batch=batch_tokens)
+    loss, bpb = ev.bits_per_byte(model, tokenizer, texts, device=device, max_tokens_per_batch=batch_tokens) \
+        if texts else (None, None)
+    return {"checkpoint": checkpoint, "step": state["step"], "tokens_seen": state["extra"].get("tokens_seen"),
+            **result.to_dict(), "heldout_loss": loss, "bits_per_byte": bpb,
+            "tasks_markdown": result.to_markdown()}
+
+
 @dg.asset(
     partitions_def=selection_methods,
     group_name="evaluation",
-    code_version="evaluation-v1",
+    code_version="evaluation-v2",
     deps=[pretrain_checkpoints],
     kinds={"pytorch"},
-    description="The final checkpoint trained on one method's corpus, zero-shot on offline multiple-choice tasks "
-    "(rank classification by per-token log-likelihood; DCLM-core-style centered accuracy (acc - random) / "
-    "(1 - random), averaged) and on held-out text (loss, bits per byte).",
+    description="Every checkpoint of every seed trained on one method's corpus (or only the last, with "
+    "evaluation.every_checkpoint off), zero-shot on offline multiple-choice tasks (rank classification by "
+    "per-token log-likelihood; DCLM-core-style centered accuracy (acc - random) / (1 - random), averaged) and on "
+    "held-out text (loss, bits per byte); mean and spread over seeds at the final step. Evaluated checkpoints "
+    "are kept, so a rerun only evaluates new ones.",
 )
 def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings()
@@ -62,25 +91,51 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
         raise dg.Failure(f"no pretrained checkpoint for {method}; materialize pretrain_checkpoints first")
     current = storage.read_json(current_path)
     device = lm.default_device()
-    model, _, state = load_checkpoint_from(storage, current["final"], device)
-    model.eval()
     tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
-    started = time.perf_counter()
-    result = ev.evaluate_tasks(model, tokenizer, list(eval_settings.tasks) if eval_settings.tasks else None,
-                               limit_per_task=eval_settings.limit_per_task, seed=eval_settings.seed, device=device)
     texts, heldout = heldout_texts(storage, eval_settings)
-    loss, bpb = ev.bits_per_byte(model, tokenizer, texts, device=device) if texts else (None, None)
-    seconds = time.perf_counter() - started
-    report = {"method": method, "checkpoint": current["final"], "step": state["step"],
-              "tokens_seen": state["extra"].get("tokens_seen"), **result.to_dict(),
-              "heldout": {"path": heldout, "documents": len(texts), "loss": loss, "bits_per_byte": bpb}}
+    eval_fp = fingerprint(settings=dataclasses.asdict(eval_settings), heldout=heldout,
+                          heldout_sha=storage.info(heldout).sha256 if heldout else None)
+    started, runs, evaluated = time.perf_counter(), [], 0
+    for run in current["runs"]:
+        steps = run["checkpoints"] if eval_settings.every_checkpoint else run["checkpoints"][-1:]
+        points = []
+        for step in steps:
+            cached = f"{EVALUATION_DIR}/{method}/{eval_fp}/{run['path'].rsplit('/', 2)[-2]}/seed-{run['seed']}/" \
+                     f"step-{step:06d}.json"
+            if not storage.exists(cached):
+                point = evaluate_checkpoint(storage, f"{run['path']}/step-{step:06d}", eval_settings, tokenizer, texts,
+                                            device)
+                storage.write_json(cached, finite(point))
+                evaluated += 1
+                context.log.info(f"{method} seed {run['seed']} step {step}: core centered "
+                                 f"{point['core_centered']:.4f}, bits per byte {point['bits_per_byte']}")
+            points.append(storage.read_json(cached))
+        runs.append({"seed": run["seed"], "points": points})
+    finals = [r["points"][-1] for r in runs]
+    tasks = sorted(finals[0]["tasks"])
+    report = {"method": method, "pretrain_fingerprint": current["fingerprint"], "evaluation_fingerprint": eval_fp,
+              "stages": current.get("stages"), "heldout": {"path": heldout, "documents": len(texts)},
+              "final": {"step": finals[0]["step"], "tokens_seen": finals[0]["tokens_seen"],
+                        "core_centered": _summary([p["core_centered"] for p in finals]),
+                        "bits_per_byte": _summary([p["bits_per_byte"] for p in finals]),
+                        "heldout_loss": _summary([p["heldout_loss"] for p in finals]),
+                        "tasks": {t: _summary([p["tasks"][t]["centered"] for p in finals]) for t in tasks}},
+              "runs": [{"seed": r["seed"], "points": [{k: p[k] for k in ("step", "tokens_seen", "core_centered",
+                                                                          "bits_per_byte", "heldout_loss")}
+                                                      for p in r["points"]]} for r in runs]}
     info = storage.write_json(f"{EVALUATION_DIR}/{method}.json", finite(report))
-    context.log.info(f"{method}: core centered accuracy {result.core_centered:.4f}"
-                     + (f", held-out bits per byte {bpb:.4f}" if bpb is not None else ""))
+    final = report["final"]
+    context.log.info(f"{method}: core centered accuracy {final['core_centered']['mean']:.4f} "
+                     f"(± {final['core_centered']['std']:.4f} over {len(runs)} seed(s))")
     return dg.MaterializeResult(metadata={
-        "core_centered": finite(float(result.core_centered)), "bits_per_byte": finite(bpb),
-        "heldout_loss": finite(loss), "heldout_documents": len(texts),
-        "tasks": dg.MetadataValue.md(result.to_markdown()), "step": state["step"],
-        "tokens_seen": state["extra"].get("tokens_seen"), "seconds": round(seconds, 1), "device": str(device),
+        "core_centered": finite(final["core_centered"]["mean"]),
+        "core_centered_std": finite(final["core_centered"]["std"]),
+        "bits_per_byte": finite(final["bits_per_byte"]["mean"]),
+        "bits_per_byte_std": finite(final["bits_per_byte"]["std"]),
+        "heldout_loss": finite(final["heldout_loss"]["mean"]), "heldout_documents": len(texts),
+        "seeds": len(runs), "checkpoints_evaluated_now": evaluated,
+        "tasks": dg.MetadataValue.md(finals[0]["tasks_markdown"] + f"\n\n(seed {runs[0]['seed']}, final step)"),
+        "step": final["step"], "tokens_seen": final["tokens_seen"],
+        "seconds": round(time.perf_counter() - started, 1), "device": str(device),
         "path": dg.MetadataValue.path(info.path),
     })

@@ -40,16 +40,18 @@ def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResour
     if pool.context_len != shape.seq_len + 1:
         raise dg.Failure(f"tokenized contexts hold {pool.context_len} tokens but the {shape.name} LM needs "
                          f"{shape.seq_len + 1}: re-materialize tokenized_pool_shard")
-    steps = max(1, round(profile.probe_fraction * profile.total_steps))
+    steps = profile.probe_steps
     device = lm.default_device()
     model = lm.build_model(shape, seed=profile.seed, device=device)
     optimizer = lm.make_optimizer(model, cfg)
+    micro_batch = lm.default_micro_batch(shape.seq_len, device)  # a 411m batch of 512 does not fit one pass
     context.log.info(f"pretraining {shape.name} ({lm.param_count(shape):,} parameters) on {device} for {steps} of "
-                     f"{profile.total_steps} steps, {profile.batch_size} x {shape.seq_len + 1} tokens per step")
+                     f"{profile.total_steps} steps, {profile.batch_size} x {shape.seq_len + 1} tokens per step"
+                     + (f" in passes of {micro_batch}" if micro_batch and micro_batch < profile.batch_size else ""))
     started = time.perf_counter()
     curve = lm.pretrain(
         model, optimizer, (batch.to(device) for batch in pool.batches(profile.batch_size, profile.seed)), cfg,
-        steps=steps, log_every=max(1, steps // 10),
+        steps=steps, log_every=max(1, steps // 10), micro_batch=micro_batch,
         log=lambda r: context.log.info(f"step {r['step']}/{steps}: loss {r['loss']:.3f}, lr {r['lr']:.2e}, "
                                        f"{r['tokens_seen']:,} tokens, {time.perf_counter() - started:.0f} s"),
     )

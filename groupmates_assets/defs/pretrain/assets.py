@@ -1,5 +1,13 @@
-"""Pretraining stage: the target LM trained from scratch on each method's tokenized corpus, resumable."""
+"""Pretraining stage: the target LM on each method's tokenized corpus, for every seed, resumable.
 
+With S = 2 (the paper) each run continues the LM run of the probe checkpoint (stage 1, on the filtered pool) on
+the method's selected data up to the run's last step; with S = 1 it trains from scratch on the selected data.
+Runs execute in this process, or under torchrun (one data-parallel process per device) launched through Dagster
+Pipes, whose rank 0 reports back; both write the same checkpoints, so either can resume the other.
+"""
+
+import os
+import sys
 import tempfile
 import time
 
@@ -7,104 +15,142 @@ import dagster as dg
 import numpy as np
 import torch
 
+from groupmates_assets.defs.common import fingerprint
 from groupmates_assets.defs.corpus.assets import TOKENIZED_CORPUS_DIR, tokenized_corpus
-from groupmates_assets.defs.lm.assets import CHECKPOINT_FILES, optim_config
+from groupmates_assets.defs.lm.assets import CHECKPOINT_DIR, optim_config, probe_checkpoint
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import lm, plots
+from groupmates_assets.lib import pretraining as pt
 from groupmates_assets.lib.storage import Storage
 
 PRETRAIN_DIR = "pretrain"
 
 
-def corpus_batches(tokens: np.ndarray, order: np.ndarray, batch_size: int, start_step: int):
-    """[B, L+1] int64 batches in the corpus' training order, from optimizer step ``start_step`` on, so a resumed
-    run reads exactly the batches an uninterrupted one would have."""
-    for start in range(start_step * batch_size, len(order) - batch_size + 1, batch_size):
-        yield torch.from_numpy(np.asarray(tokens[order[start:start + batch_size]]).astype(np.int64))
+def run_specs(platform: PlatformResource, method: str) -> tuple[str, list[pt.RunSpec]]:
+    """(fingerprint, one spec per seed) of ``method``'s runs under the active profile."""
+    storage, settings = platform.storage(), platform.settings()
+    profile, stages = settings.lm, settings.pretrain.stages
+    current = storage.read_json(f"{TOKENIZED_CORPUS_DIR}/{method}/current.json")
+    orders_path = f"{current['path']}/orders.npy"
+    orders = storage.read_numpy(orders_path)
+    if orders.shape[0] < settings.pretrain.seeds:
+        raise dg.Failure(f"the {method} corpus holds training orders for {orders.shape[0]} seeds but "
+                         f"pretrain.seeds is {settings.pretrain.seeds}: rematerialize tokenized_corpus")
+    start = profile.probe_steps if stages == 2 else 0
+    steps = orders.shape[1] // profile.batch_size
+    cfg = lm.OptimConfig(**{**optim_config(profile).to_dict(), "total_steps": start + steps})
+    probe_sha = None
+    if stages == 2:
+        if not storage.exists(f"{CHECKPOINT_DIR}/trainer_state.json"):
+            raise dg.Failure("S = 2 continues the probe checkpoint's run: materialize probe_checkpoint first")
+        probe_sha = storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256
+    shape = lm.get_shape(profile.shape)
+    run_fp = fingerprint(corpus=current["fingerprint"], stages=stages, probe=probe_sha, shape=shape.to_dict(),
+                         optim=cfg.to_dict(), batch_size=profile.batch_size, seed=profile.seed)
+    specs = [pt.RunSpec(
+        run_dir=f"{PRETRAIN_DIR}/{method}/{run_fp}/seed-{seed}", contexts_path=f"{current['path']}/contexts.npy",
+        orders_path=orders_path, seed_index=seed, shape=shape.to_dict(), optim=cfg.to_dict(),
+        batch_size=profile.batch_size, start_step=start, init_checkpoint=CHECKPOINT_DIR if stages == 2 else None,
+        init_seed=profile.seed, checkpoint_every=settings.pretrain.checkpoint_every,
+        extra={"method": method, "corpus": current, "stages": stages, "probe_model_sha256": probe_sha},
+    ) for seed in range(settings.pretrain.seeds)]
+    return run_fp, specs
 
 
-def latest_checkpoint(storage: Storage, run_dir: str) -> int:
-    """The last step with a complete checkpoint (trainer_state.json is written last), or 0."""
-    steps = [int(name.split("-")[1]) for name in storage.list(run_dir) if name.startswith("step-")
-             and storage.exists(f"{run_dir}/{name}/trainer_state.json")]
-    return max(steps, default=0)
+def _run_torchrun(context: dg.AssetExecutionContext, platform: PlatformResource, spec: pt.RunSpec) -> dict:
+    """One run under torchrun through Dagster Pipes; returns rank 0's report."""
+    settings = platform.settings()
+    gpus = settings.pretrain.gpus_per_run
+    with tempfile.TemporaryDirectory(prefix="groupmates-run-") as tmp:
+        spec_path = os.path.join(tmp, "run.json")
+        with open(spec_path, "w", encoding="utf-8") as handle:
+            handle.write(spec.to_json())
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+                   "-m", "groupmates_assets.workers.torchrun_pretrain", "--spec", spec_path,
+                   "--storage-root", platform.storage_root]
+        if not torch.cuda.is_available():
+            command += ["--device", "cpu", "--threads", str(max(1, settings.lm.torch_threads // gpus))]
+        invocation = dg.PipesSubprocessClient().run(command=command, context=context)
+    reports = invocation.get_custom_messages()
+    if not reports:
+        raise dg.Failure(f"torchrun finished without a report from rank 0 for {spec.run_dir}")
+    return reports[-1]
 
 
-def _save(storage: Storage, run_dir: str, model, optimizer, shape, cfg, step: int, extra: dict) -> str:
-    with tempfile.TemporaryDirectory(prefix="groupmates-pretrain-") as tmp:
-        lm.save_checkpoint(tmp, model, optimizer, shape, cfg, step, extra)
-        target = f"{run_dir}/step-{step:06d}"
-        storage.remove(f"{target}/trainer_state.json")  # completion marker goes last (CHECKPOINT_FILES ends with it)
-        storage.put_dir(tmp, target, CHECKPOINT_FILES)
-    return target
+def _train_all(context: dg.AssetExecutionContext, platform: PlatformResource, specs: list[pt.RunSpec]) -> list[dict]:
+    settings, storage = platform.settings(), platform.storage()
+    torch.set_num_threads(settings.lm.torch_threads)
+    reports, device = [], lm.default_device()
+    where = f"torchrun x {settings.pretrain.gpus_per_run}" if settings.pretrain.uses_torchrun else str(device)
+    for spec in specs:
+        if pt.latest_checkpoint(storage, spec.run_dir) >= spec.total_steps:
+            context.log.info(f"{spec.run_dir}: complete, nothing to train")
+            reports.append({"run_dir": spec.run_dir, "resumed_from": spec.total_steps, "seconds": 0.0,
+                            "tokens_per_second": None})
+            continue
+        context.log.info(f"{spec.run_dir}: steps {spec.start_step} -> {spec.total_steps} ({where})")
+        if settings.pretrain.uses_torchrun:
+            reports.append(_run_torchrun(context, platform, spec))
+        else:
+            result = pt.run_training(storage, spec, device, log=context.log.info)
+            reports.append({"run_dir": result.run_dir, "resumed_from": result.resumed_from,
+                            "seconds": round(result.seconds, 2), "tokens_per_second": result.tokens_per_second})
+    return reports
 
 
-def load_checkpoint_from(storage: Storage, checkpoint_dir: str, device):
-    """(model, optimizer, state) of a stored checkpoint, through a local copy (works for any storage root)."""
-    with storage.local_dir(checkpoint_dir, CHECKPOINT_FILES) as local:
-        return lm.load_checkpoint(local, device)
+def _curves_png(storage: Storage, specs: list[pt.RunSpec], method: str) -> bytes:
+    series = {}
+    for spec in specs:
+        curve = storage.read_json(f"{spec.run_dir}/{pt.CURVE_FILE}")
+        series[f"seed {spec.seed_index}"] = ([r["step"] for r in curve], [r["loss"] for r in curve])
+    return plots.lines_png(series, f"{method}: training loss", "step", "loss (CE + z-loss)")
 
 
 @dg.asset(
     partitions_def=selection_methods,
     group_name="pretrain",
-    code_version="pretrain-v1",
-    deps=[tokenized_corpus],
+    code_version="pretrain-v2",
+    deps=[tokenized_corpus, probe_checkpoint],
     kinds={"pytorch", "safetensors"},
-    description="The target LM trained from scratch on one method's tokenized corpus at the shared token budget, "
-    "with checkpoints (weights, optimizer state, step, tokens) every corpus.checkpoint_every steps; a killed run "
-    "resumes from its last complete checkpoint and reads exactly the batches it would have read.",
+    description="The target LM trained on one method's tokenized corpus at the shared token budget, once per seed: "
+    "with S = 2 the probe checkpoint's run continues on the selected data (stage 2), with S = 1 a run starts from "
+    "scratch. Checkpoints (weights, optimizer state, step, tokens) every pretrain.checkpoint_every steps; a killed "
+    "run resumes from its last complete checkpoint and reads exactly the batches it would have read. "
+    "pretrain.gpus_per_run > 1 runs torchrun through Dagster Pipes.",
 )
 def pretrain_checkpoints(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings()
-    method, profile = context.partition_key, settings.lm
-    torch.set_num_threads(profile.torch_threads)
-    current = storage.read_json(f"{TOKENIZED_CORPUS_DIR}/{method}/current.json")
-    tokens = storage.read_numpy(f"{current['path']}/contexts.npy")
-    order = np.asarray(storage.read_numpy(f"{current['path']}/order.npy"))
-    shape = lm.get_shape(profile.shape)
-    if tokens.shape[1] != shape.seq_len + 1:
-        raise dg.Failure(f"the {method} corpus holds contexts of {tokens.shape[1]} tokens but the {shape.name} LM "
-                         f"needs {shape.seq_len + 1}: rematerialize tokenized_corpus")
-    steps = len(order) // profile.batch_size
-    cfg = lm.OptimConfig(**{**optim_config(profile).to_dict(), "total_steps": steps})
-    run_dir = f"{PRETRAIN_DIR}/{method}/{current['fingerprint']}"
-    device = lm.default_device()
-    resumed_from = latest_checkpoint(storage, run_dir)
-    if resumed_from:
-        model, optimizer, _ = load_checkpoint_from(storage, f"{run_dir}/step-{resumed_from:06d}", device)
-        context.log.info(f"{method}: resuming from step {resumed_from} of {steps}")
-    else:
-        model = lm.build_model(shape, seed=profile.seed, device=device)
-        optimizer = lm.make_optimizer(model, cfg)
-    history = storage.read_json(f"{run_dir}/curve.json") if resumed_from and storage.exists(
-        f"{run_dir}/curve.json") else []
-    history = [r for r in history if r["step"] <= resumed_from]
-    every = max(1, settings.corpus.checkpoint_every)
-    started, step, checkpoints = time.perf_counter(), resumed_from, []
-    batches = corpus_batches(tokens, order, profile.batch_size, resumed_from)
-    while step < steps:
-        chunk = min(every - step % every, steps - step)
-        curve = lm.pretrain(model, optimizer, (b.to(device) for b in batches), cfg, start_step=step, steps=chunk,
-                            tokens_seen=step * profile.batch_size * shape.seq_len)
-        history += curve
-        step = int(curve[-1]["step"])
-        target = _save(storage, run_dir, model, optimizer, shape, cfg, step,
-                       {"method": method, "tokens_seen": int(curve[-1]["tokens_seen"]), "corpus": current})
-        storage.write_json(f"{run_dir}/curve.json", history)
-        checkpoints.append(target)
-        context.log.info(f"{method}: step {step}/{steps}, loss {curve[-1]['loss']:.3f}, "
-                         f"{time.perf_counter() - started:.0f} s; checkpoint {target}")
-    storage.write_json(f"{PRETRAIN_DIR}/{method}/current.json", {"path": run_dir, "final": f"{run_dir}/step-"
-                                                                  f"{steps:06d}", "steps": steps})
-    png = plots.line_png([r["step"] for r in history], [r["loss"] for r in history], f"{method}: training loss",
-                         "step", "loss (CE + z-loss)") if history else b""
+    method = context.partition_key
+    run_fp, specs = run_specs(platform, method)
+    started = time.perf_counter()
+    reports = _train_all(context, platform, specs)
+    runs = []
+    for spec in specs:
+        steps = pt.saved_checkpoints(storage, spec.run_dir)
+        if not steps or steps[-1] != spec.total_steps:
+            raise dg.Failure(f"{spec.run_dir} ended without its final checkpoint (step {spec.total_steps})")
+        curve = storage.read_json(f"{spec.run_dir}/{pt.CURVE_FILE}")
+        runs.append({"seed": spec.seed_index, "path": spec.run_dir, "final": pt.checkpoint_dir(spec.run_dir, steps[-1]),
+                     "checkpoints": steps, "final_loss": curve[-1]["loss"], "tokens_seen": curve[-1]["tokens_seen"]})
+    spec = specs[0]
+    storage.write_json(f"{PRETRAIN_DIR}/{method}/current.json", {
+        "fingerprint": run_fp, "stages": settings.pretrain.stages, "start_step": spec.start_step,
+        "total_steps": spec.total_steps, "batch_size": spec.batch_size, "runs": runs})
+    final_losses = [r["final_loss"] for r in runs]
+    rates = [r["tokens_per_second"] for r in reports if r.get("tokens_per_second")]
     return dg.MaterializeResult(metadata={
-        "steps": steps, "resumed_from_step": resumed_from, "checkpoints": dg.MetadataValue.json(
-            sorted(n for n in storage.list(run_dir) if n.startswith("step-"))),
-        "tokens_seen": int(history[-1]["tokens_seen"]) if history else 0,
-        "final_loss": round(history[-1]["loss"], 4) if history else None, "device": str(device),
-        "loss_curve": dg.MetadataValue.md(plots.png_markdown(png, "loss curve")) if history else "",
-        "corpus_fingerprint": current["fingerprint"], "path": dg.MetadataValue.path(storage.url(run_dir)),
+        "stages": settings.pretrain.stages, "seeds": len(runs), "start_step": spec.start_step,
+        "final_step": spec.total_steps, "stage_steps": spec.total_steps - spec.start_step,
+        "tokens_seen": runs[0]["tokens_seen"],
+        "final_loss_mean": round(float(np.mean(final_losses)), 4),
+        "final_loss_std": round(float(np.std(final_losses)), 4),
+        "resumed_from_steps": dg.MetadataValue.json([r.get("resumed_from", 0) for r in reports]),
+        "seconds": round(time.perf_counter() - started, 1),
+        "tokens_per_second": round(float(np.mean(rates)), 1) if rates else None,
+        "launcher": "torchrun" if settings.pretrain.uses_torchrun else "in_process",
+        "device": str(lm.default_device()),
+        "checkpoints": dg.MetadataValue.json({f"seed-{r['seed']}": r["checkpoints"] for r in runs}),
+        "loss_curve": dg.MetadataValue.md(plots.png_markdown(_curves_png(storage, specs, method), "loss curves")),
+        "fingerprint": run_fp, "path": dg.MetadataValue.path(storage.url(f"{PRETRAIN_DIR}/{method}/{run_fp}")),
     })

@@ -124,7 +124,11 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def load_pretrained_encoder(source: EncoderSource, layers: int | None = None):
-    """The pretrained encoder (no pooler), optionally keeping only its first ``layers`` transformer layers."""
+    """The pretrained encoder (no pooler), optionally keeping only its first ``layers`` transformer layers.
+
+    Always fp32 weights: transformers 5 loads a checkpoint in its stored dtype by default, and AdamW on bf16/fp16
+    weights loses the small updates (bf16 on CUDA is autocast's job, for the forward only)."""
+    import torch
     from transformers import AutoConfig, AutoModel
 
     local = source.is_local
@@ -135,7 +139,7 @@ def load_pretrained_encoder(source: EncoderSource, layers: int | None = None):
                 raise ValueError(f"encoder_layers={layers} but {source.name} has {config.num_hidden_layers} layers")
             config.num_hidden_layers = layers
         return AutoModel.from_pretrained(source.location, config=config, add_pooling_layer=False,
-                                         local_files_only=local)
+                                         local_files_only=local, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- chunking

@@ -252,7 +252,8 @@ def load_model(directory: str, device: str | torch.device | None = None) -> Infl
     config = read_config(directory)
     with quiet_transformers():
         encoder_config = AutoConfig.from_pretrained(os.path.join(directory, ENCODER_DIR), local_files_only=True)
-        encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False)
+        # fp32 whatever dtype the saved config names (transformers builds in ``config.dtype``)
+        encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False, dtype=torch.float32)
     model = InfluenceModel(encoder, config)
     model.load_state_dict(load_file(os.path.join(directory, MODEL_FILE)))
     return model.to(device or "cpu").eval()

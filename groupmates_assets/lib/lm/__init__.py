@@ -8,6 +8,7 @@ the model lives. Thread count is the caller's business: set ``torch.set_num_thre
 from groupmates_assets.lib.lm.checkpoint import (
     Snapshot,
     load_checkpoint,
+    load_weights,
     read_trainer_state,
     restore,
     save_checkpoint,
@@ -17,8 +18,10 @@ from groupmates_assets.lib.lm.model import autocast_for, build_model, default_de
 from groupmates_assets.lib.lm.reference import IGNORE_INDEX, ReferenceBatch, reference_loss
 from groupmates_assets.lib.lm.shapes import LM_SHAPES, LMShape, get_shape, open_lm_swiglu_hidden
 from groupmates_assets.lib.lm.train import (
+    CUDA_MICRO_BATCH_TOKENS,
     OptimConfig,
     current_lr,
+    default_micro_batch,
     lm_loss,
     lr_at,
     make_optimizer,
@@ -28,6 +31,7 @@ from groupmates_assets.lib.lm.train import (
 )
 
 __all__ = [
+    "CUDA_MICRO_BATCH_TOKENS",
     "IGNORE_INDEX",
     "LM_SHAPES",
     "LMShape",
@@ -38,10 +42,12 @@ __all__ = [
     "build_model",
     "current_lr",
     "default_device",
+    "default_micro_batch",
     "get_shape",
     "hf_config",
     "lm_loss",
     "load_checkpoint",
+    "load_weights",
     "lr_at",
     "make_optimizer",
     "open_lm_swiglu_hidden",

@@ -100,6 +100,18 @@ def load_checkpoint(
     return model, optimizer, state
 
 
+def load_weights(
+    directory: str | os.PathLike[str], device: torch.device | str | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a complete checkpoint without its optimiser state (evaluation needs only the weights)."""
+    directory = Path(directory)
+    device = torch.device(device) if device is not None else default_device()
+    state = read_trainer_state(directory)
+    model = build_model(LMShape.from_dict(state["shape"]), device=device, initialize=False)
+    load_model(model, str(directory / MODEL_FILE), strict=True, device=str(device))
+    return model, state
+
+
 @dataclass
 class Snapshot:
     """Copies of parameters, buffers, per-parameter optimiser state and param-group hyper-parameters."""

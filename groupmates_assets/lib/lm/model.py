@@ -72,12 +72,15 @@ def _trunc_normal_(param: torch.Tensor, std: float, generator: torch.Generator) 
     """N(0, std²) truncated at ±3 std, like open_lm's ``trunc_normal_(std=s, a=-3s, b=3s)``.
 
     Sampled on CPU with a private generator (identical weights whatever the target device) by rejection:
-    exact, and ~10x faster than ``torch.nn.init.trunc_normal_``'s erfinv on CPU (seconds at 411M).
+    exact, and ~10x faster than ``torch.nn.init.trunc_normal_``'s erfinv on CPU (seconds at 411M). Every draw
+    names the CPU: under ``with torch.device("cuda")`` a bare ``torch.empty`` would land on the GPU, where the
+    CPU generator cannot sample.
     """
     values = torch.empty(param.shape, dtype=torch.float32, device="cpu").normal_(generator=generator)
     outside = values.abs() > 3.0
     while bool(outside.any()):  # 0.27% of draws; each pass redraws only those
-        values[outside] = torch.empty(int(outside.sum()), dtype=torch.float32).normal_(generator=generator)
+        values[outside] = torch.empty(int(outside.sum()), dtype=torch.float32, device="cpu").normal_(
+            generator=generator)
         outside = values.abs() > 3.0
     param.copy_(values.mul_(std))
 
@@ -115,7 +118,9 @@ def build_model(
     config = hf_config(shape)
     cls = Qwen3ForCausalLM if shape.qk_norm else LlamaForCausalLM
     with torch.random.fork_rng(devices=[]):  # transformers' own init must not disturb the caller's RNG
-        torch.manual_seed(int(seed))
+        # the CPU generator only: torch.manual_seed would also reseed the CUDA generators, which fork_rng(devices=[])
+        # does not restore (the model is built on the CPU either way)
+        torch.default_generator.manual_seed(int(seed))
         model = cls(config)
     if initialize and not _on_meta(model):
         init_open_lm_(model, shape, seed)

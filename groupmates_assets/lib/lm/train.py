@@ -6,6 +6,7 @@ grad-norm clip, AdamW with the hyper-parameters and moments stored in the optimi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -122,6 +123,61 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[-1]["lr"])
 
 
+# Tokens per forward/backward pass on a GPU (8 sequences of 2048). A whole DCLM batch (512 x 2048) in one pass
+# would need > 100 GB for the fp32 logits alone; bench/bench_pretrain_gpu.py measures the peak at this size.
+CUDA_MICRO_BATCH_TOKENS = 16_384
+
+
+def default_micro_batch(seq_len: int, device: torch.device | str) -> int | None:
+    """Sequences per forward/backward pass for ``train_step``: None (the whole batch at once) off CUDA, where
+    batches are small; on CUDA as many as fit ``CUDA_MICRO_BATCH_TOKENS``."""
+    if torch.device(device).type != "cuda":
+        return None
+    return max(1, CUDA_MICRO_BATCH_TOKENS // int(seq_len))
+
+
+def _backward(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    z_loss_weight: float,
+    loss_mask: torch.Tensor | None,
+    micro_batch: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the whole batch's loss, accumulated over passes of at most ``micro_batch`` rows; returns the
+    detached (loss, ce). Each pass is weighted by its share of the target tokens, so the sum of the passes is
+    the batch's token mean (CE and z-loss alike), equal to one pass up to float rounding."""
+    rows = tokens.shape[0]
+    size = rows if micro_batch is None else max(1, int(micro_batch))
+    if size >= rows:
+        loss, ce = lm_loss(model, tokens, z_loss_weight=z_loss_weight, loss_mask=loss_mask)
+        loss.backward()
+        return loss.detach(), ce.detach()
+    parts = [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+    if loss_mask is None:
+        counts = [part.stop - part.start for part in parts]
+    else:
+        valid = loss_mask[:, 1:].to(dtype=torch.bool)
+        counts = [int(valid[part].sum()) for part in parts]
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("loss_mask leaves no target tokens")
+    # DDP: all-reduce once, in the backward of the last pass, not once per pass.
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    last = max(i for i, count in enumerate(counts) if count)
+    loss_sum = ce_sum = torch.zeros((), dtype=torch.float32, device=model_device(model))
+    for i, (part, count) in enumerate(zip(parts, counts, strict=True)):
+        if count == 0:  # a part with no targets adds nothing (lm_loss would reject it)
+            continue
+        weight = count / total
+        with model.no_sync() if ddp and i != last else contextlib.nullcontext():
+            loss, ce = lm_loss(model, tokens[part], z_loss_weight=z_loss_weight,
+                               loss_mask=None if loss_mask is None else loss_mask[part])
+            (loss * weight).backward()
+        loss_sum = loss_sum + loss.detach() * weight
+        ce_sum = ce_sum + ce.detach() * weight
+    return loss_sum, ce_sum
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -129,26 +185,28 @@ def train_step(
     cfg: OptimConfig,
     lr: float | None = None,
     loss_mask: torch.Tensor | None = None,
+    micro_batch: int | None = None,
 ) -> dict[str, float]:
     """One update on ``tokens`` [B, L+1]: zero grads, (bf16 autocast on CUDA) loss, backward, clip, AdamW step.
 
     ``lr=None`` keeps whatever LR the optimiser's param groups hold: the oracle relies on this so that a probe
     step uses the LR saved with the checkpoint's optimiser state. A given ``lr`` is written into the groups.
-    Returns loss, ce, the pre-clip ``grad_norm`` and the ``lr`` used.
+    ``micro_batch`` (sequences per forward/backward, None = all B at once) accumulates the gradient of a batch too
+    big for the GPU in several passes; the update is the same. Returns loss, ce, the pre-clip ``grad_norm`` and
+    the ``lr`` used.
     """
     model.train()
     if lr is not None:
         set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
-    loss, ce = lm_loss(model, tokens, z_loss_weight=cfg.z_loss, loss_mask=loss_mask)
-    loss.backward()
+    loss, ce = _backward(model, tokens, cfg.z_loss, loss_mask, micro_batch)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if cfg.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, norm_type=2.0)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
     optimizer.step()
-    return {"loss": float(loss.detach()), "ce": float(ce.detach()), "grad_norm": float(grad_norm),
+    return {"loss": float(loss), "ce": float(ce), "grad_norm": float(grad_norm),
             "lr": current_lr(optimizer)}
 
 
@@ -162,12 +220,13 @@ def pretrain(
     log: Callable[[dict[str, float]], None] | None = None,
     log_every: int = 10,
     tokens_seen: int = 0,
+    micro_batch: int | None = None,
 ) -> list[dict[str, float]]:
     """Train on ``batches`` ([B, L+1] each) from global step ``start_step`` with the scheduled LR.
 
     Stops after ``steps`` updates or when ``batches`` runs out. Returns the loss curve, one record per step
     (step = global 1-based count after the update, tokens_seen = ``tokens_seen`` + predicted tokens so far).
-    ``log`` gets every ``log_every``-th record and the last one.
+    ``log`` gets every ``log_every``-th record and the last one. ``micro_batch``: see ``train_step``.
     """
     curve: list[dict[str, float]] = []
     iterator = iter(batches)
@@ -177,7 +236,7 @@ def pretrain(
             batch = next(iterator)
         except StopIteration:
             break
-        result = train_step(model, optimizer, batch, cfg, lr=lr_at(step, cfg))
+        result = train_step(model, optimizer, batch, cfg, lr=lr_at(step, cfg), micro_batch=micro_batch)
         step += 1
         tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
         record = {"step": step, "tokens_seen": tokens_seen, **result}
