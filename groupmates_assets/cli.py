@@ -58,7 +58,11 @@ def _run(defs, job_name: str, instance, partition_key: str | None = None) -> boo
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-                _say(f"FAILED {job_name} {partition_key or ''}: {event.step_failure_data.error.message.strip()}")
+                error = event.step_failure_data.error
+                if error.cls_name == "DagsterExecutionInterruptedError":  # SIGINT/SIGTERM: stop, do not go on
+                    _say(f"interrupted during {job_name} {partition_key or ''}; rerun to resume")
+                    raise SystemExit(130)
+                _say(f"FAILED {job_name} {partition_key or ''}: {error.message.strip()}")
     return result.success
 
 

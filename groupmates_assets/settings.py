@@ -227,15 +227,15 @@ PROFILES: dict[str, Profile] = {
     ),
     "gpu-demo": Profile(
         name="gpu-demo",
-        description="one GPU: the embedded pool with a 76M-parameter LM, 150 oracle trajectories, the full MiniLM "
+        description="one GPU: the embedded pool with a 79M-parameter LM, 120 oracle trajectories, the full MiniLM "
         "encoder on 4 x 128 tokens, 3 seeds per method; the whole graph in about 10 minutes on an H100",
-        lm=LMProfile(shape="small", total_steps=400, batch_size=32, warmup_steps=40, torch_threads=8),
-        oracle=OracleProfile(blocks=4, trajectories_per_block=25, part_size=5, bootstrap_blocks=2),
+        lm=LMProfile(shape="small", total_steps=300, batch_size=32, warmup_steps=30, torch_threads=8),
+        oracle=OracleProfile(blocks=4, trajectories_per_block=20, part_size=5, bootstrap_blocks=2),
         influence=InfluenceProfile(encoder_layers=None, chunk_len=128, chunks=4, epochs=10, trajectories_per_step=8,
-                                   max_tokens=65536, torch_threads=8, bootstrap_per_tail=25),
+                                   max_tokens=65536, torch_threads=8, bootstrap_per_tail=20),
         selection=SelectionProfile(predict_batch_docs=1024, torch_threads=8),
-        pretrain=PretrainProfile(seeds=3, checkpoint_every=80),
-        evaluation=EvalProfile(limit_per_task=200, heldout_documents=200),
+        pretrain=PretrainProfile(seeds=3, checkpoint_every=150),
+        evaluation=EvalProfile(limit_per_task=100, heldout_documents=100),
     ),
     "ci": Profile(
         name="ci",

@@ -63,7 +63,7 @@ LM_SHAPES: dict[str, LMShape] = {
     for shape in (
         # CPU proxy: ~3.4M non-embedding parameters, the 50k-vocab embeddings dominate (~26M).
         LMShape("demo", d_model=256, n_layers=4, n_heads=4, seq_len=256, vocab_size=NEOX_VOCAB_PADDED),
-        # One GPU on the embedded pool (the gpu-demo profile): ~25M non-embedding parameters.
+        # One GPU on the embedded pool (the gpu-demo profile): ~27M non-embedding parameters.
         LMShape("small", d_model=512, n_layers=8, n_heads=8, seq_len=512, vocab_size=NEOX_VOCAB_PADDED),
         # Unit tests only.
         LMShape("tiny", d_model=64, n_layers=2, n_heads=2, seq_len=64, vocab_size=NEOX_VOCAB_PADDED),
