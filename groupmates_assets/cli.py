@@ -240,6 +240,14 @@ def ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def provenance(args: argparse.Namespace) -> int:
+    """Print the chain of upstream assets behind a selected dataset, from the instance the demo wrote to."""
+    home = prepare_dagster_home()
+    from groupmates_assets.provenance import command
+
+    return command(args, home=home)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="groupmates", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -252,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     run_ui.add_argument("--host", default="127.0.0.1")
     run_ui.add_argument("--port", type=int, default=3000)
     run_ui.set_defaults(func=ui)
+    trace = commands.add_parser("provenance", help="the upstream assets, runs, versions and parameters behind a "
+                                "selected dataset")
+    trace.add_argument("--asset", default="selected_corpus", help="asset key (default: selected_corpus)")
+    trace.add_argument("--partition", help="one partition of the asset (default: all of them; the method's own "
+                       "partition for tokenized_corpus, pretrain_checkpoints and evaluation)")
+    trace.add_argument("--method", default="group_mates",
+                       help="selection method whose lineage to show: group_mates (default), random, mates, fasttext")
+    trace.add_argument("--all-methods", action="store_true", help="keep every method's selection in the chain")
+    trace.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    trace.set_defaults(func=provenance)
     args = parser.parse_args(argv)
     return args.func(args)
 

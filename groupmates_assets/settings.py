@@ -221,9 +221,9 @@ PROFILES: dict[str, Profile] = {
         name="demo",
         description="2 CPU cores: the embedded pool, a classifier trained on it, half of the pool kept; the whole "
         "graph in about half an hour",
-        lm=LMProfile(total_steps=100),  # probe at step 40; stage 2 trains 60 steps on each method's data
-        pretrain=PretrainProfile(checkpoint_every=30),
-        evaluation=EvalProfile(limit_per_task=25, heldout_documents=100),
+        lm=LMProfile(total_steps=90),  # probe at step 36; stage 2 trains 54 steps on each method's data
+        pretrain=PretrainProfile(checkpoint_every=27),
+        evaluation=EvalProfile(limit_per_task=20, heldout_documents=60),
     ),
     "gpu-demo": Profile(
         name="gpu-demo",

@@ -12,6 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+# A real S3 server (SeaweedFS on loopback): `s3_server` per module, `s3` per test with the test keys in the
+# environment. Imported so that pytest registers the fixtures.
+from groupmates_assets_tests.s3_server import s3, s3_server  # noqa: F401
+
 # Hand-written documents: explanatory prose ("good") and spam/boilerplate ("bad"), varied by templates.
 _TOPICS = ["rivers", "volcanoes", "glaciers", "forests", "deserts", "tides", "comets", "bridges", "engines",
            "libraries", "vaccines", "bees", "clocks", "maps", "bread", "salt", "glass", "paper", "radio", "trains"]

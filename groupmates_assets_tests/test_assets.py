@@ -154,3 +154,37 @@ def test_object_store_root_works_like_a_folder(small_pool, tmp_path):
     assert not storage.is_local
     assert storage.read_parquet("filtered_pool/crawl-b/kept.parquet").num_rows > 0
     assert storage.url("filtered_pool").startswith("memory://")
+
+
+def test_sensor_cursor_caps_new_shards_per_tick(setup, monkeypatch):
+    """With 3 new shards and a cap of 2 a tick, the cursor carries on where the last tick stopped."""
+    from groupmates_assets.defs.pool import sensors
+
+    monkeypatch.setattr(sensors, "MAX_NEW_SHARDS_PER_TICK", 2)
+    instance, resources = setup["instance"], {"platform": setup["platform"]}
+    first = pool_shard_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert first.dynamic_partitions_requests[0].partition_keys == KEYS[:2] and first.cursor == KEYS[1]
+    instance.add_dynamic_partitions(pool_shards.name, KEYS[:2])
+    second = pool_shard_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=first.cursor))
+    assert second.dynamic_partitions_requests[0].partition_keys == KEYS[2:] and second.cursor == KEYS[-1]
+    instance.add_dynamic_partitions(pool_shards.name, KEYS[2:])
+    write_shard(setup["pool"] / "aaa-early.jsonl", jsonl_bytes(records(2, 2)))  # sorts before the cursor
+    third = pool_shard_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=second.cursor))
+    assert third.dynamic_partitions_requests[0].partition_keys == ["aaa-early"]
+
+
+def test_nightly_backfill_requests_each_missing_stage_whose_inputs_exist(setup):
+    from groupmates_assets.defs.pool.sensors import missing_shard_runs, missing_shards_backfill
+
+    instance = setup["instance"]
+    assert isinstance(missing_shards_backfill(dg.build_schedule_context(instance=instance)), dg.SkipReason)
+    _register_and_train(setup)  # partitions registered, classifier trained, nothing filtered yet
+    requests = missing_shard_runs(instance)
+    assert sorted(r.partition_key for r in requests) == KEYS
+    assert {tuple(k.to_user_string() for k in r.asset_selection) for r in requests} == {
+        ("pool_shard", "filtered_pool_shard")}
+    _materialize(setup, ["filtered_pool_shard"], "crawl-b")  # crawl-b moves on to tokenization
+    by_stage = {(r.partition_key, r.tags["groupmates/backfill"]) for r in missing_shard_runs(instance)}
+    assert ("crawl-b", "tokenized_pool_shard") in by_stage and ("crawl-b", "filtered_pool_shard") not in by_stage
+    assert not any(stage == "pool_predictions" for _, stage in by_stage)  # no influence models yet
+    assert len(missing_shard_runs(instance, limit=1)) == 1

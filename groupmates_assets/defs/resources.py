@@ -5,8 +5,9 @@ import os
 
 import dagster as dg
 import fsspec
+from dagster_aws.s3 import S3Resource
 
-from groupmates_assets.lib.storage import Storage
+from groupmates_assets.lib.storage import S3_ENDPOINT_ENV, S3_REGION_ENV, Storage, fs_options
 from groupmates_assets.settings import Profile, get_profile
 
 EMBEDDED_POOL_DIR = "embedded_pool"
@@ -21,15 +22,25 @@ class PlatformResource(dg.ConfigurableResource):
     """Storage root, raw pool location and scale profile.
 
     ``storage_root`` is a local folder or an fsspec URL (``s3://bucket/prefix``); ``pool_dir`` is where raw
-    shard files are discovered (empty: the embedded default pool inside the storage root).
+    shard files are discovered (empty: the embedded default pool inside the storage root). For ``s3://`` both
+    use ``s3_endpoint_url`` (an S3-compatible server; empty: $GROUPMATES_S3_ENDPOINT_URL, else AWS or
+    $AWS_ENDPOINT_URL) and ``s3_region``. Credentials are deliberately not fields: botocore's default chain
+    (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an instance or pod role) supplies them, so no secret is
+    ever part of a run's config, its logs or asset metadata.
     """
 
     storage_root: str
     pool_dir: str = ""
     profile: str = "demo"
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+
+    def fs_options(self, url: str) -> dict:
+        """fsspec options for a URL of this platform (the storage root, the pool or a file beside them)."""
+        return fs_options(url, _resolved(self.s3_endpoint_url), _resolved(self.s3_region))
 
     def storage(self) -> Storage:
-        return Storage(self.storage_root)
+        return Storage(self.storage_root, self.fs_options(self.storage_root))
 
     def settings(self) -> Profile:
         return get_profile(self.profile)
@@ -37,15 +48,31 @@ class PlatformResource(dg.ConfigurableResource):
     def pool_location(self) -> tuple[fsspec.AbstractFileSystem, str]:
         """(filesystem, root path) of the raw pool shards."""
         if self.pool_dir:
-            fs, path = fsspec.core.url_to_fs(self.pool_dir)
+            fs, path = fsspec.core.url_to_fs(self.pool_dir, **self.fs_options(self.pool_dir))
             return fs, (os.path.abspath(path) if _is_local(fs) else path)
         storage = self.storage()
         return storage.fs, storage.path(f"{EMBEDDED_POOL_DIR}/shards")
+
+    def pool_url(self, path: str) -> str:
+        """A pool file's path as a user can paste it: unchanged when local, ``s3://bucket/key`` on S3 (fsspec
+        paths carry no protocol); the pool filesystem opens either form."""
+        fs, _ = self.pool_location()
+        return path if _is_local(fs) or "://" in path else fs.unstrip_protocol(path)
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol
     return "file" in ((protocol,) if isinstance(protocol, str) else protocol)
+
+
+def _resolved(value: str) -> str:
+    """A field's value also outside a run, where Dagster has not yet replaced an ``EnvVar`` by its value."""
+    return (value.get_value() or "") if isinstance(value, dg.EnvVar) else value
+
+
+def _from_env(name: str) -> dg.EnvVar | None:
+    """``EnvVar(name)`` when the variable is set, so the UI shows where the value comes from; else None."""
+    return dg.EnvVar(name) if os.environ.get(name) else None
 
 
 def platform_from_env() -> PlatformResource:
@@ -54,4 +81,15 @@ def platform_from_env() -> PlatformResource:
         storage_root=os.environ.get("GROUPMATES_STORAGE_ROOT", os.path.join(default_home(), "storage")),
         pool_dir=os.environ.get("GROUPMATES_POOL_DIR", ""),
         profile=os.environ.get("GROUPMATES_PROFILE", "demo"),
+        s3_endpoint_url=_from_env(S3_ENDPOINT_ENV) or "",
+        s3_region=_from_env(S3_REGION_ENV) or "",
     )
+
+
+def s3_from_env() -> S3Resource:
+    """dagster-aws's boto3 resource for users' own ops, on the same endpoint and region as the platform.
+
+    Credentials are left unset on purpose: boto3's default chain reads them from the environment (or ~/.aws,
+    or a role) when a run starts, so they never appear in the definitions or the run config.
+    """
+    return S3Resource(endpoint_url=_from_env(S3_ENDPOINT_ENV), region_name=_from_env(S3_REGION_ENV))

@@ -3,8 +3,12 @@
 Artifacts move between pipeline stages as files plus metadata. Every write here is atomic: the data goes
 to a temporary name beside the final one and is renamed into place only once complete, so a reader never
 sees a half-written file under its final name, and a killed write leaves nothing but a temporary file that
-the next write of the same artifact replaces. On object stores a single PUT is already atomic, so the
-temporary step is skipped there.
+the next write of the same artifact replaces. Object stores have no rename, but an upload becomes visible only
+once complete (one PUT, or a multipart upload that is completed last), so there the data is staged in a local
+temporary file and uploaded only when the block writing it succeeded: a failed write uploads nothing.
+
+S3 credentials never pass through here: s3fs (botocore) reads them from the environment, ``~/.aws`` or an
+instance role. Only the endpoint (S3-compatible servers) and the region are options (`fs_options`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import io
 import json
 import os
 import posixpath
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _TMP_MARK = ".tmp-"
+_S3_PROTOCOLS = ("s3", "s3a")
+S3_ENDPOINT_ENV = "GROUPMATES_S3_ENDPOINT_URL"  # an S3-compatible server (MinIO, SeaweedFS, ...); AWS when unset
+S3_REGION_ENV = "GROUPMATES_S3_REGION"  # unset: botocore's own chain (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws)
 
 
 class StoragePathError(ValueError):
@@ -89,13 +97,28 @@ def validate_relative_path(relative: str) -> str:
     return relative
 
 
+def fs_options(url: str, endpoint_url: str = "", region: str = "") -> dict[str, Any]:
+    """fsspec options for ``url``: none for local paths; for ``s3://`` the endpoint and region (given, else from
+    $GROUPMATES_S3_ENDPOINT_URL / $GROUPMATES_S3_REGION, else botocore's defaults, which include
+    $AWS_ENDPOINT_URL) and no listings cache, so a long-lived process (a sensor) sees objects that other
+    processes wrote, as it would on a local folder. Never credentials: those stay with botocore's default chain."""
+    if fsspec.utils.get_protocol(url) not in _S3_PROTOCOLS:
+        return {}
+    endpoint_url = endpoint_url or os.environ.get(S3_ENDPOINT_ENV, "")
+    region = region or os.environ.get(S3_REGION_ENV, "")
+    client = {k: v for k, v in (("endpoint_url", endpoint_url), ("region_name", region)) if v}
+    return {"use_listings_cache": False, **({"client_kwargs": client} if client else {})}
+
+
 class Storage:
     """A storage root addressed by relative, '/'-separated artifact paths."""
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        """``storage_options`` go to fsspec; None: `fs_options` of the root (the environment's S3 endpoint)."""
         if not root:
             raise StoragePathError("storage root is empty")
-        self.fs, root_path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        options = fs_options(root) if storage_options is None else storage_options
+        self.fs, root_path = fsspec.core.url_to_fs(root, **options)
         self.is_local = "file" in _protocols(self.fs)
         self.root = os.path.abspath(root_path) if self.is_local else root_path.rstrip("/")
         self._url_prefix = "" if self.is_local else f"{_protocols(self.fs)[0]}://"
@@ -126,32 +149,49 @@ class Storage:
         full = self.path(relative)
         if self.fs.exists(full):
             self.fs.rm(full, recursive=recursive)
+            if recursive and hasattr(self.fs, "call_s3") and self.fs.exists(full):
+                self._remove_s3_folders(full)
+
+    def _remove_s3_folders(self, full: str) -> None:
+        """S3 servers with real folders (SeaweedFS) can keep emptied ones after s3fs's bulk delete, so the path
+        would still exist; deleting each one's ``folder/`` key, deepest first, removes them as a local ``rm -r``
+        does. AWS S3 has no folders: an emptied prefix is gone and this is never reached."""
+        for entry in self.fs.ls(full, detail=True):
+            if entry["type"] == "directory" and entry["name"].rstrip("/") != full.rstrip("/"):
+                self._remove_s3_folders(entry["name"])
+        bucket, key, _ = self.fs.split_path(full)
+        self.fs.call_s3("delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
+        self.fs.invalidate_cache(full)
 
     # -- writing ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def open_write(self, relative: str) -> Iterator[_HashingWriter]:
         """Open an artifact for binary writing; it appears under its final name only if the block succeeds."""
         final = self.path(relative)
-        parent = posixpath.dirname(final)
         if self.is_local:
+            parent = posixpath.dirname(final)
             self.fs.makedirs(parent, exist_ok=True)
             tmp = posixpath.join(parent, f"{_TMP_MARK}{uuid.uuid4().hex}-{posixpath.basename(final)}")
-        else:
-            tmp = final
-        handle = self.fs.open(tmp, "wb")
+            handle = self.fs.open(tmp, "wb")
+        else:  # staged locally: an object store has no rename, and a half-written upload must never land
+            # the suffix keeps the extension, from which s3fs guesses the object's Content-Type
+            fd, tmp = tempfile.mkstemp(prefix="groupmates-upload-", suffix=f"-{posixpath.basename(final)[-80:]}")
+            handle = os.fdopen(fd, "wb")
         writer = _HashingWriter(handle)
         try:
             yield writer
             handle.close()
+            if self.is_local:
+                os.replace(tmp, final)
+            else:
+                self.fs.put_file(tmp, final)  # one PUT, or a multipart upload completed last: all or nothing
         except BaseException:
             with contextlib.suppress(Exception):
                 handle.close()
-            if self.is_local:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
             raise
-        if self.is_local:
-            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)  # a failed write's data; nothing left once renamed into place
         writer.info = ArtifactInfo(self.url(relative), writer.size, writer.digest.hexdigest())
 
     def write_bytes(self, relative: str, data: bytes) -> ArtifactInfo:
@@ -177,6 +217,11 @@ class Storage:
 
     def put_file(self, local_path: str, relative: str) -> ArtifactInfo:
         """Copy a local file (e.g. a model a library wrote to disk) into the store, atomically."""
+        if not self.is_local:  # one upload straight from the file: no staging copy needed
+            with open(local_path, "rb") as src:
+                digest, size = sha256_stream(src)
+            self.fs.put_file(local_path, self.path(relative))
+            return ArtifactInfo(self.url(relative), size, digest)
         with open(local_path, "rb") as src, self.open_write(relative) as out:
             while chunk := src.read(4 << 20):
                 out.write(chunk)
@@ -187,6 +232,8 @@ class Storage:
         return self.fs.open(self.path(relative), "rb")
 
     def read_bytes(self, relative: str) -> bytes:
+        if not self.is_local:  # one GET; opening an object first costs a HEAD for its size
+            return self.fs.cat_file(self.path(relative))
         with self.open_read(relative) as handle:
             return handle.read()
 
@@ -198,9 +245,21 @@ class Storage:
             return pq.read_table(handle, columns=columns)
 
     def read_numpy(self, relative: str, mmap: bool = True) -> np.ndarray:
-        """A ``.npy`` array; memory-mapped (read-only) on a local root, read whole otherwise."""
+        """A ``.npy`` array, read whole, or with ``mmap`` memory-mapped read-only (pages load on demand).
+
+        An object cannot be memory-mapped, so a remote array is first downloaded to a local temporary file;
+        the file is unlinked at once (the mapping keeps it alive), so its disk space returns with the array.
+        """
         if self.is_local and mmap:
             return np.load(self.path(relative), mmap_mode="r", allow_pickle=False)
+        if mmap:
+            fd, tmp = tempfile.mkstemp(prefix="groupmates-", suffix=".npy")
+            os.close(fd)
+            try:
+                self.fs.get_file(self.path(relative), tmp)
+                return np.load(tmp, mmap_mode="r", allow_pickle=False)
+            finally:
+                os.remove(tmp)
         with self.open_read(relative) as handle:
             return np.load(io.BytesIO(handle.read()), allow_pickle=False)
 
@@ -215,13 +274,10 @@ class Storage:
         if self.is_local:
             yield self.path(relative)
             return
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="groupmates-") as tmp:
             target = os.path.join(tmp, posixpath.basename(relative))
-            self.fs.get(self.path(relative), target)
+            self.fs.get_file(self.path(relative), target)  # get_file: no glob expansion of the name
             yield target
-
 
     @contextlib.contextmanager
     def local_dir(self, relative_dir: str, names: Iterable[str]) -> Iterator[str]:
@@ -230,13 +286,11 @@ class Storage:
         if self.is_local:
             yield self.path(relative_dir)
             return
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="groupmates-") as tmp:
             for name in names:
                 target = os.path.join(tmp, name)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                self.fs.get(self.path(f"{relative_dir}/{name}"), target)
+                self.fs.get_file(self.path(f"{relative_dir}/{name}"), target)
             yield tmp
 
     def put_dir(self, local_dir: str, relative_dir: str, names: Iterable[str]) -> dict[str, ArtifactInfo]:

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from groupmates_assets.defs.common import fingerprint as input_fingerprint
+from groupmates_assets.defs.deployment import GPU_POOL, gpu_op_tags, leased_gpus
 from groupmates_assets.defs.lm.assets import local_probe_checkpoint, probe_checkpoint
 from groupmates_assets.defs.partitions import oracle_random_blocks
 from groupmates_assets.defs.resources import PlatformResource
@@ -97,6 +98,9 @@ def probe_pool(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     description="Oracle data influences of random trajectories: from the probe checkpoint (model and optimizer "
     "restored per trajectory), T contexts one AdamW step each, the reference loss after every step. One "
     "partition = one block of trajectories, resumable part by part.",
+    pool=GPU_POOL,
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # one run per GPU partition: retried and watched alone
+    op_tags=gpu_op_tags(),
 )
 def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     oracle_settings, block_key = platform.settings().oracle, context.partition_key
@@ -136,8 +140,8 @@ def collect_oracle_block(context: dg.AssetExecutionContext, platform: PlatformRe
     pool_ids = storage.read_parquet(f"{PROBE_POOL_DIR}/contexts.parquet").column("context_id").to_pylist()
     with storage.local_copy(REFERENCE_FILE) as local:
         reference = ref_lib.load_reference_set(local)
-    with local_probe_checkpoint(storage) as (checkpoint_dir, checkpoint_sha), storage.local_copy(
-            f"{PROBE_POOL_DIR}/contexts.npy") as pool_path:
+    with leased_gpus(context) as gpus, local_probe_checkpoint(storage) as (checkpoint_dir, checkpoint_sha), \
+            storage.local_copy(f"{PROBE_POOL_DIR}/contexts.npy") as pool_path:
         state = lm.read_trainer_state(checkpoint_dir)
         fingerprint = input_fingerprint(checkpoint=checkpoint_sha,
                                    pool=storage.info(f"{PROBE_POOL_DIR}/contexts.npy").sha256,
@@ -150,6 +154,7 @@ def collect_oracle_block(context: dg.AssetExecutionContext, platform: PlatformRe
             reference_examples=reference.examples, context_ids=pool_ids,
             plan=plan, trajectory_ids=trajectory_ids, block=block, policy=policy,
             part_size=oracle_settings.part_size, torch_threads=max(1, settings.lm.torch_threads // workers),
+            device=f"cuda:{gpus[0]}" if gpus else None,
         )
         pending = [n for n in range(job.parts) if not storage.exists(job.part_path(n))]
         context.log.info(f"{block_key}: {per_block} trajectories x {length} steps from checkpoint step "

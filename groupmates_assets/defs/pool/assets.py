@@ -79,6 +79,7 @@ def resolve_shard(platform: PlatformResource, key: str) -> shard_io.ShardFile:
 
 @dg.asset(
     partitions_def=pool_shards,
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
     group_name="pool",
     code_version="pool-shard-v1",
     kinds={"json"},
@@ -89,11 +90,12 @@ def pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     fs, _ = platform.pool_location()
     with fs.open(shard.path, "rb") as handle:
         digest, size = sha256_stream(handle)
-    manifest = {"key": shard.key, "path": shard.path, "relative_path": shard.relative_path,
+    source = platform.pool_url(shard.path)  # s3://... on S3: what the manifest, filter stats and rejects show
+    manifest = {"key": shard.key, "path": source, "relative_path": shard.relative_path,
                 "format": shard.format, "bytes": size, "sha256": digest}
     info = platform.storage().write_json(SHARD_MANIFEST.format(key=shard.key), manifest)
     return dg.MaterializeResult(
-        metadata={"source_path": dg.MetadataValue.path(shard.path), "format": shard.format, "bytes": size,
+        metadata={"source_path": dg.MetadataValue.path(source), "format": shard.format, "bytes": size,
                   "sha256": digest, "manifest": dg.MetadataValue.path(info.path)},
         data_version=dg.DataVersion(digest[:16]),
     )

@@ -17,11 +17,13 @@ import torch
 
 from groupmates_assets.defs.common import fingerprint
 from groupmates_assets.defs.corpus.assets import TOKENIZED_CORPUS_DIR, tokenized_corpus
+from groupmates_assets.defs.deployment import GPU_POOL, gpu_op_tags, leased_gpus, pretrain_gpus
 from groupmates_assets.defs.lm.assets import CHECKPOINT_DIR, optim_config, probe_checkpoint
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import lm, plots
 from groupmates_assets.lib import pretraining as pt
+from groupmates_assets.lib.device_lease import visible_devices
 from groupmates_assets.lib.storage import Storage
 
 PRETRAIN_DIR = "pretrain"
@@ -59,10 +61,10 @@ def run_specs(platform: PlatformResource, method: str) -> tuple[str, list[pt.Run
 
 
 def _run_torchrun(context: dg.AssetExecutionContext, platform: PlatformResource, spec: pt.RunSpec) -> dict:
-    """One run under torchrun through Dagster Pipes; returns rank 0's report."""
+    """One run under torchrun through Dagster Pipes on leased devices; returns rank 0's report."""
     settings = platform.settings()
     gpus = settings.pretrain.gpus_per_run
-    with tempfile.TemporaryDirectory(prefix="groupmates-run-") as tmp:
+    with leased_gpus(context, gpus) as ids, tempfile.TemporaryDirectory(prefix="groupmates-run-") as tmp:
         spec_path = os.path.join(tmp, "run.json")
         with open(spec_path, "w", encoding="utf-8") as handle:
             handle.write(spec.to_json())
@@ -71,7 +73,8 @@ def _run_torchrun(context: dg.AssetExecutionContext, platform: PlatformResource,
                    "--storage-root", platform.storage_root]
         if not torch.cuda.is_available():
             command += ["--device", "cpu", "--threads", str(max(1, settings.lm.torch_threads // gpus))]
-        invocation = dg.PipesSubprocessClient().run(command=command, context=context)
+        env = visible_devices(ids) if ids else {}
+        invocation = dg.PipesSubprocessClient().run(command=command, context=context, env=env)
     reports = invocation.get_custom_messages()
     if not reports:
         raise dg.Failure(f"torchrun finished without a report from rank 0 for {spec.run_dir}")
@@ -93,7 +96,9 @@ def _train_all(context: dg.AssetExecutionContext, platform: PlatformResource, sp
         if settings.pretrain.uses_torchrun:
             reports.append(_run_torchrun(context, platform, spec))
         else:
-            result = pt.run_training(storage, spec, device, log=context.log.info)
+            with leased_gpus(context) as ids:
+                device = torch.device("cuda", ids[0]) if ids else lm.default_device()
+                result = pt.run_training(storage, spec, device, log=context.log.info)
             reports.append({"run_dir": result.run_dir, "resumed_from": result.resumed_from,
                             "seconds": round(result.seconds, 2), "tokens_per_second": result.tokens_per_second})
     return reports
@@ -118,6 +123,9 @@ def _curves_png(storage: Storage, specs: list[pt.RunSpec], method: str) -> bytes
     "scratch. Checkpoints (weights, optimizer state, step, tokens) every pretrain.checkpoint_every steps; a killed "
     "run resumes from its last complete checkpoint and reads exactly the batches it would have read. "
     "pretrain.gpus_per_run > 1 runs torchrun through Dagster Pipes.",
+    pool=GPU_POOL,
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # one run per GPU partition: retried and watched alone
+    op_tags=gpu_op_tags(pretrain_gpus()),
 )
 def pretrain_checkpoints(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings()

@@ -196,6 +196,7 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
 
 @dg.asset(
     partitions_def=pool_shards,
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
     group_name="quality",
     code_version=filtering.FILTER_VERSION,
     deps=[pool_shard, quality_classifier],

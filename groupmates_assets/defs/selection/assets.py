@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import torch
 import zstandard
 
+from groupmates_assets.defs.deployment import GPU_POOL, gpu_op_tags, on_leased_gpu
 from groupmates_assets.defs.influence.assets import (
     ASSET_OF_KIND,
     current_model,
@@ -115,7 +116,11 @@ def _predict(storage: Storage, kind: str, texts: list[str], batch_docs: int, log
     description="Every filtered document of a shard scored by the final relational model (embedding h in "
     "float16, individual influence u) and by the MATES individual model (u_individual); only the chunks that "
     "hold text are computed, documents batched by length.",
+    pool=GPU_POOL,
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # one run per GPU partition: retried and watched alone
+    op_tags=gpu_op_tags(),
 )
+@on_leased_gpu
 def pool_predictions(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings().selection
     key = validate_shard_key(context.partition_key)
@@ -241,6 +246,7 @@ def assignments_path(storage: Storage, key: str) -> str:
 
 @dg.asset(
     partitions_def=pool_shards,
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
     group_name="selection",
     code_version="cluster-assignments-v1",
     deps=[cluster_centroids, pool_predictions],

@@ -23,6 +23,7 @@ def context_len(platform: PlatformResource) -> int:
 
 @dg.asset(
     partitions_def=pool_shards,
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
     group_name="tokenize",
     code_version=TOKENIZE_VERSION,
     deps=[filtered_pool_shard],

@@ -1,0 +1,107 @@
+"""Where steps run: the executor per deployment target, the tags that make GPU steps request GPUs, and the
+device lease that gives each GPU step on a multi-GPU host its own device.
+
+``GROUPMATES_DEPLOYMENT`` chooses the target:
+
+* ``local`` (default): every step in the run's process; GPU steps lease a device (lib.device_lease) when the host
+  has several, so concurrent runs never share one.
+* ``k8s``: one Kubernetes Job per step (``dagster_k8s.k8s_job_executor``); GPU steps request ``nvidia.com/gpu``
+  and tolerate GPU node taints through their ``dagster-k8s/config`` tag.
+* ``ecs``: one ECS task per step (``dagster_aws.ecs.ecs_executor``, with the ECS run launcher); GPU steps add a
+  GPU ``resourceRequirements`` container override.
+
+Every GPU asset also declares ``pool="gpu"``: the instance's pool limit (dagster.yaml) caps how many run at once.
+"""
+
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Callable, Iterator
+
+import dagster as dg
+
+from groupmates_assets.lib.device_lease import DEFAULT_LOCK_DIR, DeviceLease
+
+GPU_POOL = "gpu"
+DEPLOYMENTS = ("local", "k8s", "ecs")
+
+
+def deployment_target() -> str:
+    target = os.environ.get("GROUPMATES_DEPLOYMENT", "local")
+    if target not in DEPLOYMENTS:
+        raise ValueError(f"GROUPMATES_DEPLOYMENT must be one of {', '.join(DEPLOYMENTS)}, got {target!r}")
+    return target
+
+
+def gpu_op_tags(gpus: int = 1, target: str | None = None) -> dict[str, str]:
+    """Step tags that request ``gpus`` GPUs from the target's scheduler (nothing locally: the lease does it)."""
+    target = target or deployment_target()
+    if target == "k8s":
+        config = {
+            "container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)},
+                                               "requests": {"nvidia.com/gpu": str(gpus)}}},
+            "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                 "effect": "NoSchedule"}]},
+        }
+        return {"dagster-k8s/config": json.dumps(config)}
+    if target == "ecs":
+        return {"ecs/container_overrides": json.dumps({"resourceRequirements": [{"type": "GPU",
+                                                                                  "value": str(gpus)}]})}
+    return {}
+
+
+def pretrain_gpus() -> int:
+    """GPUs one pretraining run asks for under the active profile (pretrain.gpus_per_run)."""
+    from groupmates_assets.settings import get_profile
+
+    return get_profile().pretrain.gpus_per_run
+
+
+def executor_for(target: str | None = None) -> dg.ExecutorDefinition:
+    target = target or deployment_target()
+    if target == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    if target == "ecs":
+        from dagster_aws.ecs import ecs_executor
+
+        return ecs_executor
+    return dg.in_process_executor
+
+
+def _local_gpus() -> list[int]:
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+@contextlib.contextmanager
+def leased_gpus(context: dg.AssetExecutionContext, count: int = 1) -> Iterator[list[int]]:
+    """``count`` devices of this host for the block (empty off CUDA or on one GPU, where there is nothing to share
+    out); the lock directory is GROUPMATES_GPU_LOCKS."""
+    devices = _local_gpus()
+    if len(devices) <= 1 or deployment_target() != "local":
+        yield devices[:count]
+        return
+    lease = DeviceLease(devices, os.environ.get("GROUPMATES_GPU_LOCKS", DEFAULT_LOCK_DIR))
+    owner = f"run {context.run_id[:8]} step {context.op_execution_context.op.name}"
+    with lease.acquire(count, owner=owner) as ids:
+        context.log.info(f"leased GPU {', '.join(map(str, ids))}")
+        yield ids
+
+
+def on_leased_gpu(compute: Callable) -> Callable:
+    """Run an asset's body on a leased device: ``torch.cuda.set_device`` makes it the default ``cuda`` device."""
+
+    @functools.wraps(compute)
+    def wrapper(context: dg.AssetExecutionContext, *args, **kwargs):
+        with leased_gpus(context) as ids:
+            if ids:
+                import torch
+
+                torch.cuda.set_device(ids[0])
+            return compute(context, *args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,520 @@
+"""The compose deployment (docker/), checked without a Docker engine.
+
+The files parse and agree with each other and with the installed CLIs; only the UI is published, on loopback;
+secrets come from docker/.env, never from a committed file; both instance configs pass Dagster's own schema; and
+the instance of docker/dagster.yaml, given the environment the compose file gives the code location, runs a
+project asset on a real PostgreSQL server and a real S3 server. What stays untested here: building the images,
+the compose network and the containers themselves (they need a Docker engine).
+"""
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import click
+import dagster as dg
+import pytest
+import yaml
+
+from groupmates_assets_tests.conftest import jsonl_bytes, records
+from groupmates_assets_tests.s3_server import S3Server
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+COMPOSE = DOCKER / "docker-compose.yaml"
+COMPOSE_GPU = DOCKER / "docker-compose.gpu.yaml"
+ENV_EXAMPLE = DOCKER / ".env.example"
+SERVICES = {"postgres", "s3", "code-location", "webserver", "daemon"}
+INSTANCE_SERVICES = ("webserver", "daemon", "code-location")  # the processes that open the Dagster instance
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", re.IGNORECASE)
+PLACEHOLDER = "change-me"
+# Compose interpolation: $$ (a literal $), ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}.
+_COMPOSE_TOKEN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _env_example() -> dict[str, str]:
+    values = {}
+    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
+    """``value`` (any YAML node) with compose's variable syntax resolved against ``env``, as `docker compose` does."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, argument = match.groups()
+        current = env.get(name)
+        missing = current is None or (current == "" and bool(operator) and operator.startswith(":"))
+        if operator and operator.endswith("?") and missing:
+            raise KeyError(f"{name} is required: {argument}")
+        if operator and operator.endswith("-") and missing:
+            return argument
+        return current or ""
+
+    return _COMPOSE_TOKEN.sub(replace, value)
+
+
+def _variables(value: Any) -> set[str]:
+    """Every variable a compose file interpolates."""
+    if isinstance(value, dict):
+        return set().union(set(), *(_variables(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(set(), *(_variables(v) for v in value))
+    return {m.group(1) for m in _COMPOSE_TOKEN.finditer(value) if m.group(1)} if isinstance(value, str) else set()
+
+
+def _service_env(service: str, dotenv: Mapping[str, str]) -> dict[str, str]:
+    """The environment compose gives ``service`` when docker/.env holds ``dotenv``."""
+    environment = _interpolate(_yaml(COMPOSE)["services"][service].get("environment", {}), dotenv)
+    assert isinstance(environment, dict), f"{service}: write environment as a mapping"
+    return {k: "" if v is None else str(v) for k, v in environment.items()}
+
+
+@dataclass(frozen=True)
+class Dockerfile:
+    stages: set[str]
+    args: set[str]
+    copies: dict[str, str]  # COPY from the build context: path in the image -> source in the repository
+    cmds: list[list[str]]  # exec-form CMDs
+    text: str
+
+
+def _dockerfile(path: Path) -> Dockerfile:
+    text = path.read_text(encoding="utf-8")
+    lines = re.sub(r"\\\n", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
+    stages, args, copies, cmds = set(), set(), {}, []
+    for line in lines.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        instruction = words[0].upper()
+        if instruction == "FROM" and len(words) >= 4 and words[2].upper() == "AS":
+            stages.add(words[3])
+        elif instruction == "ARG":
+            args.add(words[1].split("=", 1)[0])
+        elif instruction == "COPY" and not any(w.startswith("--from") for w in words):
+            *sources, target = [w for w in words[1:] if not w.startswith("--")]
+            for source in sources:
+                copies[f"{target}{Path(source).name}" if target.endswith("/") else target] = source
+        elif instruction == "CMD":
+            cmds.append(json.loads(line.split(None, 1)[1]))
+    return Dockerfile(stages, args, copies, cmds, text)
+
+
+def _commands() -> Iterator[tuple[str, list[str]]]:
+    """Every exec-form command the deployment runs: services, their health checks and the images' defaults."""
+    for name, service in _yaml(COMPOSE)["services"].items():
+        if "command" in service:
+            yield name, service["command"]
+        test = service.get("healthcheck", {}).get("test")
+        if test and test[0] == "CMD":
+            yield f"{name} healthcheck", test[1:]
+    for cmd in _dockerfile(DOCKER / "Dockerfile").cmds:
+        yield "Dockerfile CMD", cmd
+
+
+def _executable(name: str) -> Path:
+    """A program of this venv (where requirements.lock installs it), as on the images' PATH."""
+    path = Path(sys.executable).parent / name
+    assert os.access(path, os.X_OK), f"{name} is not installed in {path.parent}"
+    return path
+
+
+def _click_context(program: str, args: list[str]) -> click.Context:
+    """Parse ``program args`` with the program's own click command, exactly as its entry point would (no run)."""
+    (entry,) = entry_points(group="console_scripts", name=program)
+    command: click.Command = importlib.import_module(entry.module).cli
+    while isinstance(command, click.Group):
+        sub = command.get_command(click.Context(command), args[0])
+        assert sub is not None, f"{program}: no subcommand {args[0]!r}"
+        command, args = sub, args[1:]
+    return command.make_context(command.name, list(args))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- the compose files -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+def test_every_build_names_an_existing_dockerfile_stage_and_argument(path: Path):
+    base = _yaml(COMPOSE)["services"]
+    services = _yaml(path)["services"]
+    assert set(services) <= SERVICES
+    for name, service in services.items():
+        if "build" not in service:
+            assert "image" in service, name
+            continue
+        build = {**base[name].get("build", {}), **service["build"]}  # an override file extends the base build
+        args = {**base[name].get("build", {}).get("args", {}), **service["build"].get("args", {})}
+        dockerfile_path = (path.parent / build["context"] / build.get("dockerfile", "Dockerfile")).resolve()
+        assert dockerfile_path.is_file(), f"{name}: {dockerfile_path} does not exist"
+        dockerfile = _dockerfile(dockerfile_path)
+        assert build["target"] in dockerfile.stages, f"{name}: no stage {build['target']!r}"
+        assert set(args) <= dockerfile.args, f"{name}: build args not declared in the Dockerfile"
+        if "VARIANT" in args:
+            assert re.search(rf"\b{args['VARIANT']}\)", dockerfile.text), f"{name}: VARIANT {args['VARIANT']}"
+    assert set(_yaml(COMPOSE)["services"]) == SERVICES
+
+
+def test_gpu_override_builds_the_cuda_image_and_reserves_gpus_for_the_code_location():
+    service = _yaml(COMPOSE_GPU)["services"]["code-location"]
+    assert service["build"]["args"]["VARIANT"] == "cuda"
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def test_the_build_context_holds_every_copied_file():
+    """Each COPY source exists in the repository and is let through by docker/Dockerfile.dockerignore."""
+    dockerfile = _dockerfile(DOCKER / "Dockerfile")
+    allowed = [ln[1:].strip() for ln in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+               if ln.startswith("!")]
+    assert dockerfile.copies
+    for source in dockerfile.copies.values():
+        assert (REPO / source).exists(), source
+        assert any(source == a or source.startswith(a.rstrip("/") + "/") for a in allowed), source
+
+
+def test_every_command_runs_an_installed_program_with_valid_arguments():
+    in_image = _dockerfile(DOCKER / "Dockerfile").copies
+    weed_usage = subprocess.run([str(_executable("weed")), "mini", "-h"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=30).stdout
+    seen = set()
+    for where, command in _commands():
+        program, args = command[0], command[1:]
+        _executable(program)
+        seen.add(program)
+        if program in {"dagster", "dagster-webserver", "dagster-daemon"}:
+            # A file the image holds (e.g. -w /opt/dagster/app/workspace.yaml) is checked as the repository's copy.
+            context = _click_context(program, [str(REPO / in_image[a]) if a in in_image else a for a in args])
+            modules = context.params.get("module_name") or ()
+            for module in [modules] if isinstance(modules, str) else modules:
+                assert isinstance(importlib.import_module(module).defs, dg.Definitions), f"{where}: {module}"
+        elif program == "weed":
+            assert args[0] == "mini", where
+            for flag in args[1:]:
+                name = flag.lstrip("-").split("=", 1)[0]
+                assert re.search(rf"^\s+-{re.escape(name)}\s", weed_usage, re.MULTILINE), f"{where}: -{name}"
+        elif program == "python":
+            assert args[0] == "-c", where
+            compile(args[1], where, "exec")
+        else:
+            pytest.fail(f"{where}: unexpected program {program!r}")
+    assert {"dagster", "dagster-webserver", "dagster-daemon", "weed"} <= seen
+
+
+def test_only_the_webserver_is_published_and_only_on_loopback():
+    for path in (COMPOSE, COMPOSE_GPU):
+        for name, service in _yaml(path)["services"].items():
+            assert service.get("network_mode") != "host", f"{path.name}: {name} on the host network"
+            for port in service.get("ports", []):
+                assert name == "webserver", f"{path.name}: {name} publishes {port}"
+                host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).rsplit(":", 2)[0]
+                assert host_ip == "127.0.0.1", f"{path.name}: {name} publishes {port} beyond loopback"
+    assert _yaml(COMPOSE)["services"]["webserver"]["ports"] == ["127.0.0.1:3000:3000"]
+
+
+def test_every_variable_is_in_env_example_and_the_example_interpolates():
+    declared = _env_example()
+    used = _variables(_yaml(COMPOSE)) | _variables(_yaml(COMPOSE_GPU))
+    assert not used - declared.keys(), f"add to docker/.env.example: {sorted(used - declared.keys())}"
+    assert not declared.keys() - used, f"unused in the compose files: {sorted(declared.keys() - used)}"
+    _interpolate(_yaml(COMPOSE), declared)  # every required (:?) variable has a value
+    with pytest.raises(KeyError, match="DAGSTER_PG_PASSWORD"):  # without docker/.env compose refuses to start
+        _interpolate(_yaml(COMPOSE), {k: v for k, v in declared.items() if k != "DAGSTER_PG_PASSWORD"})
+
+
+def test_the_instance_and_the_servers_are_wired_together():
+    """docker/dagster.yaml's env entries reach every process that opens the instance; addresses name services."""
+    dotenv = _env_example()
+    instance_vars = set(re.findall(r"\{env: *([A-Za-z_][A-Za-z0-9_]*)\}", (DOCKER / "dagster.yaml").read_text()))
+    assert {"DAGSTER_PG_HOST", "DAGSTER_PG_PASSWORD", "GROUPMATES_S3_BUCKET"} <= instance_vars
+    services = _yaml(COMPOSE)["services"]
+    for service in INSTANCE_SERVICES:
+        env = _service_env(service, dotenv)
+        assert instance_vars <= env.keys(), f"{service} lacks {sorted(instance_vars - env.keys())}"
+        assert env["DAGSTER_PG_HOST"] in services and env["DAGSTER_PG_PORT"] == "5432"
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333" and "-s3.port=8333" in services["s3"]["command"]
+    s3_env = _service_env("s3", dotenv)
+    code_env = _service_env("code-location", dotenv)
+    for key, source in (("AWS_ACCESS_KEY_ID", "GROUPMATES_S3_ACCESS_KEY"),
+                        ("AWS_SECRET_ACCESS_KEY", "GROUPMATES_S3_SECRET_KEY")):
+        assert s3_env[key] == code_env[key] == dotenv[source]  # the S3 server's one identity is the clients' one
+    postgres_env = _service_env("postgres", dotenv)
+    assert (postgres_env["POSTGRES_USER"], postgres_env["POSTGRES_PASSWORD"], postgres_env["POSTGRES_DB"]) == (
+        code_env["DAGSTER_PG_USERNAME"], code_env["DAGSTER_PG_PASSWORD"], code_env["DAGSTER_PG_DB"])
+    bucket = code_env["GROUPMATES_S3_BUCKET"]
+    assert code_env["GROUPMATES_STORAGE_ROOT"] == f"s3://{bucket}/storage"
+    assert f"-bucket={bucket}" in _interpolate(services["s3"]["command"], dotenv)
+
+
+def test_workspace_points_at_the_code_location_service():
+    from dagster._core.remote_origin import GrpcServerCodeLocationOrigin
+    from dagster._core.workspace.load import location_origins_from_yaml_paths
+
+    (origin,) = location_origins_from_yaml_paths([str(DOCKER / "workspace.yaml")])
+    assert isinstance(origin, GrpcServerCodeLocationOrigin)
+    command = _yaml(COMPOSE)["services"]["code-location"]["command"]
+    assert origin.host == "code-location" and str(origin.port) == command[command.index("-p") + 1]
+    assert str(origin.port) in _yaml(COMPOSE)["services"]["code-location"]["expose"]
+    (local,) = location_origins_from_yaml_paths([str(REPO / "workspace.yaml")])
+    assert origin.location_name == local.location_name == "groupmates_assets"
+
+
+def test_no_plaintext_secrets():
+    for path in (COMPOSE, COMPOSE_GPU):
+        for name, service in _yaml(path)["services"].items():
+            for key, value in (service.get("environment") or {}).items():
+                if SECRET_NAME.search(key):
+                    assert re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?[-?][^}]*)?\}", str(value)), (
+                        f"{path.name}: {name}.{key} must come from docker/.env")
+    for key, value in _env_example().items():
+        if SECRET_NAME.search(key):
+            assert value in ("", PLACEHOLDER), f".env.example: {key} must be a placeholder"
+    password = _yaml(DOCKER / "dagster.yaml")["storage"]["postgres"]["postgres_db"]["password"]
+    assert isinstance(password, dict) and set(password) == {"env"}
+    for path in DOCKER.iterdir():
+        if not path.is_file() or path.name == ".env":  # docker/.env: a deployment's own secrets, never committed
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY", text), path.name
+        assert not re.search(r"^\s*ENV\b.*(PASSWORD|SECRET)", text, re.MULTILINE), path.name
+    assert ".env" in (DOCKER / ".gitignore").read_text().split()
+
+
+# --- the instance configs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [DOCKER / "dagster.yaml", REPO / "dagster.yaml"], ids=["docker", "root"])
+def test_instance_config_passes_dagsters_schema(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Dagster's own loader (schema, storage and concurrency rules), then each pluggable class built from its config
+    section, which is where Dagster checks those sections."""
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster._core.instance.ref import InstanceRef
+
+    for name in set(re.findall(r"\{env: *([A-Za-z_][A-Za-z0-9_]*)\}", path.read_text())):
+        monkeypatch.setenv(name, "5432" if name.endswith("_PORT") else "example")
+    config, custom_class = dagster_instance_config(str(path.parent), path.name)
+    assert custom_class is None
+    ref = InstanceRef.from_dir(str(tmp_path), config_dir=str(path.parent), config_filename=path.name)
+    assert type(ref.run_coordinator).__name__ == "QueuedRunCoordinator"
+    assert ref.run_launcher is not None and ref.compute_log_manager is not None
+    assert config["run_monitoring"]["enabled"] and config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+    assert config["concurrency"]["pools"]["default_limit"] >= 1
+
+
+def test_the_compose_instance_mirrors_the_local_pool_settings():
+    """Pool limits and slot freeing are the same as the local instance's (the root dagster.yaml)."""
+    docker, root = _yaml(DOCKER / "dagster.yaml"), _yaml(REPO / "dagster.yaml")
+    hint = "keep docker/dagster.yaml in step with the root dagster.yaml"
+    assert docker["concurrency"]["pools"] == root["concurrency"]["pools"], hint
+    assert (docker["run_monitoring"]["free_slots_after_run_end_seconds"]
+            == root["run_monitoring"]["free_slots_after_run_end_seconds"]), hint
+    assert next(iter(docker["storage"])) == "postgres"
+
+
+# --- a real PostgreSQL server (and S3 server) behind the compose instance -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Postgres:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def connect(self, dbname: str = "postgres"):
+        import psycopg2
+
+        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                                dbname=dbname, connect_timeout=2)
+
+
+def _postgres_bin_dir() -> Path | None:
+    """Where initdb and postgres are: on PATH, else Debian's /usr/lib/postgresql/<newest version>/bin."""
+    on_path = shutil.which("initdb")
+    if on_path and (Path(on_path).resolve().parent / "postgres").exists():
+        return Path(on_path).resolve().parent
+    versions = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb") if (p.parent / "postgres").exists()]
+    return max(versions, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, default=None)
+
+
+def _unprivileged_user() -> pwd.struct_passwd | None:
+    """PostgreSQL refuses to run as root: as root, run it as `postgres` (Debian's package creates it) or nobody."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    pytest.skip("running as root with neither a postgres nor a nobody user to run PostgreSQL as")
+    return None
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway cluster on 127.0.0.1 at a free port with a random password; always stopped and deleted."""
+    bin_dir = _postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, postgres) not found: install Debian's postgresql package "
+                    "(scripts/install_test_services.sh, run by `make setup`)")
+    user = _unprivileged_user()
+    as_user: dict[str, Any] = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+    # Under the system temp dir: pytest's own temp dirs are private to the user running the tests.
+    workdir = Path(tempfile.mkdtemp(prefix="gm-pg-"))
+    server = Postgres("127.0.0.1", _free_port(), "dagster", secrets.token_hex(16))
+    process: subprocess.Popen | None = None
+    try:
+        (workdir / "pwfile").write_text(server.password + "\n")
+        if user:
+            for path in (workdir, workdir / "pwfile"):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        subprocess.run([str(bin_dir / "initdb"), "-D", str(workdir / "data"), "-U", server.user,
+                        f"--pwfile={workdir / 'pwfile'}", "--auth=scram-sha-256", "-E", "UTF8", "--locale=C",
+                        "--no-sync"], check=True, capture_output=True, timeout=120, env=env, **as_user)
+        with open(workdir / "postgres.log", "wb") as log:
+            process = subprocess.Popen(
+                [str(bin_dir / "postgres"), "-D", str(workdir / "data"), "-h", server.host, "-p", str(server.port),
+                 "-k", str(workdir), "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                **as_user)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                server.connect().close()
+                break
+            except Exception:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"PostgreSQL did not start:\n{(workdir / 'postgres.log').read_text()[-3000:]}")
+                time.sleep(0.2)
+        yield server
+    finally:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)  # fast shutdown: roll back open transactions, close connections
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _create_database(server: Postgres, name: str) -> None:
+    connection = server.connect()
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        connection.close()
+
+
+def test_compose_instance_runs_a_project_asset_on_postgres_and_s3(postgres: Postgres, s3: S3Server,
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """docker/dagster.yaml with the code location's compose environment (only the service addresses replaced by
+    the test servers'): a run of the project's `pool_shard` lands in PostgreSQL (run, events, dynamic partition),
+    a step in the gpu pool holds the pool's one slot while it runs, and the artifacts and compute logs land in S3."""
+    import boto3
+
+    from groupmates_assets.defs.deployment import GPU_POOL
+    from groupmates_assets.defs.partitions import pool_shards
+    from groupmates_assets.defs.pool.assets import pool_shard
+    from groupmates_assets.defs.resources import platform_from_env
+
+    database = "dagster_deployment_test"
+    _create_database(postgres, database)
+    dotenv = {**_env_example(), "DAGSTER_PG_USERNAME": postgres.user, "DAGSTER_PG_PASSWORD": postgres.password,
+              "DAGSTER_PG_DB": database, "GROUPMATES_S3_ACCESS_KEY": s3.access_key,
+              "GROUPMATES_S3_SECRET_KEY": s3.secret_key, "GROUPMATES_S3_BUCKET": s3.bucket,
+              "GROUPMATES_POOL_DIR": s3.url("pool")}
+    env = _service_env("code-location", dotenv)
+    env.update(DAGSTER_PG_HOST=postgres.host, DAGSTER_PG_PORT=str(postgres.port), AWS_ENDPOINT_URL=s3.endpoint_url)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url)
+    shard = jsonl_bytes(records(6, 4))
+    client.put_object(Bucket=s3.bucket, Key="pool/crawl/part-0.jsonl", Body=shard)
+
+    @dg.asset(pool=GPU_POOL)
+    def gpu_pool_probe(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        info = context.instance.event_log_storage.get_concurrency_info(GPU_POOL)
+        print("gpu pool step ran")  # goes to the compute logs
+        return dg.MaterializeResult(metadata={"slots": info.slot_count, "claimed_by": sorted(info.active_run_ids)})
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(DOCKER / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        instance.add_dynamic_partitions(pool_shards.name, ["crawl__part-0"])
+        shard_run = dg.materialize([pool_shard], partition_key="crawl__part-0", instance=instance,
+                                   resources={"platform": platform_from_env()})
+        probe_run = dg.materialize([gpu_pool_probe], instance=instance)
+        assert shard_run.success and probe_run.success
+
+    # Read back through a new instance (new connections), then straight from the tables.
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_run_by_id(shard_run.run_id).status == dg.DagsterRunStatus.SUCCESS
+        event = instance.get_latest_materialization_event(dg.AssetKey("pool_shard"))
+        assert event.run_id == shard_run.run_id and event.asset_materialization.partition == "crawl__part-0"
+        assert instance.get_dynamic_partitions(pool_shards.name) == ["crawl__part-0"]
+        probe = instance.get_latest_materialization_event(dg.AssetKey("gpu_pool_probe")).asset_materialization
+        assert probe.metadata["slots"].value == _yaml(DOCKER / "dagster.yaml")["concurrency"]["pools"]["default_limit"]
+        assert probe.metadata["claimed_by"].value == [probe_run.run_id]  # the step held a slot while it ran ...
+        assert not instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots  # ... and gave it back
+    connection = postgres.connect(database)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT status FROM runs WHERE run_id = %s", (shard_run.run_id,))
+            assert cursor.fetchall() == [("SUCCESS",)]
+            cursor.execute("SELECT count(*) FROM event_logs WHERE run_id = %s AND asset_key = %s AND "
+                           "dagster_event_type = 'ASSET_MATERIALIZATION'",
+                           (shard_run.run_id, dg.AssetKey("pool_shard").to_string()))
+            assert cursor.fetchone() == (1,)
+    finally:
+        connection.close()
+
+    manifest = json.loads(client.get_object(Bucket=s3.bucket,
+                                            Key="storage/pool/shards/crawl__part-0/manifest.json")["Body"].read())
+    assert manifest["sha256"] == hashlib.sha256(shard).hexdigest()  # read from the pool on S3, written to S3
+    logs = client.list_objects_v2(Bucket=s3.bucket, Prefix=f"dagster/compute-logs/storage/{probe_run.run_id}/")
+    assert logs.get("KeyCount", 0) > 0, "no compute logs for the run in the bucket"

@@ -1,0 +1,285 @@
+"""The platform on a real S3 server (SeaweedFS on loopback): Storage behaves as on a local folder, and the pool,
+filter and selection stages write the same artifacts to ``s3://`` as to a local root, with ``s3://`` paths in
+metadata, credentials from the environment only, and none of them in artifacts, metadata or logs.
+
+The pipeline helpers here are public: ``bench/bench_s3.py`` times the same path. No ``from __future__ import
+annotations``: an asset defined inside a test needs its resource annotations resolvable."""
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from dagster_aws.s3 import S3Resource
+
+from groupmates_assets import settings as settings_module
+from groupmates_assets.defs.partitions import pool_shards
+from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.defs.selection import assets as sa
+from groupmates_assets.lib.influence import encoder as enc
+from groupmates_assets.lib.influence import model as im
+from groupmates_assets.lib.storage import Storage, fs_options
+from groupmates_assets_tests import test_assets, test_selection_assets
+from groupmates_assets_tests.s3_server import S3Server
+
+PROFILE = "s3-test"  # demo's pool and quality settings, the selection test's small clusters
+ASSETS = [*test_assets.ASSETS, *test_selection_assets.ASSETS]
+RANGE_KEYS = sa.selected_documents.partitions_def.get_partition_keys()
+BLOCKING_CHECKS = {"counts_reconcile", "all_shards_reconcile", "budgets_exact", "index_round_trip"}
+# Files that name their own location or hold timings; all others must be byte-identical between two roots.
+PATH_OR_TIMING_FILES = re.compile(r"pool/shards/[^/]+/manifest\.json|filtered_pool/_manifest\.json"
+                                  r"|filtered_pool/[^/]+/(stats\.json|rejects\.parquet)")
+TIMING_KEYS = {"seconds", "docs_per_second", "mb_per_second"}
+# rejects.parquet names each malformed record's source file, so its size and hash (in stats.json) depend on where
+# the pool is; its content is compared with the pool root set aside like any other file.
+REJECTS_FILE, FILE_DIGEST_KEYS = re.compile(r"/rejects\.parquet$"), {"bytes", "sha256"}
+
+
+def pipeline_profile() -> settings_module.Profile:
+    selection = settings_module.SelectionProfile(mean_cluster_size=12, kmeans_iterations=5,
+                                                 cluster_ranges=len(RANGE_KEYS), predict_batch_docs=16, torch_threads=1)
+    return dataclasses.replace(settings_module.get_profile("demo"), name=PROFILE, description="S3 tests",
+                               selection=selection)
+
+
+def save_influence_models(directory: Path) -> None:
+    """Tiny final and individual influence models (one encoder layer), as the selection asset test saves them."""
+    source = enc.resolve_encoder(None)
+    tokenizer_json = enc.load_encoder_tokenizer(source).to_str()
+    for kind, relational in (("final", True), ("individual", False)):
+        torch.manual_seed(0)
+        model = im.build_model(source, im.InfluenceModelConfig(relational=relational, chunk_len=16, chunks=2,
+                                                               encoder_layers=1))
+        im.save_model(model, str(directory / kind), tokenizer_json)
+
+
+def seed_influence_models(storage: Storage, directory: Path) -> None:
+    """Stand in for the influence stage (its own tests cover it): the saved models and their current.json."""
+    for kind in ("final", "individual"):
+        storage.put_dir(str(directory / kind), f"influence/models/{kind}/fp-{kind}", im.MODEL_FILES)
+        storage.write_json(f"influence/models/{kind}/current.json", {
+            "fingerprint": f"fp-{kind}", "path": f"influence/models/{kind}/fp-{kind}", "alpha": 1.0, "tau": 1.0})
+
+
+def run_pool_to_selection(platform: PlatformResource, instance: dg.DagsterInstance, keys: list[str],
+                          positives: str, models: Path) -> dict[str, Any]:
+    """Materialize pool_shard -> quality_classifier -> filtered_pool_shard -> filtered_pool_summary ->
+    pool_predictions -> cluster_centroids -> cluster_assignments -> selected_documents -> baselines ->
+    selected_corpus, one run per partition as the jobs do. Returns each materialization's metadata by
+    ``asset[partition]`` and every run's events (to search for leaked secrets)."""
+    metadata: dict[str, Any] = {}
+    events: list[Any] = []
+
+    def materialize(selection: list[str], partition_key: str | None = None, run_config: dict | None = None) -> None:
+        result = dg.materialize(ASSETS, selection=selection, partition_key=partition_key, instance=instance,
+                                resources={"platform": platform}, run_config=run_config)
+        failed = [c.check_name for c in result.get_asset_check_evaluations()
+                  if c.check_name in BLOCKING_CHECKS and not c.passed]
+        assert not failed, f"{selection} {partition_key}: checks failed: {failed}"
+        for name in selection:
+            for event in result.asset_materializations_for_node(name):
+                metadata[f"{name}[{partition_key}]" if partition_key else name] = event.metadata
+        events.extend(result.all_events)
+
+    instance.add_dynamic_partitions(pool_shards.name, keys)
+    for key in keys:
+        materialize(["pool_shard"], key)
+    materialize(["quality_classifier"], run_config={"ops": {"quality_classifier": {"config": {
+        "positives_path": positives}}}})
+    for key in keys:
+        materialize(["filtered_pool_shard"], key)
+    materialize(["filtered_pool_summary"])
+    seed_influence_models(platform.storage(), models)
+    for key in keys:
+        materialize(["pool_predictions"], key)
+    materialize(["cluster_centroids"])
+    for key in keys:
+        materialize(["cluster_assignments"], key)
+    for range_key in RANGE_KEYS:
+        materialize(["selected_documents"], range_key)
+    materialize(["selected_random", "selected_mates", "selected_fasttext"])
+    for key in keys:
+        materialize(["selected_corpus"], key)
+    return {"metadata": metadata, "events": events}
+
+
+def _scrub(value: Any, roots: dict[str, str]) -> Any:
+    """Roots replaced by their role and timings dropped, so two runs on different roots compare equal."""
+    if isinstance(value, dict):
+        volatile = TIMING_KEYS | (FILE_DIGEST_KEYS if REJECTS_FILE.search(str(value.get("path", ""))) else set())
+        return {k: _scrub(v, roots) for k, v in value.items() if k not in volatile}
+    if isinstance(value, list):
+        return [_scrub(v, roots) for v in value]
+    if isinstance(value, str):
+        for root, role in roots.items():
+            value = value.replace(root, role)
+    return value
+
+
+def artifact_digests(storage: Storage, roots: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Every file under the storage root: relative path -> (sha256 of its bytes, sha256 of its content with the
+    roots named in ``roots`` replaced and timings dropped; JSON and Parquet only)."""
+    out = {}
+    for full in storage.fs.find(storage.root):
+        relative = full[len(storage.root.rstrip("/")) + 1:]
+        data = storage.read_bytes(relative)
+        if relative.endswith(".json"):
+            normalized = json.dumps(_scrub(json.loads(data), roots), sort_keys=True).encode()
+        elif relative.endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(data))
+            normalized = json.dumps([str(table.schema), _scrub(table.to_pylist(), roots)], default=repr).encode()
+        else:
+            normalized = data
+        out[relative] = (hashlib.sha256(data).hexdigest(), hashlib.sha256(normalized).hexdigest())
+    return out
+
+
+def compare_roots(local: dict[str, tuple[str, str]], remote: dict[str, tuple[str, str]]) -> list[str]:
+    """Assert both roots hold the same files with the same content; returns the files whose bytes differ
+    (only those that name their own location or hold timings may)."""
+    assert sorted(local) == sorted(remote)
+    assert {k: v[1] for k, v in local.items()} == {k: v[1] for k, v in remote.items()}
+    differ = sorted(k for k in local if local[k][0] != remote[k][0])
+    assert all(PATH_OR_TIMING_FILES.fullmatch(k) for k in differ), differ
+    return differ
+
+
+def upload_dir(storage: Storage, local: Path) -> None:
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.put_file(str(path), path.relative_to(local).as_posix())
+
+
+def _contains(haystack: Iterable[Any], needle: str) -> bool:
+    return any(needle in repr(item) for item in haystack)
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+
+def _exercise(storage: Storage, scratch: Path) -> dict[str, Any]:
+    """Every Storage operation the assets use; what a caller can observe, with the root cut from paths."""
+    table = pa.table({"doc_id": ["x", "y"], "score": [0.1, 0.9]})
+    array = np.arange(24, dtype=np.uint32).reshape(4, 6)
+    infos = {"bytes": storage.write_bytes("a/b/data.bin", b"hello"),
+             "json": storage.write_json("a/m.json", {"b": 1, "a": [1, 2]}),
+             "parquet": storage.write_parquet("a/t.parquet", table),
+             "numpy": storage.write_numpy("arrays/x.npy", array)}
+    with pytest.raises(RuntimeError), storage.open_write("a/b/data.bin") as out:
+        out.write(b"half of a new version")
+        raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), storage.open_write("a/b/never.bin") as out:
+        out.write(b"x" * 100_000)
+        raise RuntimeError("killed mid-write")
+    names = ["config.json", "sub/weights.bin"]
+    (scratch / "model" / "sub").mkdir(parents=True)
+    (scratch / "model" / "config.json").write_bytes(b'{"dim": 4}\n')
+    (scratch / "model" / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    put = storage.put_dir(str(scratch / "model"), "models/m1", names)
+    with storage.local_dir("models/m1", names) as local:
+        fetched = {name: Path(local, name).read_bytes() for name in names}
+    with storage.local_copy("a/b/data.bin") as local, open(local, "rb") as handle:
+        copied = handle.read()
+    mapped, whole = storage.read_numpy("arrays/x.npy"), storage.read_numpy("arrays/x.npy", mmap=False)
+    root = storage.url("")
+    observed = {
+        "infos": {k: (i.path[len(root):], i.bytes, i.sha256) for k, i in {**infos, **put}.items()},
+        "read": (storage.read_bytes("a/b/data.bin"), storage.read_json("a/m.json"),
+                 storage.read_parquet("a/t.parquet").equals(table), storage.info("a/b/data.bin").sha256),
+        "numpy": (mapped.dtype.str, mapped.shape, isinstance(mapped, np.memmap), mapped.flags.writeable,
+                  mapped.tolist(), whole.flags.writeable, (whole == array).all()),
+        "local_dir": fetched, "local_copy": copied,
+        "all_files": sorted(p[len(storage.root) + 1:] for p in storage.fs.find(storage.root)),  # nothing partial
+        "list": [storage.list(d) for d in ("", "a", "a/b", "models/m1", "absent")],
+        "exists": [storage.exists(p) for p in ("a/b/data.bin", "a/b", "a/b/never.bin", "absent", "models/m1/sub")],
+    }
+    del mapped
+    storage.remove("a/b/data.bin")
+    storage.remove("models", recursive=True)
+    storage.remove("absent")
+    observed["after_remove"] = ([storage.exists(p) for p in ("a/b/data.bin", "models", "models/m1/config.json")],
+                                storage.list(""), storage.list("a"))
+    return observed
+
+
+def test_storage_on_s3_behaves_as_on_a_local_folder(s3: S3Server, tmp_path: Path):
+    (tmp_path / "local").mkdir()
+    (tmp_path / "remote").mkdir()
+    local = _exercise(Storage(str(tmp_path / "local-store")), tmp_path / "local")
+    root = s3.url(f"{tmp_path.name}/store")
+    storage = Storage(root, fs_options(root, endpoint_url=s3.endpoint_url))
+    remote = _exercise(storage, tmp_path / "remote")
+    assert remote == local
+    assert storage.url("a/m.json") == f"s3://{s3.bucket}/{tmp_path.name}/store/a/m.json"
+    assert local["all_files"] == ["a/b/data.bin", "a/m.json", "a/t.parquet", "arrays/x.npy", "models/m1/config.json",
+                                  "models/m1/sub/weights.bin"]
+    assert local["numpy"][2:4] == (True, False)  # a read-only memory map on both roots
+
+
+def test_pool_filter_selection_on_s3_equal_local(s3: S3Server, small_pool, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(settings_module.PROFILES, PROFILE, pipeline_profile())
+    save_influence_models(tmp_path / "models")
+    keys, positives = test_assets.KEYS, str(small_pool["positives"])
+    prefix = s3.url(tmp_path.name)
+    upload_dir(Storage(f"{prefix}/pool", fs_options(prefix, endpoint_url=s3.endpoint_url)), small_pool["pool"])
+    platforms = {
+        "local": PlatformResource(storage_root=str(tmp_path / "store"), pool_dir=str(small_pool["pool"]),
+                                  profile=PROFILE),
+        "s3": PlatformResource(storage_root=f"{prefix}/store", pool_dir=f"{prefix}/pool/", profile=PROFILE,
+                               s3_endpoint_url=s3.endpoint_url),
+    }
+    runs = {}
+    for name, platform in platforms.items():  # in-memory instances: a third of the sqlite one's run overhead
+        with dg.DagsterInstance.ephemeral() as instance:
+            runs[name] = run_pool_to_selection(platform, instance, keys, positives, tmp_path / "models")
+    local = artifact_digests(platforms["local"].storage(), {str(tmp_path / "store"): "<store>",
+                                                            str(small_pool["pool"]): "<pool>"})
+    remote = artifact_digests(platforms["s3"].storage(), {f"{prefix}/store": "<store>", f"{prefix}/pool": "<pool>"})
+    differ = compare_roots(local, remote)
+    assert len(local) > 40 and "filtered_pool/crawl-b/kept.parquet" not in differ
+    assert any(k.startswith("selected_corpus/group_mates/") for k in local)
+    meta = runs["s3"]["metadata"]
+    assert meta["pool_shard[crawl-b]"]["source_path"].value == f"{prefix}/pool/crawl-b.parquet"
+    kept = meta["filtered_pool_shard[crawl-b]"]["kept_path"].value
+    assert kept == f"{prefix}/store/filtered_pool/crawl-b/kept.parquet"
+    assert meta["cluster_centroids"]["path"].value.startswith(f"{prefix}/store/selection/clusters/")
+    assert meta["selected_corpus[crawl-b]"]["sha256"].value == runs["local"]["metadata"]["selected_corpus[crawl-b]"][
+        "sha256"].value
+    assert not _contains(runs["s3"]["events"], s3.secret_key)
+    assert not _contains(meta.values(), s3.access_key)
+
+
+def test_definitions_take_endpoint_from_env_and_offer_boto3(s3: S3Server, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """Production wiring: root and endpoint from GROUPMATES_* variables (endpoint as a Dagster EnvVar), keys from
+    AWS_*; the ``s3`` resource (dagster-aws, boto3) reaches the same server without any configured secret."""
+    from groupmates_assets.definitions import build_definitions
+
+    monkeypatch.setenv("GROUPMATES_STORAGE_ROOT", s3.url(f"{tmp_path.name}/store"))
+    monkeypatch.setenv("GROUPMATES_S3_ENDPOINT_URL", s3.endpoint_url)
+    resources = build_definitions().resources
+    assert isinstance(resources["platform"].s3_endpoint_url, dg.EnvVar)
+    assert resources["s3"].aws_secret_access_key is None and resources["s3"].aws_access_key_id is None
+
+    @dg.asset
+    def probe(platform: PlatformResource, s3: S3Resource) -> dg.MaterializeResult:
+        info = platform.storage().write_json("probe/hello.json", {"hello": "s3"})
+        listed = s3.get_client().list_objects_v2(Bucket=info.path.split("/")[2], Prefix=f"{tmp_path.name}/store/")
+        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(info.path),
+                                              "keys": dg.MetadataValue.json([o["Key"] for o in listed["Contents"]])})
+
+    result = dg.materialize([probe], resources={"platform": resources["platform"], "s3": resources["s3"]})
+    metadata = result.asset_materializations_for_node("probe")[0].metadata
+    assert metadata["path"].value == s3.url(f"{tmp_path.name}/store/probe/hello.json")
+    assert metadata["keys"].value == [f"{tmp_path.name}/store/probe/hello.json"]
+    assert not _contains(result.all_events, s3.secret_key)
