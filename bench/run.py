@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "oracle_gpu": ("bench.bench_oracle_gpu", 2),
     "pretrain_gpu": ("bench.bench_pretrain_gpu", 2),
     "s3": ("bench.bench_s3", 2),
+    "partitions": ("bench.bench_partitions", 1),
     "influence": ("bench.bench_influence", 2),
     "selection": ("bench.bench_selection", 2),
 }
