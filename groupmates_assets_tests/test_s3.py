@@ -19,15 +19,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from dagster_aws.s3 import S3Resource
 
 from groupmates_assets import settings as settings_module
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.selection import assets as sa
-from groupmates_assets.lib.influence import encoder as enc
-from groupmates_assets.lib.influence import model as im
 from groupmates_assets.lib.storage import Storage, fs_options
 from groupmates_assets_tests import test_assets, test_selection_assets
 from groupmates_assets_tests.s3_server import S3Server
@@ -50,25 +47,6 @@ def pipeline_profile() -> settings_module.Profile:
                                                  cluster_ranges=len(RANGE_KEYS), predict_batch_docs=16, torch_threads=1)
     return dataclasses.replace(settings_module.get_profile("demo"), name=PROFILE, description="S3 tests",
                                selection=selection)
-
-
-def save_influence_models(directory: Path) -> None:
-    """Tiny final and individual influence models (one encoder layer), as the selection asset test saves them."""
-    source = enc.resolve_encoder(None)
-    tokenizer_json = enc.load_encoder_tokenizer(source).to_str()
-    for kind, relational in (("final", True), ("individual", False)):
-        torch.manual_seed(0)
-        model = im.build_model(source, im.InfluenceModelConfig(relational=relational, chunk_len=16, chunks=2,
-                                                               encoder_layers=1))
-        im.save_model(model, str(directory / kind), tokenizer_json)
-
-
-def seed_influence_models(storage: Storage, directory: Path) -> None:
-    """Stand in for the influence stage (its own tests cover it): the saved models and their current.json."""
-    for kind in ("final", "individual"):
-        storage.put_dir(str(directory / kind), f"influence/models/{kind}/fp-{kind}", im.MODEL_FILES)
-        storage.write_json(f"influence/models/{kind}/current.json", {
-            "fingerprint": f"fp-{kind}", "path": f"influence/models/{kind}/fp-{kind}", "alpha": 1.0, "tau": 1.0})
 
 
 def run_pool_to_selection(platform: PlatformResource, instance: dg.DagsterInstance, keys: list[str],
@@ -99,7 +77,7 @@ def run_pool_to_selection(platform: PlatformResource, instance: dg.DagsterInstan
     for key in keys:
         materialize(["filtered_pool_shard"], key)
     materialize(["filtered_pool_summary"])
-    seed_influence_models(platform.storage(), models)
+    test_selection_assets.seed_influence_models(platform.storage(), models)
     for key in keys:
         materialize(["pool_predictions"], key)
     materialize(["cluster_centroids"])
@@ -228,7 +206,7 @@ def test_storage_on_s3_behaves_as_on_a_local_folder(s3: S3Server, tmp_path: Path
 def test_pool_filter_selection_on_s3_equal_local(s3: S3Server, small_pool, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(settings_module.PROFILES, PROFILE, pipeline_profile())
-    save_influence_models(tmp_path / "models")
+    test_selection_assets.save_influence_models(tmp_path / "models")
     keys, positives = test_assets.KEYS, str(small_pool["positives"])
     prefix = s3.url(tmp_path.name)
     upload_dir(Storage(f"{prefix}/pool", fs_options(prefix, endpoint_url=s3.endpoint_url)), small_pool["pool"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -43,6 +43,25 @@ def _kept_table(key: str, count: int) -> pa.Table:
     })
 
 
+def save_influence_models(directory: Path) -> None:
+    """Tiny final and individual influence models (one encoder layer), saved under ``directory``/<kind>."""
+    source = enc.resolve_encoder(None)
+    tokenizer_json = enc.load_encoder_tokenizer(source).to_str()
+    for kind, relational in (("final", True), ("individual", False)):
+        torch.manual_seed(0)
+        model = im.build_model(source, im.InfluenceModelConfig(relational=relational, chunk_len=16, chunks=2,
+                                                               encoder_layers=1))
+        im.save_model(model, str(directory / kind), tokenizer_json)
+
+
+def seed_influence_models(storage: Storage, directory: Path) -> None:
+    """Stand in for the influence stage (its own tests cover it): the saved models and their current.json."""
+    for kind in ("final", "individual"):
+        storage.put_dir(str(directory / kind), f"influence/models/{kind}/fp-{kind}", im.MODEL_FILES)
+        storage.write_json(f"influence/models/{kind}/current.json", {
+            "fingerprint": f"fp-{kind}", "path": f"influence/models/{kind}/fp-{kind}", "alpha": 1.0, "tau": 1.0})
+
+
 @pytest.fixture()
 def setup(tmp_path, monkeypatch):
     ranges = len(selection_range_keys(1))
@@ -51,18 +70,8 @@ def setup(tmp_path, monkeypatch):
         selection=settings_module.SelectionProfile(mean_cluster_size=12, kmeans_iterations=5, cluster_ranges=ranges,
                                                    predict_batch_docs=16, torch_threads=1)))
     storage = Storage(str(tmp_path / "store"))
-    source = enc.resolve_encoder(None)
-    tokenizer_json = enc.load_encoder_tokenizer(source).to_str()
-    for kind, relational in (("final", True), ("individual", False)):
-        torch.manual_seed(0)
-        model = im.build_model(source, im.InfluenceModelConfig(relational=relational, chunk_len=16, chunks=2,
-                                                               encoder_layers=1))
-        local = str(tmp_path / kind)
-        im.save_model(model, local, tokenizer_json)
-        for name in im.MODEL_FILES:
-            storage.put_file(os.path.join(local, name), f"influence/models/{kind}/fp-{kind}/{name}")
-        storage.write_json(f"influence/models/{kind}/current.json", {
-            "fingerprint": f"fp-{kind}", "path": f"influence/models/{kind}/fp-{kind}", "alpha": 1.0, "tau": 1.0})
+    save_influence_models(tmp_path / "models")
+    seed_influence_models(storage, tmp_path / "models")
     shards = []
     for key, count in zip(KEYS, (40, 33, 0), strict=True):
         info = storage.write_parquet(f"filtered_pool/{key}/kept.parquet", _kept_table(key, count))

@@ -18,6 +18,7 @@ import functools
 import json
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import dagster as dg
 
@@ -56,6 +57,15 @@ def pretrain_gpus() -> int:
     from groupmates_assets.settings import get_profile
 
     return get_profile().pretrain.gpus_per_run
+
+
+def gpu_asset_args(partitioned: bool = False, gpus: int = 1) -> dict[str, Any]:
+    """The ``@asset`` arguments of a GPU step: the gpu pool, the target's GPU request tags and, when partitioned,
+    one run per partition in backfills (a failed shard is retried and watched on its own)."""
+    args: dict[str, Any] = {"pool": GPU_POOL, "op_tags": gpu_op_tags(gpus)}
+    if partitioned:
+        args["backfill_policy"] = dg.BackfillPolicy.multi_run(1)
+    return args
 
 
 def executor_for(target: str | None = None) -> dg.ExecutorDefinition:

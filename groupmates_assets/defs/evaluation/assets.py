@@ -12,7 +12,7 @@ import torch
 import zstandard
 
 from groupmates_assets.defs.common import fingerprint, finite
-from groupmates_assets.defs.deployment import GPU_POOL, gpu_op_tags, on_leased_gpu
+from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.pretrain.assets import PRETRAIN_DIR, pretrain_checkpoints
 from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
@@ -82,9 +82,7 @@ def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalPr
     "per-token log-likelihood; DCLM-core-style centered accuracy (acc - random) / (1 - random), averaged) and on "
     "held-out text (loss, bits per byte); mean and spread over seeds at the final step. Evaluated checkpoints "
     "are kept, so a rerun only evaluates new ones.",
-    pool=GPU_POOL,
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # one run per GPU partition: retried and watched alone
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(partitioned=True),
 )
 @on_leased_gpu
 def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from groupmates_assets.defs.common import fingerprint, finite
-from groupmates_assets.defs.deployment import GPU_POOL, gpu_op_tags, on_leased_gpu
+from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.oracle.assets import (
     ORACLE_RANDOM_DIR,
     PROBE_POOL_DIR,
@@ -177,8 +177,7 @@ def bootstrap_block_keys(platform: PlatformResource) -> list[str]:
     description="The initial relational influence model, trained on the random-rollout oracle: encoder -> h, "
     "u = w.h + b, pred_t = alpha * u_t * mean_{i<t}(1 - <h_i,h_t>/tau); MSE on z-scored marginal labels, best "
     "validation Spearman kept.",
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(),
 )
 @on_leased_gpu
 def influence_model_init(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
@@ -199,8 +198,7 @@ def influence_model_init(context: dg.AssetExecutionContext, platform: PlatformRe
     )],
     description="Bootstrap trajectories: beam search (width K) over the probe pool with the initial model toward "
     "the most beneficial and the most harmful tail; step 0 scored by the individual influence u.",
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(),
 )
 @on_leased_gpu
 def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
@@ -275,9 +273,7 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
     )],
     description="Oracle data influences of the bootstrap trajectories, collected exactly as for random ones "
     "(same checkpoint, reference set and collector); the trajectories are split into contiguous blocks.",
-    pool=GPU_POOL,
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # one run per GPU partition: retried and watched alone
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(partitioned=True),
 )
 def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings()
@@ -308,8 +304,7 @@ def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResour
     kinds={"pytorch", "safetensors"},
     description="The final relational influence model: trained fresh from the encoder on the random and the "
     "bootstrap oracle; the model that scores the pool for selection.",
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(),
 )
 @on_leased_gpu
 def influence_model_final(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
@@ -330,8 +325,7 @@ def oracle_union(platform: PlatformResource) -> list[tuple[str, list[str], str]]
     kinds={"pytorch", "safetensors"},
     description="MATES' individual-influence model: the same encoder and head without the relational term "
     "(pred_t = u_t), trained on the same oracle data as the final model; the baseline Group-MATES improves on.",
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(),
 )
 @on_leased_gpu
 def individual_influence_model(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
@@ -346,8 +340,7 @@ def individual_influence_model(context: dg.AssetExecutionContext, platform: Plat
     kinds={"pytorch"},
     description="The three influence models side by side on the same held-out trajectories: the random-rollout "
     "validation set (shared by all three) and the final model's whole validation set.",
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(),
 )
 @on_leased_gpu
 def influence_model_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:

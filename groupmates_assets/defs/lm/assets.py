@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import dagster as dg
 import torch
 
-from groupmates_assets.defs.deployment import GPU_POOL, gpu_op_tags, on_leased_gpu
+from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.tokenize.assets import tokenized_pool, tokenized_pool_shard
 from groupmates_assets.lib import lm, plots
@@ -32,8 +32,7 @@ def optim_config(profile: LMProfile) -> lm.OptimConfig:
     description="The proxy LM (open_lm-shaped Llama) pretrained on the tokenized pool for a share of its "
     "token budget; model weights (safetensors), AdamW state, step and learning rate: the state every oracle "
     "trajectory starts from.",
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(),
 )
 @on_leased_gpu
 def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:

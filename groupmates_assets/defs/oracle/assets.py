@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from groupmates_assets.defs.common import fingerprint as input_fingerprint
-from groupmates_assets.defs.deployment import GPU_POOL, gpu_op_tags, leased_gpus
+from groupmates_assets.defs.deployment import gpu_asset_args, leased_gpus
 from groupmates_assets.defs.lm.assets import local_probe_checkpoint, probe_checkpoint
 from groupmates_assets.defs.partitions import oracle_random_blocks
 from groupmates_assets.defs.resources import PlatformResource
@@ -98,9 +98,7 @@ def probe_pool(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     description="Oracle data influences of random trajectories: from the probe checkpoint (model and optimizer "
     "restored per trajectory), T contexts one AdamW step each, the reference loss after every step. One "
     "partition = one block of trajectories, resumable part by part.",
-    pool=GPU_POOL,
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # one run per GPU partition: retried and watched alone
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(partitioned=True),
 )
 def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     oracle_settings, block_key = platform.settings().oracle, context.partition_key

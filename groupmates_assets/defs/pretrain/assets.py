@@ -17,7 +17,7 @@ import torch
 
 from groupmates_assets.defs.common import fingerprint
 from groupmates_assets.defs.corpus.assets import TOKENIZED_CORPUS_DIR, tokenized_corpus
-from groupmates_assets.defs.deployment import GPU_POOL, gpu_op_tags, leased_gpus, pretrain_gpus
+from groupmates_assets.defs.deployment import gpu_asset_args, leased_gpus, pretrain_gpus
 from groupmates_assets.defs.lm.assets import CHECKPOINT_DIR, optim_config, probe_checkpoint
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
@@ -123,9 +123,7 @@ def _curves_png(storage: Storage, specs: list[pt.RunSpec], method: str) -> bytes
     "scratch. Checkpoints (weights, optimizer state, step, tokens) every pretrain.checkpoint_every steps; a killed "
     "run resumes from its last complete checkpoint and reads exactly the batches it would have read. "
     "pretrain.gpus_per_run > 1 runs torchrun through Dagster Pipes.",
-    pool=GPU_POOL,
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # one run per GPU partition: retried and watched alone
-    op_tags=gpu_op_tags(pretrain_gpus()),
+    **gpu_asset_args(partitioned=True, gpus=pretrain_gpus()),
 )
 def pretrain_checkpoints(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings()

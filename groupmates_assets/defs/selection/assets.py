@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import torch
 import zstandard
 
-from groupmates_assets.defs.deployment import GPU_POOL, gpu_op_tags, on_leased_gpu
+from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.influence.assets import (
     ASSET_OF_KIND,
     current_model,
@@ -116,9 +116,7 @@ def _predict(storage: Storage, kind: str, texts: list[str], batch_docs: int, log
     description="Every filtered document of a shard scored by the final relational model (embedding h in "
     "float16, individual influence u) and by the MATES individual model (u_individual); only the chunks that "
     "hold text are computed, documents batched by length.",
-    pool=GPU_POOL,
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # one run per GPU partition: retried and watched alone
-    op_tags=gpu_op_tags(),
+    **gpu_asset_args(partitioned=True),
 )
 @on_leased_gpu
 def pool_predictions(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
