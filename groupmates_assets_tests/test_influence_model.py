@@ -188,3 +188,18 @@ def test_half_precision_checkpoints_load_as_float32(model, source, tmp_path):
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "dtype": "bfloat16"}))
     assert {p.dtype for p in im.load_model(str(tmp_path / "m")).parameters()} == {torch.float32}
+
+
+def test_a_new_head_depends_on_the_seed_not_on_the_process_history(source):
+    """The head is the only freshly drawn part of a model: drawn from the global generator, two runs of one
+    configuration trained different models whenever the process had done different work before."""
+    config = im.InfluenceModelConfig(chunk_len=8, chunks=3, encoder_layers=1)
+    torch.manual_seed(1)
+    first = im.build_model(source, config, seed=7)
+    torch.rand(1000)  # other work in between moves the global generator
+    state = torch.random.get_rng_state()
+    second = im.build_model(source, config, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)  # and building leaves it alone
+    other = im.build_model(source, config, seed=8)
+    assert torch.equal(first.head.weight, second.head.weight) and torch.equal(first.head.bias, second.head.bias)
+    assert not torch.equal(first.head.weight, other.head.weight)

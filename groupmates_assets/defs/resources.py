@@ -8,9 +8,10 @@ import fsspec
 from dagster_aws.s3 import S3Resource
 
 from groupmates_assets.lib.storage import S3_ENDPOINT_ENV, S3_REGION_ENV, Storage, fs_options
-from groupmates_assets.settings import Profile, get_profile
+from groupmates_assets.settings import Profile, get_profile, with_thread_cap
 
 EMBEDDED_POOL_DIR = "embedded_pool"
+THREADS_ENV = "GROUPMATES_TORCH_THREADS"  # cap on torch threads per step (the demo sets it for its workers)
 
 
 def default_home() -> str:
@@ -34,6 +35,7 @@ class PlatformResource(dg.ConfigurableResource):
     profile: str = "demo"
     s3_endpoint_url: str = ""
     s3_region: str = ""
+    torch_threads: int = 0  # > 0: at most this many torch threads per step (steps run side by side); 0: the profile's
 
     def fs_options(self, url: str) -> dict:
         """fsspec options for a URL of this platform (the storage root, the pool or a file beside them)."""
@@ -43,7 +45,8 @@ class PlatformResource(dg.ConfigurableResource):
         return Storage(self.storage_root, self.fs_options(self.storage_root))
 
     def settings(self) -> Profile:
-        return get_profile(self.profile)
+        profile = get_profile(self.profile)
+        return with_thread_cap(profile, self.torch_threads) if self.torch_threads > 0 else profile
 
     def pool_location(self) -> tuple[fsspec.AbstractFileSystem, str]:
         """(filesystem, root path) of the raw pool shards."""
@@ -83,7 +86,17 @@ def platform_from_env() -> PlatformResource:
         profile=os.environ.get("GROUPMATES_PROFILE", "demo"),
         s3_endpoint_url=_from_env(S3_ENDPOINT_ENV) or "",
         s3_region=_from_env(S3_REGION_ENV) or "",
+        torch_threads=_thread_cap_from_env(),
     )
+
+
+def _thread_cap_from_env() -> int:
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return 0
+    if not value.isdigit():
+        raise ValueError(f"{THREADS_ENV} must be a whole number of threads, got {value!r}")
+    return int(value)
 
 
 def s3_from_env() -> S3Resource:

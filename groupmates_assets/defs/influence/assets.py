@@ -123,7 +123,7 @@ def train_influence_asset(context: dg.AssetExecutionContext, platform: PlatformR
     device = str(lm.default_device())
     context.log.info(f"{kind}: {len(train_rows)} training and {len(val_rows)} validation trajectories "
                      f"({', '.join(sorted(set(data.policy)))}); encoder {source.name} on {device}")
-    model = im.build_model(source, config).to(device)
+    model = im.build_model(source, config, seed=influence.seed).to(device)
     result = tr.train_model(model, docs, data, train_rows, val_rows, train_settings(influence),
                             log=lambda line: context.log.info(f"{kind}: {line}"))
     out = f"{MODELS_DIR}/{kind}/{model_fp}"
@@ -171,7 +171,7 @@ def bootstrap_block_keys(platform: PlatformResource) -> list[str]:
 
 @dg.asset(
     group_name="influence",
-    code_version="influence-model-v1",
+    code_version="influence-model-v2",
     deps=[dg.AssetDep(oracle_random, partition_mapping=dg.AllPartitionMapping()), probe_pool],
     kinds={"pytorch", "safetensors"},
     description="The initial relational influence model, trained on the random-rollout oracle: encoder -> h, "
@@ -298,7 +298,7 @@ def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResour
 
 @dg.asset(
     group_name="influence",
-    code_version="influence-model-v1",
+    code_version="influence-model-v2",
     deps=[dg.AssetDep(oracle_random, partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), probe_pool],
     kinds={"pytorch", "safetensors"},
@@ -319,7 +319,7 @@ def oracle_union(platform: PlatformResource) -> list[tuple[str, list[str], str]]
 
 @dg.asset(
     group_name="influence",
-    code_version="individual-model-v1",
+    code_version="individual-model-v2",
     deps=[dg.AssetDep(oracle_random, partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), probe_pool],
     kinds={"pytorch", "safetensors"},

@@ -208,12 +208,16 @@ def embed_documents(model: InfluenceModel, docs: ChunkedDocuments, batch_docs: i
 # ------------------------------------------------------------------------------------------- persistence
 
 
-def build_model(source, config: InfluenceModelConfig) -> InfluenceModel:
-    """A fresh model from a pretrained encoder (``source``: an EncoderSource)."""
+def build_model(source, config: InfluenceModelConfig, seed: int = 0) -> InfluenceModel:
+    """A fresh model from a pretrained encoder (``source``: an EncoderSource). The new head is drawn from
+    ``seed`` alone, not from whatever the process's global generator went through before, so two runs of one
+    configuration train the same model."""
     from groupmates_assets.lib.influence.encoder import load_pretrained_encoder
 
-    encoder = load_pretrained_encoder(source, config.encoder_layers)
-    return InfluenceModel(encoder, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = load_pretrained_encoder(source, config.encoder_layers)
+        return InfluenceModel(encoder, config)
 
 
 def save_model(model: InfluenceModel, directory: str, tokenizer_json: str) -> None:
