@@ -148,9 +148,12 @@ def _run(defs, job_name: str, instance, partition_key: str | None = None, assets
     going on)."""
     import dagster as dg
 
+    from groupmates_assets.defs.local_runs import local_run_tags
+
     job = defs.resolve_job_def(job_name)
     result = job.execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=False,
                                     asset_selection=[dg.AssetKey(name) for name in assets] or None,
+                                    tags=local_run_tags(),
                                     run_config={"loggers": {"console": {"config": {"log_level": LOG_LEVEL}}}})
     if result.success:
         return "ok"
@@ -172,12 +175,21 @@ def default_parallel() -> int:
     return 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
 
 
+def gpu_slots(parallel: int) -> int:
+    """Steps of the ``gpu`` pool the demo's instance lets run at once: one per GPU, or without a GPU one per
+    worker (the pool then only orders CPU steps, and a limit of 1 would run the workers one after the other)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else parallel
+
+
 def demo(args: argparse.Namespace) -> int:
     """The main job: every stage from the embedded pool (or GROUPMATES_POOL_DIR) to the selection report."""
     home = prepare_dagster_home()
     import dagster as dg
 
     from groupmates_assets.definitions import build_definitions
+    from groupmates_assets.defs.local_runs import release_dead_local_runs, set_gpu_pool_slots
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops the demo as Ctrl-C does
     started = time.perf_counter()
@@ -188,7 +200,11 @@ def demo(args: argparse.Namespace) -> int:
     parallel = args.parallel if args.parallel is not None else default_parallel()
     _say(f"Dagster instance: {home}")
     _say(f"storage root: {storage.root}")
-    _say(f"profile {platform.profile}; {parallel} partition step(s) at a time")
+    for run_id in release_dead_local_runs(instance):
+        _say(f"run {run_id} died with its process (killed or crashed): marked failed, its pool slots freed")
+    slots = gpu_slots(parallel)
+    set_gpu_pool_slots(instance, slots)
+    _say(f"profile {platform.profile}; {parallel} partition step(s) at a time; gpu pool: {slots} slot(s)")
     runner = Runner(defs, instance, parallel)
     try:
         return _demo_stages(args, runner, platform, storage, started)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from groupmates_assets.lib import failpoints
 from groupmates_assets.lib import shards as shard_io
 from groupmates_assets.lib.quality import QualityClassifier, normalize_for_fasttext
 from groupmates_assets.lib.storage import Storage
@@ -91,6 +92,7 @@ def filter_shard(
         }
         for batch in shard_io.read_shard(pool_fs, shard, batch_size=batch_size, group_field=group_field):
             _write_batch(batch, shard, classifier, threshold, writers, tally, reasons, histogram, by_group)
+            failpoints.hit("filter.batch")
             now = time.perf_counter()
             if progress and now - last_report >= progress_every_s:
                 last_report = now

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from groupmates_assets.lib import lm
+from groupmates_assets.lib import failpoints, lm
 
 ORACLE_SCHEMA = pa.schema([
     ("trajectory_id", pa.int64()),
@@ -102,6 +102,7 @@ class OracleCollector:
         for row in rows:
             lm.train_step(self.model, self.optimizer, self._context(int(row)), self.optim_config)
             cumulative.append(self._reference_loss() - self.base_loss)
+            failpoints.hit("oracle.probe")
         return TrajectoryResult(trajectory_id, [int(r) for r in rows], cumulative, self.base_loss)
 
     def run_many(self, ids: Sequence[int], plan: np.ndarray,

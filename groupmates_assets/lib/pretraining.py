@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from groupmates_assets.lib import lm
+from groupmates_assets.lib import failpoints, lm
 from groupmates_assets.lib.lm.checkpoint import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
 from groupmates_assets.lib.storage import Storage
 
@@ -164,12 +164,15 @@ def run_training(storage: Storage, spec: RunSpec, device: torch.device | str,
             result["loss"], result["ce"] = (losses / world).tolist()
         step, trained_steps = step + 1, trained_steps + 1
         history.append({"step": step, "tokens_seen": step * tokens_per_step, **result})
+        failpoints.hit("pretrain.step")
         if step % spec.checkpoint_every == 0 or step == spec.total_steps:
             if rank == 0:
+                # the curve first: a resumed run keeps its rows up to the checkpoint it resumes from, so a curve
+                # ahead of the checkpoints is harmless, while one behind would lose the rows in between
+                storage.write_json(curve_path, history)
                 save_checkpoint_to(storage, checkpoint_dir(spec.run_dir, step), model, optimizer, shape, cfg, step,
                                    {**spec.extra, "tokens_seen": step * tokens_per_step,
                                     "seed_index": spec.seed_index, "start_step": spec.start_step})
-                storage.write_json(curve_path, history)
             if world > 1:
                 torch.distributed.barrier()
             checkpoints.append(step)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from groupmates_assets.lib import failpoints
+
 
 def cluster_budgets(sizes: np.ndarray, ratio: float, rounding: str = "floor") -> np.ndarray:
     """Documents selected per cluster: floor(r|C|) (reference code) or ceil(r|C|) (paper)."""
@@ -77,6 +79,7 @@ def select_in_clusters(h: np.ndarray | torch.Tensor, u: np.ndarray | torch.Tenso
     for batch in _cluster_batches(sizes, max_elements):
         rows, picked, scores = _select_batch([members[i] for i in batch], wanted[batch], h, u, alpha, tau,
                                               max_elements, torch.device(device))
+        failpoints.hit("select.cluster_batch")
         for position, cluster_index in enumerate(batch):
             count = int(wanted[cluster_index])
             out_rows.append(rows[position][picked[position, :count]])

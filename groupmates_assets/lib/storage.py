@@ -30,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from groupmates_assets.lib import failpoints
+
 _TMP_MARK = ".tmp-"
 _S3_PROTOCOLS = ("s3", "s3a")
 S3_ENDPOINT_ENV = "GROUPMATES_S3_ENDPOINT_URL"  # an S3-compatible server (MinIO, SeaweedFS, ...); AWS when unset
@@ -171,7 +173,8 @@ class Storage:
         if self.is_local:
             parent = posixpath.dirname(final)
             self.fs.makedirs(parent, exist_ok=True)
-            tmp = posixpath.join(parent, f"{_TMP_MARK}{uuid.uuid4().hex}-{posixpath.basename(final)}")
+            _remove_dead_writers_files(parent, posixpath.basename(final))
+            tmp = posixpath.join(parent, f"{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}-{posixpath.basename(final)}")
             handle = self.fs.open(tmp, "wb")
         else:  # staged locally: an object store has no rename, and a half-written upload must never land
             # the suffix keeps the extension, from which s3fs guesses the object's Content-Type
@@ -181,10 +184,12 @@ class Storage:
         try:
             yield writer
             handle.close()
+            failpoints.hit("storage.write.complete")  # the data is whole under its temporary name only
             if self.is_local:
                 os.replace(tmp, final)
             else:
                 self.fs.put_file(tmp, final)  # one PUT, or a multipart upload completed last: all or nothing
+            failpoints.hit("storage.write.visible")
         except BaseException:
             with contextlib.suppress(Exception):
                 handle.close()
@@ -297,6 +302,34 @@ class Storage:
         """Upload ``names`` from a local directory, each file written atomically, in the order given (so a
         completion marker listed last lands last)."""
         return {name: self.put_file(os.path.join(local_dir, name), f"{relative_dir}/{name}") for name in names}
+
+
+def _remove_dead_writers_files(parent: str, name: str) -> None:
+    """Temporary files of ``name`` left by writers that died mid-write (SIGKILL, power cut): their process is
+    gone, so nothing will rename them; a live writer's (its PID still runs) is left alone."""
+    prefix = _TMP_MARK
+    try:
+        entries = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if not (entry.startswith(prefix) and entry.endswith(f"-{name}")):
+            continue
+        pid = entry[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(parent, entry))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from groupmates_assets.lib import failpoints
 from groupmates_assets.lib.influence.encoder import ChunkedDocuments, quiet_transformers
 
 MODEL_FILE = "model.safetensors"
@@ -199,6 +200,7 @@ def embed_documents(model: InfluenceModel, docs: ChunkedDocuments, batch_docs: i
             vectors = model.embed(docs, rows.numpy(), max_tokens=max_tokens)
             h[rows] = vectors.float().cpu()
             u[rows] = model.individual(vectors).float().cpu()
+            failpoints.hit("predict.batch")
             done = min(start + batch_docs, len(docs))
             if log and (done == len(docs) or (start // batch_docs) % 10 == 9):
                 log(f"embedded {done:,}/{len(docs):,} documents ({done / (time.perf_counter() - started):,.1f}/s)")

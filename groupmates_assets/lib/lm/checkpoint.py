@@ -14,17 +14,21 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError  # the error only: nothing here unpickles with pickle itself
 from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
 
+from groupmates_assets.lib import failpoints
 from groupmates_assets.lib.lm.model import build_model, default_device
 from groupmates_assets.lib.lm.shapes import LMShape
 from groupmates_assets.lib.lm.train import OptimConfig, current_lr, make_optimizer
+from groupmates_assets.lib.storage import pid_alive
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -32,14 +36,24 @@ STATE_FILE = "trainer_state.json"
 CHECKPOINT_FORMAT = "groupmates-lm-ckpt-v1"
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that holds more than tensors and plain values: refused before anything in it runs."""
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via ``write(tmp)`` then rename, so a reader never sees a half-written file."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer killed mid-write
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        failpoints.hit("checkpoint.write.complete")
         os.replace(tmp, path)
+        failpoints.hit("checkpoint.write.visible")
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -80,6 +94,22 @@ def read_trainer_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((Path(directory) / STATE_FILE).read_text())
 
 
+def load_optimizer_state(path: str | os.PathLike[str], device: torch.device | str) -> dict[str, Any]:
+    """An ``optimizer.pt`` read with ``weights_only=True``: only tensors, numbers, strings and containers come back.
+    A file that names any other object (a tampered or foreign checkpoint, whose full unpickling could run code)
+    raises :class:`UnsafeCheckpointError` naming the file and the object; nothing in it is executed."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except UnpicklingError as exc:
+        named = re.search(r"GLOBAL (\S+)", str(exc))
+        what = (f"names {named.group(1)}, not only tensors and plain values" if named
+                else "holds objects other than tensors and plain values")
+        raise UnsafeCheckpointError(
+            f"refusing to load {os.fspath(path)}: it {what}, so it was not written by this pipeline (checkpoints "
+            "load with weights_only=True only; never load this one with weights_only=False)"
+        ) from None
+
+
 def load_checkpoint(
     directory: str | os.PathLike[str], device: torch.device | str | None = None
 ) -> tuple[torch.nn.Module, torch.optim.AdamW, dict[str, Any]]:
@@ -93,7 +123,7 @@ def load_checkpoint(
     model = build_model(shape, device=device, initialize=False)
     load_model(model, str(directory / MODEL_FILE), strict=True, device=str(device))
     optimizer = make_optimizer(model, cfg)
-    osd = torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=True)
+    osd = load_optimizer_state(directory / OPTIMIZER_FILE, device)
     optimizer.load_state_dict(osd)
     state["lm_shape"] = shape
     state["optim_config"] = cfg
