@@ -32,6 +32,8 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "pretrain_gpu": ("bench.bench_pretrain_gpu", 2),
     "s3": ("bench.bench_s3", 2),
     "partitions": ("bench.bench_partitions", 1),
+    "asset_pages": ("bench.bench_asset_pages", 1),
+    "postgres_runs": ("bench.bench_postgres_runs", 2),
     "influence": ("bench.bench_influence", 2),
     "selection": ("bench.bench_selection", 2),
 }

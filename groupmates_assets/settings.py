@@ -14,6 +14,48 @@ from typing import Any
 from groupmates_assets.lib.quality import FastTextRecipe
 
 
+# -- validation: an out-of-range value fails when the profile is built, naming the field, not deep inside the
+# step that first uses it (or, worse, silently: a zero count that makes a stage do nothing).
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _at_least(section: str, minimum: int, **values: Any) -> None:
+    """Counts: whole numbers of at least ``minimum``."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{section}.{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+def _optional_at_least(section: str, minimum: int, **values: Any) -> None:
+    _at_least(section, minimum, **{name: value for name, value in values.items() if value is not None})
+
+
+def _in_range(name: str, value: Any, low: float, high: float, closed: str = "right") -> None:
+    """``value`` in the interval from ``low`` to ``high``; ``closed``: "right" (low, high], "left" [low, high),
+    "both" or "neither". NaN is in no interval."""
+    left, right = closed in ("left", "both"), closed in ("right", "both")
+    inside = _number(value) and (low <= value if left else low < value) and (value <= high if right else value < high)
+    if not inside:
+        interval = f"{'[' if left else '('}{low:g}, {high:g}{']' if right else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def _positive(section: str, **values: Any) -> None:
+    for name, value in values.items():
+        _in_range(f"{section}.{name}", value, 0, float("inf"), "neither")
+
+
+def _non_negative(section: str, **values: Any) -> None:
+    for name, value in values.items():
+        _in_range(f"{section}.{name}", value, 0, float("inf"), "left")
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class MethodConstants:
     # Stage 0: DCLM fastText filter.
@@ -47,6 +89,10 @@ class PoolProfile:
     embedded_positives_fraction: float = 0.4  # share of Wikipedia summaries held out as classifier positives
     group_field: str | None = "source"  # record field reported per group (keep rates by source)
 
+    def __post_init__(self) -> None:
+        _at_least("pool", 1, embedded_shards=self.embedded_shards)
+        _in_range("pool.embedded_positives_fraction", self.embedded_positives_fraction, 0, 1, "neither")
+
 
 @dataclass(frozen=True)
 class QualityProfile:
@@ -62,6 +108,25 @@ class QualityProfile:
     recipe: FastTextRecipe = field(default_factory=FastTextRecipe)
     batch_size: int = 8192
 
+    def __post_init__(self) -> None:
+        if self.model_path is not None and (not isinstance(self.model_path, str) or not self.model_path.strip()):
+            raise ValueError(f"quality.model_path must be a path, URL or None, got {self.model_path!r}")
+        if self.threshold is None and self.keep_fraction is None:
+            raise ValueError("quality needs a threshold or a keep_fraction, got neither")
+        if self.threshold is not None:
+            _in_range("quality.threshold", self.threshold, 0, 1, "both")
+        if self.keep_fraction is not None:
+            _in_range("quality.keep_fraction", self.keep_fraction, 0, 1)
+        _at_least("quality", 1, max_positives=self.max_positives, negative_sample_shards=self.negative_sample_shards,
+                  batch_size=self.batch_size)
+        _positive("quality", negatives_per_positive=self.negatives_per_positive)
+        _in_range("quality.heldout_fraction", self.heldout_fraction, 0, 1, "neither")
+        recipe = self.recipe
+        _at_least("quality.recipe", 1, word_ngrams=recipe.word_ngrams, dim=recipe.dim, epoch=recipe.epoch,
+                  min_count=recipe.min_count, threads=recipe.threads)
+        _at_least("quality.recipe", 0, bucket=recipe.bucket)
+        _positive("quality.recipe", lr=recipe.lr)
+
 
 @dataclass(frozen=True)
 class TokenizeProfile:
@@ -69,6 +134,9 @@ class TokenizeProfile:
     num_local_cells: int = 512  # DCLM tokshuf: contexts are spread over this many cells before shuffling
     seed: int = 1234  # DCLM tokshuf default
     batch_size: int = 1024  # documents per encode_batch call
+
+    def __post_init__(self) -> None:
+        _at_least("tokenize", 1, num_local_cells=self.num_local_cells, batch_size=self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -85,6 +153,13 @@ class LMProfile:
     weight_decay: float = 0.033
     seed: int = 124
     torch_threads: int = 2
+
+    def __post_init__(self) -> None:
+        _at_least("lm", 1, total_steps=self.total_steps, batch_size=self.batch_size, torch_threads=self.torch_threads)
+        _at_least("lm", 0, warmup_steps=self.warmup_steps)
+        _in_range("lm.probe_fraction", self.probe_fraction, 0, 1, "neither")
+        _positive("lm", lr=self.lr)
+        _non_negative("lm", final_lr=self.final_lr, weight_decay=self.weight_decay)
 
     @property
     def probe_steps(self) -> int:
@@ -103,6 +178,12 @@ class OracleProfile:
     workers: int = 1  # replica processes per block, each with its own model + optimizer (GPU: several per card)
     seed: int = 0
     bootstrap_blocks: int = 2  # partitions of bootstrap trajectories (paper: 4 seeds, 2 per tail)
+
+    def __post_init__(self) -> None:
+        # Zero blocks or trajectories would give the influence model nothing to learn from.
+        _at_least("oracle", 1, reference_size=self.reference_size, probe_pool_size=self.probe_pool_size,
+                  blocks=self.blocks, trajectories_per_block=self.trajectories_per_block, part_size=self.part_size,
+                  workers=self.workers, bootstrap_blocks=self.bootstrap_blocks)
 
 
 @dataclass(frozen=True)
@@ -129,6 +210,20 @@ class InfluenceProfile:
     bootstrap_width: int = 5  # METHOD.bootstrap_width
     tail_check_trajectories: int = 2000  # random trajectories the T18 check compares the tails with
 
+    def __post_init__(self) -> None:
+        _optional_at_least("influence", 1, encoder_layers=self.encoder_layers)
+        _at_least("influence", 2, chunk_len=self.chunk_len)  # the first chunk holds [CLS] and [SEP]
+        _at_least("influence", 1, chunks=self.chunks, epochs=self.epochs,
+                  trajectories_per_step=self.trajectories_per_step, evals_per_epoch=self.evals_per_epoch,
+                  max_tokens=self.max_tokens, torch_threads=self.torch_threads,
+                  bootstrap_per_tail=self.bootstrap_per_tail, bootstrap_width=self.bootstrap_width,
+                  tail_check_trajectories=self.tail_check_trajectories)
+        _at_least("influence", 0, warmup_steps=self.warmup_steps)
+        _in_range("influence.dropout", self.dropout, 0, 1, "left")
+        _in_range("influence.val_fraction", self.val_fraction, 0, 1, "left")
+        _positive("influence", lr=self.lr)
+        _non_negative("influence", weight_decay=self.weight_decay)
+
 
 @dataclass(frozen=True)
 class SelectionProfile:
@@ -146,6 +241,13 @@ class SelectionProfile:
     random_seed: int = 0  # the random-selection baseline
     torch_threads: int = 2
 
+    def __post_init__(self) -> None:
+        _in_range("selection.ratio", self.ratio, 0, 1)
+        _one_of("selection.budget_rounding", self.budget_rounding, ("floor", "ceil"))
+        _at_least("selection", 1, mean_cluster_size=self.mean_cluster_size, kmeans_iterations=self.kmeans_iterations,
+                  max_points_per_centroid=self.max_points_per_centroid, cluster_ranges=self.cluster_ranges,
+                  predict_batch_docs=self.predict_batch_docs, torch_threads=self.torch_threads)
+
 
 @dataclass(frozen=True)
 class CorpusProfile:
@@ -154,6 +256,9 @@ class CorpusProfile:
     token_budget: int | None = None  # tokens one training run reads; None: the steps of the selected-data stage
     # (stage 2 of S = 2, the whole run for S = 1) x batch x seq_len
     seed: int = 1234  # shuffles of the data passes (run r of a method uses seed + r)
+
+    def __post_init__(self) -> None:
+        _optional_at_least("corpus", 1, token_budget=self.token_budget)
 
 
 @dataclass(frozen=True)
@@ -174,8 +279,8 @@ class PretrainProfile:
     def __post_init__(self) -> None:
         if self.stages not in (1, 2):
             raise ValueError(f"pretrain.stages must be 1 or 2, got {self.stages}")
-        if self.seeds < 1 or self.gpus_per_run < 1 or self.checkpoint_every < 1:
-            raise ValueError("pretrain.seeds, gpus_per_run and checkpoint_every must be at least 1")
+        _at_least("pretrain", 1, seeds=self.seeds, checkpoint_every=self.checkpoint_every,
+                  gpus_per_run=self.gpus_per_run)
         if self.launcher not in ("auto", "in_process", "torchrun"):
             raise ValueError(f"pretrain.launcher must be auto, in_process or torchrun, got {self.launcher!r}")
 
@@ -196,6 +301,12 @@ class EvalProfile:
     heldout_documents: int = 200
     every_checkpoint: bool = True  # evaluate each saved checkpoint (score-vs-tokens curves), not only the last
 
+    def __post_init__(self) -> None:
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("evaluation.tasks must name at least one task, or be None for the core tasks, got ()")
+        _optional_at_least("evaluation", 1, limit_per_task=self.limit_per_task)
+        _at_least("evaluation", 1, heldout_documents=self.heldout_documents)
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -211,6 +322,12 @@ class Profile:
     corpus: CorpusProfile = field(default_factory=CorpusProfile)
     pretrain: PretrainProfile = field(default_factory=PretrainProfile)
     evaluation: EvalProfile = field(default_factory=EvalProfile)
+
+    def __post_init__(self) -> None:
+        if self.pretrain.stages == 2 and self.lm.probe_steps >= self.lm.total_steps:
+            raise ValueError(f"lm.probe_fraction {self.lm.probe_fraction} puts the probe checkpoint at step "
+                             f"{self.lm.probe_steps} of lm.total_steps {self.lm.total_steps}: with pretrain.stages 2 "
+                             "no steps are left for the selected data")
 
     def as_metadata(self) -> dict[str, Any]:
         return {"profile": self.name, **asdict(self)}

@@ -7,21 +7,14 @@ project asset on a real PostgreSQL server and a real S3 server. What stays untes
 the compose network and the containers themselves (they need a Docker engine).
 """
 
-import contextlib
 import hashlib
 import importlib
 import json
 import os
-import pwd
 import re
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -34,6 +27,7 @@ import pytest
 import yaml
 
 from groupmates_assets_tests.conftest import jsonl_bytes, records
+from groupmates_assets_tests.postgres_server import Postgres, create_database, running_postgres
 from groupmates_assets_tests.s3_server import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,12 +158,6 @@ def _click_context(program: str, args: list[str]) -> click.Context:
         assert sub is not None, f"{program}: no subcommand {args[0]!r}"
         command, args = sub, args[1:]
     return command.make_context(command.name, list(args))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- the compose files -------------------------------------------------------------------------------------------
@@ -355,97 +343,10 @@ def test_the_compose_instance_mirrors_the_local_pool_settings():
 # --- a real PostgreSQL server (and S3 server) behind the compose instance -----------------------------------------
 
 
-@dataclass(frozen=True)
-class Postgres:
-    host: str
-    port: int
-    user: str
-    password: str
-
-    def connect(self, dbname: str = "postgres"):
-        import psycopg2
-
-        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
-                                dbname=dbname, connect_timeout=2)
-
-
-def _postgres_bin_dir() -> Path | None:
-    """Where initdb and postgres are: on PATH, else Debian's /usr/lib/postgresql/<newest version>/bin."""
-    on_path = shutil.which("initdb")
-    if on_path and (Path(on_path).resolve().parent / "postgres").exists():
-        return Path(on_path).resolve().parent
-    versions = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb") if (p.parent / "postgres").exists()]
-    return max(versions, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, default=None)
-
-
-def _unprivileged_user() -> pwd.struct_passwd | None:
-    """PostgreSQL refuses to run as root: as root, run it as `postgres` (Debian's package creates it) or nobody."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(name)
-    pytest.skip("running as root with neither a postgres nor a nobody user to run PostgreSQL as")
-    return None
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
-    """A throwaway cluster on 127.0.0.1 at a free port with a random password; always stopped and deleted."""
-    bin_dir = _postgres_bin_dir()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, postgres) not found: install Debian's postgresql package "
-                    "(scripts/install_test_services.sh, run by `make setup`)")
-    user = _unprivileged_user()
-    as_user: dict[str, Any] = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-    # Under the system temp dir: pytest's own temp dirs are private to the user running the tests.
-    workdir = Path(tempfile.mkdtemp(prefix="gm-pg-"))
-    server = Postgres("127.0.0.1", _free_port(), "dagster", secrets.token_hex(16))
-    process: subprocess.Popen | None = None
-    try:
-        (workdir / "pwfile").write_text(server.password + "\n")
-        if user:
-            for path in (workdir, workdir / "pwfile"):
-                os.chown(path, user.pw_uid, user.pw_gid)
-        subprocess.run([str(bin_dir / "initdb"), "-D", str(workdir / "data"), "-U", server.user,
-                        f"--pwfile={workdir / 'pwfile'}", "--auth=scram-sha-256", "-E", "UTF8", "--locale=C",
-                        "--no-sync"], check=True, capture_output=True, timeout=120, env=env, **as_user)
-        with open(workdir / "postgres.log", "wb") as log:
-            process = subprocess.Popen(
-                [str(bin_dir / "postgres"), "-D", str(workdir / "data"), "-h", server.host, "-p", str(server.port),
-                 "-k", str(workdir), "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                **as_user)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                server.connect().close()
-                break
-            except Exception:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"PostgreSQL did not start:\n{(workdir / 'postgres.log').read_text()[-3000:]}")
-                time.sleep(0.2)
-        yield server
-    finally:
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)  # fast shutdown: roll back open transactions, close connections
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _create_database(server: Postgres, name: str) -> None:
-    connection = server.connect()
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        connection.close()
+    """A throwaway cluster on 127.0.0.1 (groupmates_assets_tests/postgres_server.py); skipped without the binaries."""
+    yield from running_postgres()
 
 
 def test_compose_instance_runs_a_project_asset_on_postgres_and_s3(postgres: Postgres, s3: S3Server,
@@ -461,7 +362,7 @@ def test_compose_instance_runs_a_project_asset_on_postgres_and_s3(postgres: Post
     from groupmates_assets.defs.resources import platform_from_env
 
     database = "dagster_deployment_test"
-    _create_database(postgres, database)
+    create_database(postgres, database)
     dotenv = {**_env_example(), "DAGSTER_PG_USERNAME": postgres.user, "DAGSTER_PG_PASSWORD": postgres.password,
               "DAGSTER_PG_DB": database, "GROUPMATES_S3_ACCESS_KEY": s3.access_key,
               "GROUPMATES_S3_SECRET_KEY": s3.secret_key, "GROUPMATES_S3_BUCKET": s3.bucket,

@@ -37,11 +37,15 @@ def gpu_available() -> bool:
 
 def train_spherical_kmeans(points: np.ndarray, k: int, iterations: int, seed: int,
                            max_points_per_centroid: int = 256, threads: int | None = None) -> KMeansResult:
-    """Centroids of ``k`` clusters. ``points`` may be a memmap; only the sample is loaded."""
-    faiss = _faiss()
+    """Centroids of ``k`` clusters. ``points`` may be a memmap; only the sample is loaded.
+
+    ``k`` above the number of points is an error here (faiss would fail inside C++); the selection stage picks
+    ``k`` with :func:`groupmates_assets.lib.selection.clusters_for`, which clamps it to the documents there are.
+    """
     n, dim = points.shape
     if k < 1 or k > n:
         raise ValueError(f"cannot form {k} clusters from {n} documents (need 1 <= k <= documents)")
+    faiss = _faiss()
     if threads:
         faiss.omp_set_num_threads(threads)
     budget = max_points_per_centroid * k

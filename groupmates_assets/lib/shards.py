@@ -4,7 +4,8 @@ A shard is one file of JSON lines with a ``text`` field (any other fields are ke
 gzip or zstandard compressed, or a Parquet file with a ``text`` column. One shard = one partition.
 
 The reader never raises on a bad record: every malformed line becomes a :class:`Reject` naming the line
-and the reason, so a stage can reconcile ``in = kept + dropped + rejected``. Only a shard that cannot be
+and the reason (a line over :data:`MAX_LINE_BYTES` too, unparsed; a UTF-8 byte order mark opening the file is
+skipped), so a stage can reconcile ``in = kept + dropped + rejected``. Only a shard that cannot be
 read at all (missing, unreadable, not the compression it claims to be, not Parquet) raises
 :class:`ShardReadError`, whose message names the file and the cause.
 """
@@ -36,6 +37,11 @@ _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _KEY_SEPARATOR = "__"  # stands for '/' of nested shard layouts: `global-shard_01__shard_0003`
 _SNIPPET_CHARS = 200
 _READ_CHUNK = 4 << 20
+# A JSON line longer than this is rejected unparsed, and only its head is kept while it streams by: a shard
+# that is not line-delimited (a binary file, a JSON array on one line) must not be buffered whole in memory.
+# DCLM documents are at most a few MB.
+MAX_LINE_BYTES = 64 << 20
+_BOM = b"\xef\xbb\xbf"
 
 
 class ShardReadError(RuntimeError):
@@ -93,7 +99,7 @@ def shard_format(name: str) -> str | None:
 
 def validate_shard_key(key: str) -> str:
     """Partition keys become storage paths; accept only a conservative, URL- and path-safe alphabet."""
-    if not _KEY_PATTERN.match(key) or ".." in key:
+    if not _KEY_PATTERN.fullmatch(key) or ".." in key:  # fullmatch: '$' alone would let a trailing '\n' in
         raise InvalidShardKeyError(
             f"invalid shard key {key!r}: use letters, digits, '.', '_', '=' and '-' (at most 200 characters, "
             "starting with a letter or digit, no '..')"
@@ -128,6 +134,7 @@ def discover_shards(fs: Any, root: str) -> tuple[list[ShardFile], list[str]]:
     """
     root = root.rstrip("/")
     found: dict[str, ShardFile] = {}
+    clashes: dict[str, list[str]] = {}  # key -> paths of every file that maps to it (all are skipped)
     problems: list[str] = []
     if not fs.exists(root):
         return [], [f"pool directory does not exist: {root}"]
@@ -141,13 +148,15 @@ def discover_shards(fs: Any, root: str) -> tuple[list[ShardFile], list[str]]:
         except InvalidShardKeyError as exc:
             problems.append(f"{path}: {exc}")
             continue
-        if key in found:
-            problems.append(f"{path}: shard key {key!r} is also used by {found[key].path}; skipped both")
-            found[key] = None  # type: ignore[assignment]
+        if key in found or key in clashes:  # any number of files, not only two, may share a key
+            first = found.pop(key, None)
+            clashes.setdefault(key, [first.path] if first else []).append(path)
             continue
         found[key] = ShardFile(key, path, relative, fmt, int(info.get("size") or 0))
-    shards = [shard for shard in found.values() if shard is not None]
-    return sorted(shards, key=lambda s: s.key), problems
+    for key, paths in clashes.items():
+        problems.append(f"{paths[-1]}: shard key {key!r} is also used by {', '.join(paths[:-1])}; "
+                        f"skipped all {len(paths)} files")
+    return sorted(found.values(), key=lambda s: s.key), problems
 
 
 # -- reading --------------------------------------------------------------------------------------------
@@ -211,35 +220,75 @@ def _snippet(raw: bytes) -> str:
     return raw[: _SNIPPET_CHARS * 4].decode("utf-8", "replace")[:_SNIPPET_CHARS]
 
 
-def _iter_jsonl(raw: IO[bytes], fmt: str, path: str, batch_size: int, group_field: str | None) -> Iterator[ShardBatch]:
-    batch, line_no, pending, produced = ShardBatch(), 0, b"", False
+def _iter_jsonl(raw: IO[bytes], fmt: str, path: str, batch_size: int, group_field: str | None,
+                max_line_bytes: int) -> Iterator[ShardBatch]:
+    batch, line_no, produced = ShardBatch(), 0, False
+    # The unfinished last line in pieces, joined once it ends (a long line is not re-copied for every chunk).
+    # Past max_line_bytes only its head is kept, for the reject's snippet; pending_size still counts it all.
+    pending: list[bytes] = []
+    pending_size = 0
     try:
         for chunk in decompressed_chunks(raw, fmt):
             produced = True
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
+            lines = chunk.split(b"\n")
+            tail = lines.pop()
+            if lines and pending_size:
+                size = pending_size + len(lines[0])
+                if size > max_line_bytes:
+                    line_no += 1
+                    batch.rejects.append(_overlong(line_no, size, max_line_bytes, _head([*pending, lines[0]])))
+                    del lines[0]
+                else:
+                    lines[0] = b"".join(pending) + lines[0]
+                pending, pending_size = [], 0
             for raw_line in lines:
                 line_no += 1
-                _add_json_line(batch, line_no, raw_line, group_field)
+                if len(raw_line) > max_line_bytes:
+                    batch.rejects.append(_overlong(line_no, len(raw_line), max_line_bytes, raw_line))
+                else:
+                    _add_json_line(batch, line_no, raw_line, group_field)
                 if len(batch.lines) + len(batch.rejects) >= batch_size:
                     yield batch
                     batch = ShardBatch()
+            if tail:
+                if pending_size + len(tail) <= max_line_bytes:
+                    pending.append(tail)
+                else:  # past the limit: keep only the line's head, for the reject's snippet
+                    pending = [_head([*pending, tail])]
+                pending_size += len(tail)
     except TruncatedStreamError as exc:
         line_no += 1
-        batch.rejects.append(Reject(line_no, str(exc), _snippet(pending)))
+        batch.rejects.append(Reject(line_no, str(exc), _snippet(_head(pending))))
         yield batch
         return
     except (zlib.error, zstandard.ZstdError, OSError) as exc:
         if not produced:
             raise ShardReadError(path, f"not a valid {fmt} file ({exc})") from exc
         line_no += 1
-        batch.rejects.append(Reject(line_no, f"corrupt compressed stream: {exc}", _snippet(pending)))
+        batch.rejects.append(Reject(line_no, f"corrupt compressed stream: {exc}", _snippet(_head(pending))))
         yield batch
         return
-    if pending:  # last line without a trailing newline
+    if pending_size:  # last line without a trailing newline
         line_no += 1
-        _add_json_line(batch, line_no, pending, group_field)
+        if pending_size > max_line_bytes:
+            batch.rejects.append(_overlong(line_no, pending_size, max_line_bytes, _head(pending)))
+        else:
+            _add_json_line(batch, line_no, b"".join(pending), group_field)
     yield batch
+
+
+def _overlong(line_no: int, size: int, limit: int, head: bytes) -> Reject:
+    return Reject(line_no, f"line too long: {size} bytes, limit {limit}", _snippet(head))
+
+
+def _head(pieces: list[bytes]) -> bytes:
+    """The first bytes of a line held in pieces (enough for a snippet), without joining all of it."""
+    head = b""
+    for piece in pieces:
+        head += piece[: _SNIPPET_CHARS * 4 - len(head)]
+        if len(head) >= _SNIPPET_CHARS * 4:
+            break
+    return head
 
 
 def _add_json_line(batch: ShardBatch, line_no: int, raw_line: bytes, group_field: str | None) -> None:
@@ -260,6 +309,8 @@ def _add_json_line(batch: ShardBatch, line_no: int, raw_line: bytes, group_field
             return
     if raw_line.endswith(b"\r"):
         raw_line = raw_line[:-1]
+    if line_no == 1 and raw_line.startswith(_BOM):  # a UTF-8 byte order mark, as some editors and tools write
+        raw_line = raw_line[len(_BOM):]
     if not raw_line or raw_line.isspace():
         batch.rejects.append(Reject(line_no, "blank line", ""))
         return
@@ -286,13 +337,15 @@ def _iter_parquet(raw: IO[bytes], path: str, batch_size: int, group_field: str |
     try:
         for record_batch in parquet.iter_batches(batch_size=batch_size):
             batch = ShardBatch()
-            texts = record_batch.column(record_batch.schema.get_field_index("text")).to_pylist()
-            others = record_batch.drop_columns(["text"]).to_pylist()
+            texts = _text_values(record_batch.column(record_batch.schema.get_field_index("text")))
+            others = _other_values(record_batch.drop_columns(["text"]))
             for text, other in zip(texts, others, strict=True):
                 row += 1
                 reason = _parquet_text_problem(text, text_type)
                 if isinstance(text, bytes) and reason is None:
                     text = text.decode("utf-8")
+                if reason is None and isinstance(other, str):
+                    reason = other
                 if reason is not None:
                     batch.rejects.append(Reject(row, reason, str(text)[:_SNIPPET_CHARS] if text is not None else ""))
                     continue
@@ -304,6 +357,35 @@ def _iter_parquet(raw: IO[bytes], path: str, batch_size: int, group_field: str |
             yield batch
     except (pa.ArrowException, OSError) as exc:
         raise ShardReadError(path, f"Parquet data unreadable after row {row} ({exc})") from exc
+
+
+def _text_values(column: pa.Array) -> list[Any]:
+    """The text column as Python values. Arrow does not validate UTF-8 when it reads Parquet, so a string column
+    from a writer that did not check it can hold bytes that fail to decode; that column is read as bytes, and
+    each bad row becomes an "invalid UTF-8" reject rather than an error that stops the shard."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        return column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()).to_pylist()
+
+
+def _other_values(others: pa.RecordBatch) -> list[dict[str, Any] | str]:
+    """Each row's other columns as a dict, or the reject reason of a row where one holds invalid UTF-8."""
+    try:
+        return others.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    rows: list[dict[str, Any] | str] = []
+    for index in range(others.num_rows):
+        values: dict[str, Any] | str = {}
+        for name, column in zip(others.schema.names, others.columns, strict=True):
+            try:
+                values[name] = column[index].as_py()
+            except UnicodeDecodeError as exc:
+                values = f"invalid UTF-8 in column {name!r} at byte {exc.start}"
+                break
+        rows.append(values)
+    return rows
 
 
 def _parquet_text_problem(text: Any, text_type: pa.DataType) -> str | None:
@@ -322,9 +404,13 @@ def _parquet_text_problem(text: Any, text_type: pa.DataType) -> str | None:
 
 
 def read_shard(
-    fs: Any, shard: ShardFile, batch_size: int = 8192, group_field: str | None = "source"
+    fs: Any, shard: ShardFile, batch_size: int = 8192, group_field: str | None = "source",
+    max_line_bytes: int | None = None,
 ) -> Iterator[ShardBatch]:
-    """Stream a shard as batches of parsed records and rejects (see module docstring for the contract)."""
+    """Stream a shard as batches of parsed records and rejects (see module docstring for the contract).
+
+    ``max_line_bytes`` (default :data:`MAX_LINE_BYTES`): longer JSON lines are rejected without being parsed.
+    """
     try:
         raw = fs.open(shard.path, "rb")
     except (OSError, ValueError) as exc:
@@ -333,4 +419,5 @@ def read_shard(
         if shard.format == "parquet":
             yield from _iter_parquet(raw, shard.path, batch_size, group_field)
         else:
-            yield from _iter_jsonl(raw, shard.format, shard.path, batch_size, group_field)
+            limit = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
+            yield from _iter_jsonl(raw, shard.format, shard.path, batch_size, group_field, limit)

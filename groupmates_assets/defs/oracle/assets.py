@@ -115,7 +115,7 @@ def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource)
 def block_number(block_key: str) -> int:
     """``block-007`` -> 7 (keys come from a static partitions definition, so anything else is a bug)."""
     prefix, _, number = block_key.partition("-")
-    if prefix != "block" or not number.isdigit():
+    if prefix != "block" or not (number.isascii() and number.isdigit()):
         raise ValueError(f"not an oracle block key: {block_key!r}")
     return int(number)
 

@@ -130,7 +130,10 @@ def quality_classifier(
             )
             recipe = {"recipe": "DCLM fastText bigram, positives vs pool negatives", **quality.recipe.as_dict()}
             calibration_docs = neg_held
-        classifier = QualityClassifier(model_file, quality.hq_label if quality.model_path else HQ_LABEL)
+        if quality.model_path:
+            classifier = _load_supplied_model(model_file, quality.hq_label, source)
+        else:
+            classifier = QualityClassifier(model_file, HQ_LABEL)
         calibration = _calibrate(classifier, quality, calibration_docs)
         with open(model_file, "rb") as handle:
             version = sha256_stream(handle)[0][:12]
@@ -162,6 +165,16 @@ def _fetch_model(storage: Storage, source: str, target: str) -> str:
         raise dg.Failure(f"supplied quality model not found: {source} (place the .bin there or set model_path)")
     fs.get(path, target)
     return source
+
+
+def _load_supplied_model(model_file: str, hq_label: str | None, source: str) -> QualityClassifier:
+    """A supplied file fastText cannot load, or without a known high-quality label, fails naming the source
+    (fastText's own message names only the local copy)."""
+    try:
+        return QualityClassifier(model_file, hq_label)
+    except ValueError as exc:
+        raise dg.Failure(f"supplied quality model {source} cannot be used: "
+                         f"{str(exc).replace(model_file, source)}") from None
 
 
 def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, Any]:
@@ -220,6 +233,9 @@ def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRes
     current = storage.read_json(CURRENT_CLASSIFIER)
     out_dir = FILTERED_DIR.format(key=key)
     profile = platform.settings()
+    if not storage.exists(current["model"]):
+        raise dg.Failure(f"quality model {storage.url(current['model'])} named by {storage.url(CURRENT_CLASSIFIER)} "
+                         "is missing: rematerialize quality_classifier")
     with storage.local_copy(current["model"]) as model_path:
         classifier = QualityClassifier(model_path, current["hq_label"])
     context.log.info(f"filtering {shard.path} ({shard.size / 1e6:.1f} MB) with classifier {current['version']}, "

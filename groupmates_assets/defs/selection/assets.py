@@ -289,7 +289,8 @@ def cluster_sizes(assignments: dict[str, pa.Table], k: int) -> np.ndarray:
 def range_bounds(range_key: str, k: int) -> tuple[int, int]:
     """Cluster ids [start, stop) of a range partition ``clusters-III-of-NNN``."""
     parts = range_key.split("-")
-    if len(parts) != 4 or parts[0] != "clusters" or not parts[1].isdigit() or not parts[3].isdigit():
+    if len(parts) != 4 or parts[0] != "clusters" or parts[2] != "of" or not all(
+            p.isascii() and p.isdigit() for p in (parts[1], parts[3])):
         raise ValueError(f"not a cluster range key: {range_key!r}")
     index, ranges = int(parts[1]), int(parts[3])
     return index * k // ranges, (index + 1) * k // ranges

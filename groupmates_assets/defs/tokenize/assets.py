@@ -10,6 +10,7 @@ from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import lm
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.contexts import PoolContexts, ShardContexts
+from groupmates_assets.lib.shards import validate_shard_key
 from groupmates_assets.lib.storage import Storage
 
 TOKENIZED_DIR = "tokenized_pool/{key}"
@@ -38,7 +39,7 @@ def context_len(platform: PlatformResource) -> int:
     "context back to the doc_ids it holds.",
 )
 def tokenized_pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    storage, key, settings = platform.storage(), context.partition_key, platform.settings().tokenize
+    storage, key, settings = platform.storage(), validate_shard_key(context.partition_key), platform.settings().tokenize
     source = f"{FILTERED_DIR.format(key=key)}/kept.parquet"
     if not storage.exists(f"{FILTERED_DIR.format(key=key)}/stats.json"):
         raise dg.Failure(f"filtered shard {key!r} is missing or incomplete: materialize filtered_pool_shard first")

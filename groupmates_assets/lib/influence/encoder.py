@@ -139,7 +139,8 @@ def load_pretrained_encoder(source: EncoderSource, layers: int | None = None):
                 raise ValueError(f"encoder_layers={layers} but {source.name} has {config.num_hidden_layers} layers")
             config.num_hidden_layers = layers
         return AutoModel.from_pretrained(source.location, config=config, add_pooling_layer=False,
-                                         local_files_only=local, dtype=torch.float32)
+                                         local_files_only=local, dtype=torch.float32,
+                                         use_safetensors=True)  # never a pickled pytorch_model.bin
 
 
 # ----------------------------------------------------------------------------------------------- chunking
