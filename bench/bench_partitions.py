@@ -4,7 +4,8 @@ A folder of ``BENCH_SHARDS`` (default 10,000) one-line JSONL shards; the sensor 
 (its cap), then ticks again in the steady state (10,000 files listed, nothing new); the nightly schedule computes
 its run requests for every missing filter run; and an asset backfill of ``filtered_pool_shard`` over every
 partition is submitted to the instance (what the UI's "Materialize all" does). The classifier's materialization is
-reported as an event so the sensor and schedule see a trained classifier; nothing is filtered.
+reported as an event and its storage pointer written, so the sensor and schedule see a trained classifier;
+nothing is filtered.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def run(repeats: int = 1) -> list[Figure]:
             registration = time.perf_counter() - started
             assert len(instance.get_dynamic_partitions(pool_shards.name)) == shards
             instance.report_runless_asset_event(dg.AssetMaterialization("quality_classifier"))
+            platform.storage().write_json("quality/classifier/current.json", {"version": "bench"})  # the pointer
             steady = []
             for _ in range(max(1, repeats)):
                 tick_started = time.perf_counter()

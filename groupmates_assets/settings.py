@@ -395,12 +395,37 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str | None = None) -> Profile:
-    """The profile named, or the one in GROUPMATES_PROFILE, or ``demo``."""
-    name = name or os.environ.get("GROUPMATES_PROFILE", "demo")
+PROFILE_ENV = "GROUPMATES_PROFILE"
+DEFAULT_PROFILE = "demo"
+_active_profile_name: str | None = None  # GROUPMATES_PROFILE as first resolved in this process (see below)
+
+
+def resolve_profile_name(name: str | None = None) -> str:
+    """``name``, or $GROUPMATES_PROFILE, or ``demo``, checked against the known profiles: an unknown name raises a
+    ``ValueError`` with a one-line message naming where it came from and every known profile."""
+    source = "" if name else f" ({PROFILE_ENV})"
+    name = name or os.environ.get(PROFILE_ENV, "").strip() or DEFAULT_PROFILE
     if name not in PROFILES:
-        raise KeyError(f"unknown profile {name!r}; known profiles: {sorted(PROFILES)}")
-    return PROFILES[name]
+        raise ValueError(f"unknown profile {name!r}{source}; known profiles: {', '.join(sorted(PROFILES))}")
+    return name
+
+
+def active_profile_name() -> str:
+    """The profile this process runs: GROUPMATES_PROFILE (default ``demo``), read and validated once, on first use.
+
+    Everything built when the definitions are imported (the oracle, bootstrap and selection-range partitions,
+    the GPU request of pretraining steps) and the platform resource's default all come from this one value, so
+    a later change of the environment variable cannot make them disagree; reload the code location instead."""
+    global _active_profile_name
+    if _active_profile_name is None:
+        _active_profile_name = resolve_profile_name()
+    return _active_profile_name
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile named (unknown: ``ValueError`` listing the known ones), or the active one
+    (``active_profile_name``)."""
+    return PROFILES[resolve_profile_name(name) if name else active_profile_name()]
 
 
 def with_overrides(profile: Profile, **quality_overrides: Any) -> Profile:

@@ -16,6 +16,12 @@ import zstandard
 # environment. Imported so that pytest registers the fixtures.
 from groupmates_assets_tests.s3_server import s3, s3_server  # noqa: F401
 
+# This process imports the definitions once, and their partitions and GPU requests come from the profile active
+# then: always ``demo`` here, whatever the shell exports (a test that needs another profile registers one
+# with ``use_profile``, or starts a process of its own). Step retries wait a tenth of a second, not seconds.
+os.environ.pop("GROUPMATES_PROFILE", None)
+os.environ.setdefault("GROUPMATES_RETRY_DELAY_SECONDS", "0.1")
+
 # Hand-written documents: explanatory prose ("good") and spam/boilerplate ("bad"), varied by templates.
 _TOPICS = ["rivers", "volcanoes", "glaciers", "forests", "deserts", "tides", "comets", "bridges", "engines",
            "libraries", "vaccines", "bees", "clocks", "maps", "bread", "salt", "glass", "paper", "radio", "trains"]
@@ -49,6 +55,32 @@ def records(n_good: int, n_bad: int, offset: int = 0) -> list[dict]:
     for i in range(max(len(good), len(bad))):
         mixed.extend(x[i] for x in (good, bad) if i < len(x))
     return mixed
+
+
+def use_profile(monkeypatch: pytest.MonkeyPatch, profile) -> str:
+    """Register ``profile`` (a ``settings.Profile``) and count this process's definitions as loaded with it, as
+    GROUPMATES_PROFILE would at import, so ``PlatformResource(profile=profile.name)`` is accepted. Refused unless
+    the profile builds the very partitions and GPU requests the definitions were imported with: no test may pass
+    because of a run whose settings disagree with its partition keys. Returns the profile's name."""
+    from groupmates_assets import settings
+    from groupmates_assets.defs import deployment, partitions
+
+    def built_by(p) -> dict:
+        return {"oracle blocks": partitions.oracle_block_keys(p.oracle.blocks),
+                "bootstrap blocks": partitions.oracle_block_keys(p.oracle.bootstrap_blocks),
+                "selection ranges": partitions.selection_range_keys(p.selection.cluster_ranges),
+                "pretraining GPU request": deployment.gpu_op_tags(p.pretrain.gpus_per_run)}
+
+    imported = {"oracle blocks": partitions.oracle_random_blocks.get_partition_keys(),
+                "bootstrap blocks": partitions.oracle_bootstrap_blocks.get_partition_keys(),
+                "selection ranges": partitions.selection_ranges.get_partition_keys(),
+                "pretraining GPU request": deployment.gpu_op_tags(deployment.pretrain_gpus())}
+    wanted = built_by(profile)
+    differ = {k: (imported[k], wanted[k]) for k in imported if imported[k] != wanted[k]}
+    assert not differ, f"profile {profile.name!r} builds other definitions than the imported ones: {differ}"
+    monkeypatch.setitem(settings.PROFILES, profile.name, profile)
+    monkeypatch.setattr(settings, "_active_profile_name", profile.name)
+    return profile.name
 
 
 def jsonl_bytes(rows: list[dict]) -> bytes:

@@ -3,9 +3,9 @@ crash tests need: they kill this process at a failpoint (``groupmates_assets.lib
 
     python -m groupmates_assets_tests.crash_child JOB [PARTITION] [ASSET ...]
 
-The instance comes from DAGSTER_HOME, the platform from the GROUPMATES_* variables. Like the demo command, it
-first marks failed the runs whose process died (a killed predecessor) and frees their pool slots. Exit status 0
-when the run succeeded, 1 when it failed (its error on stderr).
+The instance comes from DAGSTER_HOME, the platform from the GROUPMATES_* variables. It first marks failed the runs
+whose process died (a killed predecessor) and frees their pool slots. Exit status 0 when the run succeeded, 1 when
+it failed (its error on stderr).
 """
 
 import sys
@@ -13,7 +13,7 @@ import sys
 import dagster as dg
 
 from groupmates_assets.definitions import build_definitions
-from groupmates_assets.defs.local_runs import local_run_tags, release_dead_local_runs
+from groupmates_assets_tests.local_runs import local_run_tags, release_dead_local_runs
 
 
 def main(argv: list[str]) -> int:

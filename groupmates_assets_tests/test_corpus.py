@@ -22,6 +22,7 @@ from groupmates_assets.lib import lm
 from groupmates_assets.lib import pretraining as pt
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.storage import Storage
+from groupmates_assets_tests.conftest import use_profile
 
 KEYS = ["web-a", "web-b"]
 
@@ -68,7 +69,7 @@ def corpus_setup(tmp_path):
     (tmp_path / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
         yield {"storage": storage, "instance": instance, "texts": texts,
-               "platform": PlatformResource(storage_root=storage.root, profile="ci")}
+               "platform": PlatformResource(storage_root=storage.root)}  # the profile this process loaded
 
 
 def test_tokenized_corpus_round_trip_and_passes(corpus_setup, monkeypatch):
@@ -111,7 +112,7 @@ def test_missing_selected_corpus_is_named(corpus_setup):
 def _resources(corpus_setup, monkeypatch, name: str, **pretrain) -> dict:
     """Resources for a registered copy of the ci profile with these pretraining settings."""
     ci = settings_module.PROFILES["ci"]
-    monkeypatch.setitem(settings_module.PROFILES, name, settings_module.Profile(
+    use_profile(monkeypatch, settings_module.Profile(
         name=name, description="ci with frequent checkpoints", lm=ci.lm, tokenize=ci.tokenize,
         pretrain=settings_module.PretrainProfile(**pretrain), evaluation=ci.evaluation))
     return {"platform": PlatformResource(storage_root=corpus_setup["storage"].root, profile=name)}
@@ -210,13 +211,14 @@ def test_torchrun_through_pipes_matches_one_process(corpus_setup, monkeypatch):
     back, trains the same run as one process on the whole batch."""
     storage = corpus_setup["storage"]
     one = _resources(corpus_setup, monkeypatch, "pretrain-one", stages=1, seeds=1, checkpoint_every=5)
-    two = _resources(corpus_setup, monkeypatch, "pretrain-two", stages=1, seeds=1, checkpoint_every=5, gpus_per_run=2)
     run = {"instance": corpus_setup["instance"], "partition_key": "random"}
     assets = [tokenized_corpus, pretrain_checkpoints]
     dg.materialize(assets, selection=["tokenized_corpus"], resources=one, **run)
     dg.materialize(assets, selection=["pretrain_checkpoints"], resources=one, **run)
     single = storage.read_json(f"{storage.read_json('pretrain/random/current.json')['runs'][0]['path']}/curve.json")
     storage.remove("pretrain", recursive=True)
+    # the code location reloaded with the two-process profile (one profile per loaded code location)
+    two = _resources(corpus_setup, monkeypatch, "pretrain-two", stages=1, seeds=1, checkpoint_every=5, gpus_per_run=2)
     result = dg.materialize(assets, selection=["pretrain_checkpoints"], resources=two, **run)
     metadata = result.asset_materializations_for_node("pretrain_checkpoints")[0].metadata
     assert metadata["launcher"].value == "torchrun" and metadata["checkpoints"].value == {"seed-0": [5, 10]}

@@ -2,21 +2,84 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+from collections import Counter
 
 import dagster as dg
 import pyarrow.parquet as pq
 
+# oracle_random's block-000 materialized again on the demo's instance and storage; prints its metadata as JSON.
+RERUN_BLOCK = """
+import json, sys
+import dagster as dg
+from groupmates_assets.defs.oracle.assets import oracle_random
+from groupmates_assets.defs.resources import PlatformResource
+with dg.DagsterInstance.from_config(sys.argv[1]) as instance:
+    result = dg.materialize([oracle_random], partition_key="block-000", instance=instance,
+                            resources={"platform": PlatformResource(storage_root=sys.argv[2])})
+metadata = result.asset_materializations_for_node("oracle_random")[0].metadata
+print(json.dumps({k: metadata[k].value for k in ("resumed_parts", "computed_trajectories", "trajectories")}))
+"""
+
+
+def _interrupted_demo(env: dict[str, str]) -> str:
+    """The demo, interrupted with SIGINT (Ctrl-C) once pool predictions are running; its output."""
+    demo = subprocess.Popen([sys.executable, "-m", "groupmates_assets.cli", "demo"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in demo.stdout:
+        lines.append(line)
+        match = re.search(r" selection: \d+ succeeded, (\d+) running", line)
+        if match and int(match.group(1)) > 0 and demo.poll() is None:
+            demo.send_signal(signal.SIGINT)
+    assert demo.wait(timeout=300) == 130, "".join(lines[-40:])
+    return "".join(lines)
+
+
+def _materializations(instance: dg.DagsterInstance) -> Counter:
+    """How often each (asset, partition) was materialized."""
+    counts: Counter = Counter()
+    for key in instance.get_asset_keys():
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=10_000).records
+        counts.update((key.to_user_string(), r.asset_materialization.partition) for r in records)
+    return counts
+
 
 def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
+    """One backfill through the daemon; Ctrl-C during pool predictions cancels it cleanly, a rerun resumes it
+    without redoing anything that succeeded, and a third run finds nothing to do."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "GROUPMATES_"))}
-    env.update(GROUPMATES_HOME=str(tmp_path), GROUPMATES_PROFILE="ci")
+    env.update(GROUPMATES_HOME=str(tmp_path), GROUPMATES_PROFILE="ci", GROUPMATES_RETRY_DELAY_SECONDS="1")
+    interrupted = _interrupted_demo(env)
+    assert "cancelling backfill" in interrupted and "Traceback" not in interrupted, interrupted[-3000:]
+    instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster_home"))
+    live = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
+                                                     dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]))
+    assert not live, [r.run_id for r in live]  # nothing left running or queued after Ctrl-C
+    before = _materializations(instance)
+    assert before[("filtered_pool_summary", None)] == 1 and before[("selection_report", None)] == 0
+
     run = subprocess.run([sys.executable, "-m", "groupmates_assets.cli", "demo"], env=env, capture_output=True,
                          text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "resuming backfill" in run.stdout and "Traceback" not in run.stdout + run.stderr
     assert "oracle labels:" in run.stdout and "influence models" in run.stdout
+    after = _materializations(instance)
+    assert set(after) >= set(before) and all(count == 1 for count in after.values()), {
+        k: c for k, c in after.items() if c != 1}  # nothing that succeeded before Ctrl-C ran again
+    runs = instance.get_runs()
+    assert runs and all("dagster/backfill" in r.tags for r in runs)  # every run came from a backfill
+
+    again = subprocess.run([sys.executable, "-m", "groupmates_assets.cli", "demo"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and "already materialized every asset" in again.stdout, again.stdout[-3000:]
+    assert len(instance.get_runs()) == len(runs)
+
     instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster_home"))
     for key in ("embedded_pool", "quality_classifier", "filtered_pool_summary", "probe_checkpoint",
                 "reference_set", "probe_pool", "influence_model_init", "bootstrap_trajectories",
@@ -54,19 +117,17 @@ def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
     _check_selection_stage(tmp_path / "storage", instance, shards)
     _check_report_stage(tmp_path / "storage", instance, run.stdout)
 
-    # A killed block reruns without duplicates: drop one part, rematerialize, get exactly that part back.
-    from groupmates_assets.defs.oracle.assets import oracle_random
-    from groupmates_assets.defs.resources import PlatformResource
-
+    # A killed block reruns without duplicates: drop one part, rematerialize, get exactly that part back. In a
+    # process of its own: the definitions' partitions come from the profile they are imported with (ci here).
     block_parts = sorted(oracle_root.glob("*/block-000/part-*.parquet"))
     original = pq.read_table(block_parts[-1])
     block_parts[-1].unlink()
-    platform = PlatformResource(storage_root=str(tmp_path / "storage"), profile="ci")
-    result = dg.materialize([oracle_random], partition_key="block-000", instance=instance,
-                            resources={"platform": platform})
-    metadata = result.asset_materializations_for_node("oracle_random")[0].metadata
-    assert metadata["resumed_parts"].value == len(block_parts) - 1
-    assert metadata["computed_trajectories"].value == 1 and metadata["trajectories"].value == 3
+    rerun = subprocess.run([sys.executable, "-c", RERUN_BLOCK, str(tmp_path / "dagster_home"),
+                            str(tmp_path / "storage")], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    metadata = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert metadata["resumed_parts"] == len(block_parts) - 1
+    assert metadata["computed_trajectories"] == 1 and metadata["trajectories"] == 3
     assert pq.read_table(block_parts[-1]).equals(original)  # same plan, same labels (T9)
 
 

@@ -27,6 +27,7 @@ from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.selection import assets as sa
 from groupmates_assets.lib.storage import Storage, fs_options
 from groupmates_assets_tests import test_assets, test_selection_assets
+from groupmates_assets_tests.conftest import use_profile
 from groupmates_assets_tests.s3_server import S3Server
 
 PROFILE = "s3-test"  # demo's pool and quality settings, the selection test's small clusters
@@ -205,7 +206,7 @@ def test_storage_on_s3_behaves_as_on_a_local_folder(s3: S3Server, tmp_path: Path
 
 def test_pool_filter_selection_on_s3_equal_local(s3: S3Server, small_pool, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setitem(settings_module.PROFILES, PROFILE, pipeline_profile())
+    use_profile(monkeypatch, pipeline_profile())
     test_selection_assets.save_influence_models(tmp_path / "models")
     keys, positives = test_assets.KEYS, str(small_pool["positives"])
     prefix = s3.url(tmp_path.name)

@@ -23,6 +23,7 @@ from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
 from groupmates_assets.lib.shards import make_doc_id
 from groupmates_assets.lib.storage import Storage
+from groupmates_assets_tests.conftest import use_profile
 
 KEYS = ["web-a", "web-b", "web-empty"]
 PROFILE = "selection-test"
@@ -65,7 +66,7 @@ def seed_influence_models(storage: Storage, directory: Path) -> None:
 @pytest.fixture()
 def setup(tmp_path, monkeypatch):
     ranges = len(selection_range_keys(1))
-    monkeypatch.setitem(settings_module.PROFILES, PROFILE, settings_module.Profile(
+    use_profile(monkeypatch, settings_module.Profile(
         name=PROFILE, description="selection asset tests",
         selection=settings_module.SelectionProfile(mean_cluster_size=12, kmeans_iterations=5, cluster_ranges=ranges,
                                                    predict_batch_docs=16, torch_threads=1)))

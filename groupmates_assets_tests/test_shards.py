@@ -153,6 +153,42 @@ def test_discover_reports_conflicts_and_bad_names(tmp_path):
         (tmp_path / name).write_bytes(b"")
     found, problems = shards.discover_shards(FS, str(tmp_path))
     assert [s.key for s in found] == ["b", "sub__e"]
-    assert len(problems) == 2 and any("also used by" in p for p in problems)
+    assert len(problems) == 3 and any("also used by" in p for p in problems)
+    assert f"{tmp_path / 'readme.txt'}: skipped: not a shard file" in "\n".join(problems)
     missing = str(tmp_path / "nope")
     assert shards.discover_shards(FS, missing) == ([], [f"pool directory does not exist: {missing}"])
+
+
+def test_c4_json_gz_and_json_shards_are_discovered_and_read(tmp_path):
+    """C4 ships JSON lines as `c4-train.00001-of-01024.json.gz`: a shard whose key drops the whole suffix."""
+    rows = records(4, 3)
+    write_shard(tmp_path / "c4" / "c4-train.00001-of-01024.json.gz", jsonl_bytes(rows))
+    write_shard(tmp_path / "plain.json", jsonl_bytes(rows[:2]))
+    found, problems = shards.discover_shards(FS, str(tmp_path))
+    assert problems == []
+    assert [(s.key, s.format) for s in found] == [("c4__c4-train.00001-of-01024", "jsonl.gz"), ("plain", "jsonl")]
+    texts = [[t for batch in shards.read_shard(FS, shard) for t in batch.texts] for shard in found]
+    assert texts == [[r["text"] for r in rows], [r["text"] for r in rows[:2]]]
+
+
+def test_json_gz_and_jsonl_gz_of_one_name_clash(tmp_path):
+    for name in ("x.json.gz", "x.jsonl.gz", "y.json"):
+        (tmp_path / name).write_bytes(b"")
+    found, problems = shards.discover_shards(FS, str(tmp_path))
+    assert [s.key for s in found] == ["y"]
+    assert len(problems) == 1 and "shard key 'x' is also used by" in problems[0]
+    assert str(tmp_path / "x.json.gz") in problems[0] and str(tmp_path / "x.jsonl.gz") in problems[0]
+
+
+def test_discovery_names_every_skipped_file_and_why(tmp_path):
+    for name in ("notes.txt", ".DS_Store", "sub/.part-0.jsonl.tmp-123", "bad name.jsonl", "ok.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found, problems = shards.discover_shards(FS, str(tmp_path))
+    assert [s.key for s in found] == ["ok"]
+    assert sorted(problems) == sorted([
+        f"{tmp_path / 'notes.txt'}: skipped: not a shard file (expected one of {', '.join(shards.SHARD_SUFFIXES)})",
+        f"{tmp_path / '.DS_Store'}: skipped: hidden file",
+        f"{tmp_path / 'sub' / '.part-0.jsonl.tmp-123'}: skipped: hidden file",
+        next(p for p in problems if p.startswith(f"{tmp_path / 'bad name.jsonl'}: skipped: invalid shard key")),
+    ])

@@ -1,9 +1,20 @@
-"""Small helpers every stage's assets share: input fingerprints and JSON-safe metadata values."""
+"""Small helpers every stage's assets share: input fingerprints, JSON-safe metadata values, and the failure a retry
+cannot fix."""
 
 import hashlib
 import json
 
+import dagster as dg
 import numpy as np
+
+
+class PermanentFailure(dg.Failure):
+    """A step failure no retry can fix (bad input, a missing upstream, settings that do not fit), with a message
+    that says what to fix. Raised with ``allow_retries=False``, so the steps' retry policy (``STEP_RETRY``) leaves
+    it alone and the message arrives at once; any other exception (storage, memory) is retried."""
+
+    def __init__(self, description: str | None = None, metadata: dict | None = None):
+        super().__init__(description=description, metadata=metadata, allow_retries=False)
 
 
 def fingerprint(**parts) -> str:

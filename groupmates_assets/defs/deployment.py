@@ -11,6 +11,11 @@ device lease that gives each GPU step on a multi-GPU host its own device.
   GPU ``resourceRequirements`` container override.
 
 Every GPU asset also declares ``pool="gpu"``: the instance's pool limit (dagster.yaml) caps how many run at once.
+
+Every asset retries its step under ``STEP_RETRY``: a transient error (storage, memory, a step worker that died on
+k8s/ECS) gets two more attempts with exponential backoff; steps are idempotent, so an attempt simply starts again.
+A ``PermanentFailure`` (bad input, a missing upstream; ``defs/common.py``) is raised with ``allow_retries=False``
+and fails at once.
 """
 
 import contextlib
@@ -26,6 +31,27 @@ from groupmates_assets.lib.device_lease import DEFAULT_LOCK_DIR, DeviceLease
 
 GPU_POOL = "gpu"
 DEPLOYMENTS = ("local", "k8s", "ecs")
+RETRY_DELAY_ENV = "GROUPMATES_RETRY_DELAY_SECONDS"
+DEFAULT_RETRY_DELAY_SECONDS = 10.0
+
+
+def retry_delay_seconds() -> float:
+    """Base delay of step retries: GROUPMATES_RETRY_DELAY_SECONDS (default 10 s; the tests make it short)."""
+    value = os.environ.get(RETRY_DELAY_ENV, "").strip()
+    if not value:
+        return DEFAULT_RETRY_DELAY_SECONDS
+    try:
+        delay = float(value)
+    except ValueError:
+        delay = -1.0
+    if not 0 <= delay < float("inf"):
+        raise ValueError(f"{RETRY_DELAY_ENV} must be a number of seconds >= 0, got {value!r}")
+    return delay
+
+
+# Two more attempts after the first: about delay (0 to 2 x delay with the jitter), then about 3 x delay.
+STEP_RETRY = dg.RetryPolicy(max_retries=2, delay=retry_delay_seconds(), backoff=dg.Backoff.EXPONENTIAL,
+                             jitter=dg.Jitter.PLUS_MINUS)
 
 
 def deployment_target() -> str:
@@ -53,16 +79,18 @@ def gpu_op_tags(gpus: int = 1, target: str | None = None) -> dict[str, str]:
 
 
 def pretrain_gpus() -> int:
-    """GPUs one pretraining run asks for under the active profile (pretrain.gpus_per_run)."""
+    """GPUs one pretraining run asks for under the active profile (``settings.active_profile_name``;
+    pretrain.gpus_per_run)."""
     from groupmates_assets.settings import get_profile
 
     return get_profile().pretrain.gpus_per_run
 
 
 def gpu_asset_args(partitioned: bool = False, gpus: int = 1) -> dict[str, Any]:
-    """The ``@asset`` arguments of a GPU step: the gpu pool, the target's GPU request tags and, when partitioned,
-    one run per partition in backfills (a failed shard is retried and watched on its own)."""
-    args: dict[str, Any] = {"pool": GPU_POOL, "op_tags": gpu_op_tags(gpus)}
+    """The ``@asset`` arguments of a GPU step: the gpu pool, the target's GPU request tags, ``STEP_RETRY`` (a
+    CUDA out-of-memory error is transient) and, when partitioned, one run per partition in backfills (a failed
+    shard is retried and watched on its own)."""
+    args: dict[str, Any] = {"pool": GPU_POOL, "op_tags": gpu_op_tags(gpus), "retry_policy": STEP_RETRY}
     if partitioned:
         args["backfill_policy"] = dg.BackfillPolicy.multi_run(1)
     return args

@@ -1,4 +1,9 @@
-"""Partition definitions shared across stages."""
+"""Partition definitions shared across stages.
+
+The oracle, bootstrap and selection-range partitions are built once, at import, from the active profile
+(``settings.active_profile_name``: GROUPMATES_PROFILE, validated); ``PlatformResource`` refuses runs that ask for
+another profile, so a run's partition keys and its settings always come from the same profile.
+"""
 
 import dagster as dg
 

@@ -8,7 +8,7 @@ import fsspec
 from dagster_aws.s3 import S3Resource
 
 from groupmates_assets.lib.storage import S3_ENDPOINT_ENV, S3_REGION_ENV, Storage, fs_options
-from groupmates_assets.settings import Profile, get_profile, with_thread_cap
+from groupmates_assets.settings import PROFILE_ENV, Profile, active_profile_name, get_profile, with_thread_cap
 
 EMBEDDED_POOL_DIR = "embedded_pool"
 THREADS_ENV = "GROUPMATES_TORCH_THREADS"  # cap on torch threads per step (the demo sets it for its workers)
@@ -22,6 +22,11 @@ def default_home() -> str:
 class PlatformResource(dg.ConfigurableResource):
     """Storage root, raw pool location and scale profile.
 
+    ``profile`` must be the profile the code location was loaded with (GROUPMATES_PROFILE, see
+    ``settings.active_profile_name``; empty: that one): the partitions of the oracle, bootstrap and selection
+    stages and the GPU requests were built from it when the definitions were imported, so a run config that
+    names another profile is refused when the run starts rather than mixing two profiles in one storage root.
+
     ``storage_root`` is a local folder or an fsspec URL (``s3://bucket/prefix``); ``pool_dir`` is where raw
     shard files are discovered (empty: the embedded default pool inside the storage root). For ``s3://`` both
     use ``s3_endpoint_url`` (an S3-compatible server; empty: $GROUPMATES_S3_ENDPOINT_URL, else AWS or
@@ -32,7 +37,7 @@ class PlatformResource(dg.ConfigurableResource):
 
     storage_root: str
     pool_dir: str = ""
-    profile: str = "demo"
+    profile: str = ""  # empty: the profile the code location was loaded with; anything else must equal it
     s3_endpoint_url: str = ""
     s3_region: str = ""
     torch_threads: int = 0  # > 0: at most this many torch threads per step (steps run side by side); 0: the profile's
@@ -45,8 +50,24 @@ class PlatformResource(dg.ConfigurableResource):
         return Storage(self.storage_root, self.fs_options(self.storage_root))
 
     def settings(self) -> Profile:
-        profile = get_profile(self.profile)
+        """The run's profile: the one the definitions were built with (``ValueError`` if ``profile`` names
+        another), with the thread cap applied."""
+        profile = get_profile(self.profile_name())
         return with_thread_cap(profile, self.torch_threads) if self.torch_threads > 0 else profile
+
+    def profile_name(self) -> str:
+        """``profile`` checked against the profile the code location was loaded with."""
+        loaded, asked = active_profile_name(), _resolved(self.profile) or ""
+        if asked and asked != loaded:
+            get_profile(asked)  # an unknown name: the list of known profiles
+            raise ValueError(
+                f"this code location was loaded with profile {loaded!r} (partitions, GPU requests); the run asks "
+                f"for profile {asked!r}: set {PROFILE_ENV}={asked} and reload the code location instead of "
+                "overriding the resource")
+        return loaded
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.profile_name()  # a run with another profile fails when it starts, before any step computes
 
     def pool_location(self) -> tuple[fsspec.AbstractFileSystem, str]:
         """(filesystem, root path) of the raw pool shards."""
@@ -83,7 +104,7 @@ def platform_from_env() -> PlatformResource:
     return PlatformResource(
         storage_root=os.environ.get("GROUPMATES_STORAGE_ROOT", os.path.join(default_home(), "storage")),
         pool_dir=os.environ.get("GROUPMATES_POOL_DIR", ""),
-        profile=os.environ.get("GROUPMATES_PROFILE", "demo"),
+        profile=active_profile_name(),
         s3_endpoint_url=_from_env(S3_ENDPOINT_ENV) or "",
         s3_region=_from_env(S3_REGION_ENV) or "",
         torch_threads=_thread_cap_from_env(),

@@ -1,7 +1,8 @@
 """Pool shards in DCLM format: discovery, partition keys, stable document ids and a streaming reader.
 
 A shard is one file of JSON lines with a ``text`` field (any other fields are kept as they are), plain,
-gzip or zstandard compressed, or a Parquet file with a ``text`` column. One shard = one partition.
+gzip or zstandard compressed (``.jsonl``, ``.json``, ``.jsonl.gz``, ``.json.gz``, ``.jsonl.zst``), or a Parquet
+file with a ``text`` column. One shard = one partition.
 
 The reader never raises on a bad record: every malformed line becomes a :class:`Reject` naming the line
 and the reason (a line over :data:`MAX_LINE_BYTES` too, unparsed; a UTF-8 byte order mark opening the file is
@@ -25,13 +26,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-# Suffix -> format name. Longest suffixes first so `.jsonl.zstd` is not read as `.jsonl`.
+# Suffix -> format name. Longer suffixes first so `.jsonl.zstd` is not read as `.jsonl`, nor `.json.gz` as `.json`.
+# `.json[.gz]` files are JSON lines too (C4 ships `c4-train.00001-of-01024.json.gz`).
 SHARD_SUFFIXES: dict[str, str] = {
     ".jsonl.zstd": "jsonl.zst",
     ".jsonl.zst": "jsonl.zst",
     ".jsonl.gz": "jsonl.gz",
+    ".json.gz": "jsonl.gz",
     ".parquet": "parquet",
     ".jsonl": "jsonl",
+    ".json": "jsonl",
 }
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _KEY_SEPARATOR = "__"  # stands for '/' of nested shard layouts: `global-shard_01__shard_0003`
@@ -129,8 +133,9 @@ def make_doc_id(shard_key: str, line: int, text: str) -> str:
 def discover_shards(fs: Any, root: str) -> tuple[list[ShardFile], list[str]]:
     """All shard files under ``root`` (recursively), sorted by key, and problems found on the way.
 
-    Problems (files whose name cannot become a key, two files mapping to one key) are returned, not raised,
-    so a sensor can report them and go on with the healthy shards.
+    Every file that is not returned is named in a problem with the reason it was skipped (hidden file, not a
+    shard suffix, a name that cannot become a key, two files mapping to one key): nothing is silently ignored.
+    Problems are returned, not raised, so a sensor can report them and go on with the healthy shards.
     """
     root = root.rstrip("/")
     found: dict[str, ShardFile] = {}
@@ -140,13 +145,17 @@ def discover_shards(fs: Any, root: str) -> tuple[list[ShardFile], list[str]]:
         return [], [f"pool directory does not exist: {root}"]
     for path, info in sorted(fs.find(root, detail=True).items()):
         relative = posixpath.relpath(path, root)
+        if posixpath.basename(path).startswith("."):  # .DS_Store, a writer's temporary file
+            problems.append(f"{path}: skipped: hidden file")
+            continue
         fmt = shard_format(posixpath.basename(path))
-        if fmt is None or posixpath.basename(path).startswith("."):
+        if fmt is None:
+            problems.append(f"{path}: skipped: not a shard file (expected one of {', '.join(SHARD_SUFFIXES)})")
             continue
         try:
             key = shard_key_for(relative)
         except InvalidShardKeyError as exc:
-            problems.append(f"{path}: {exc}")
+            problems.append(f"{path}: skipped: {exc}")
             continue
         if key in found or key in clashes:  # any number of files, not only two, may share a key
             first = found.pop(key, None)

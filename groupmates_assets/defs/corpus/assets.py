@@ -5,7 +5,8 @@ import time
 import dagster as dg
 import numpy as np
 
-from groupmates_assets.defs.common import fingerprint
+from groupmates_assets.defs.common import PermanentFailure, fingerprint
+from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import SELECTION_METHODS, selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.selection.assets import CORPUS_DIR, filtered_shards, require_files, selected_corpus
@@ -26,8 +27,8 @@ def token_budget(platform: PlatformResource) -> int:
     shape = lm.get_shape(settings.lm.shape)
     steps = settings.lm.total_steps - (settings.lm.probe_steps if settings.pretrain.stages == 2 else 0)
     if steps < 1:
-        raise dg.Failure(f"the probe checkpoint is at step {settings.lm.probe_steps} of {settings.lm.total_steps}: "
-                         "S = 2 leaves no steps for the selected data")
+        raise PermanentFailure(f"the probe checkpoint is at step {settings.lm.probe_steps} of "
+                               f"{settings.lm.total_steps}: S = 2 leaves no steps for the selected data")
     return steps * settings.lm.batch_size * shape.seq_len
 
 
@@ -35,6 +36,7 @@ def token_budget(platform: PlatformResource) -> int:
     partitions_def=selection_methods,
     group_name="corpus",
     code_version="tokenized-corpus-v2",
+    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(selected_corpus, partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy", "parquet"},
     check_specs=[dg.AssetCheckSpec(

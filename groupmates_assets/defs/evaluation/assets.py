@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import zstandard
 
-from groupmates_assets.defs.common import fingerprint, finite
+from groupmates_assets.defs.common import PermanentFailure, fingerprint, finite
 from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.pretrain.assets import PRETRAIN_DIR, pretrain_checkpoints
@@ -91,7 +91,7 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     torch.set_num_threads(settings.lm.torch_threads)
     current_path = f"{PRETRAIN_DIR}/{method}/current.json"
     if not storage.exists(current_path):
-        raise dg.Failure(f"no pretrained checkpoint for {method}; materialize pretrain_checkpoints first")
+        raise PermanentFailure(f"no pretrained checkpoint for {method}; materialize pretrain_checkpoints first")
     current = storage.read_json(current_path)
     device = lm.default_device()
     tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import dagster as dg
 import torch
 
+from groupmates_assets.defs.common import PermanentFailure
 from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.tokenize.assets import tokenized_pool, tokenized_pool_shard
@@ -38,11 +39,11 @@ def optim_config(profile: LMProfile) -> lm.OptimConfig:
 def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, profile = platform.storage(), platform.settings().lm
     torch.set_num_threads(profile.torch_threads)
-    pool, manifests = tokenized_pool(storage)
+    pool, manifests = tokenized_pool(storage, context.instance)
     shape, cfg = lm.get_shape(profile.shape), optim_config(profile)
     if pool.context_len != shape.seq_len + 1:
-        raise dg.Failure(f"tokenized contexts hold {pool.context_len} tokens but the {shape.name} LM needs "
-                         f"{shape.seq_len + 1}: re-materialize tokenized_pool_shard")
+        raise PermanentFailure(f"tokenized contexts hold {pool.context_len} tokens but the {shape.name} LM needs "
+                              f"{shape.seq_len + 1}: re-materialize tokenized_pool_shard")
     steps = profile.probe_steps
     device = lm.default_device()
     model = lm.build_model(shape, seed=profile.seed, device=device)
@@ -89,7 +90,7 @@ def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResour
 def local_probe_checkpoint(storage: Storage) -> Iterator[tuple[str, str]]:
     """(local directory, model sha256) of the stored probe checkpoint; downloaded first from an object store."""
     if not storage.exists(f"{CHECKPOINT_DIR}/trainer_state.json"):
-        raise dg.Failure("no probe checkpoint: materialize probe_checkpoint first")
+        raise PermanentFailure("no probe checkpoint: materialize probe_checkpoint first")
     sha = storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256
     with storage.local_dir(CHECKPOINT_DIR, CHECKPOINT_FILES) as local:
         yield local, sha

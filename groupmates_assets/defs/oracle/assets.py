@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from groupmates_assets.defs.common import fingerprint as input_fingerprint
-from groupmates_assets.defs.deployment import gpu_asset_args, leased_gpus
+from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset_args, leased_gpus
 from groupmates_assets.defs.lm.assets import local_probe_checkpoint, probe_checkpoint
 from groupmates_assets.defs.partitions import oracle_random_blocks
 from groupmates_assets.defs.resources import PlatformResource
@@ -29,6 +29,7 @@ ORACLE_RANDOM_DIR = "oracle/random"
 @dg.asset(
     group_name="oracle",
     code_version="reference-set-v1",
+    retry_policy=STEP_RETRY,
     kinds={"json"},
     description="The examples whose loss defines data influence: instruction-style question/answer pairs "
     "(loss on answer tokens only) from a registry package, disjoint from the evaluation tasks.",
@@ -58,6 +59,7 @@ def reference_set(context: dg.AssetExecutionContext, platform: PlatformResource)
 @dg.asset(
     group_name="oracle",
     code_version="probe-pool-v1",
+    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(tokenized_pool_shard, partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy"},
     description="The contexts oracle trajectories draw from (paper: 81,920 packed contexts), sampled uniformly "
@@ -65,7 +67,7 @@ def reference_set(context: dg.AssetExecutionContext, platform: PlatformResource)
 )
 def probe_pool(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings().oracle
-    pool, _ = tokenized_pool(storage)
+    pool, _ = tokenized_pool(storage, context.instance)
     size = min(settings.probe_pool_size, len(pool))
     if size < settings.probe_pool_size:
         context.log.warning(f"the tokenized pool holds {len(pool)} contexts; the probe pool takes all of them "

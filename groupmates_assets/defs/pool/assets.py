@@ -3,9 +3,12 @@
 
 import os
 import tempfile
+from collections.abc import Iterable
 
 import dagster as dg
 
+from groupmates_assets.defs.common import PermanentFailure
+from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
 from groupmates_assets.lib import shards as shard_io
@@ -23,6 +26,7 @@ class EmbeddedPoolConfig(dg.Config):
 @dg.asset(
     group_name="pool",
     code_version="embedded-pool-v1",
+    retry_policy=STEP_RETRY,
     kinds={"jsonl"},
     description="Real third-party text of mixed quality, built from registry packages into DCLM-format shards, "
     "plus held-out high-quality positives for the quality classifier.",
@@ -74,7 +78,7 @@ def resolve_shard(platform: PlatformResource, key: str) -> shard_io.ShardFile:
     for shard in shards:
         if shard.key == key:
             return shard
-    raise dg.Failure(f"no shard file for partition {key!r} under {root} (was it moved or deleted?)")
+    raise PermanentFailure(f"no shard file for partition {key!r} under {root} (was it moved or deleted?)")
 
 
 @dg.asset(
@@ -82,6 +86,7 @@ def resolve_shard(platform: PlatformResource, key: str) -> shard_io.ShardFile:
     backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
     group_name="pool",
     code_version="pool-shard-v1",
+    retry_policy=STEP_RETRY,
     kinds={"json"},
     description="One raw pool shard file, registered with its path, format, size and content hash.",
 )
@@ -110,7 +115,17 @@ def registered_shard(storage: Storage, key: str) -> shard_io.ShardFile | None:
     return shard_io.ShardFile(m["key"], m["path"], m["relative_path"], m["format"], m["bytes"])
 
 
-def registered_shards(storage: Storage) -> list[shard_io.ShardFile]:
-    """Shards whose ``pool_shard`` partition has been materialized, in key order."""
-    shards = (registered_shard(storage, key) for key in storage.list("pool/shards"))
+def registered_shards(storage: Storage, keys: Iterable[str]) -> list[shard_io.ShardFile]:
+    """Shards among ``keys`` whose ``pool_shard`` partition has been materialized, in key order. The keys are
+    given (see :func:`current_shard_keys`), not listed from storage: storage keeps the manifests of shards of
+    any pool this instance saw before."""
+    shards = (registered_shard(storage, key) for key in sorted(keys))
     return [shard for shard in shards if shard is not None]
+
+
+def current_shard_keys(instance: dg.DagsterInstance, platform: PlatformResource) -> list[str]:
+    """Partitions of ``pool_shards`` whose shard file is in the pool directory now, sorted: the pool is what the
+    folder holds (a partition whose file vanished is deleted by the sensor's next tick, and not read before)."""
+    fs, root = platform.pool_location()
+    present = {shard.key for shard in shard_io.discover_shards(fs, root)[0]}
+    return sorted(key for key in instance.get_dynamic_partitions(pool_shards.name) if key in present)

@@ -15,7 +15,7 @@ import dagster as dg
 import numpy as np
 import torch
 
-from groupmates_assets.defs.common import fingerprint
+from groupmates_assets.defs.common import PermanentFailure, fingerprint
 from groupmates_assets.defs.corpus.assets import TOKENIZED_CORPUS_DIR, tokenized_corpus
 from groupmates_assets.defs.deployment import gpu_asset_args, leased_gpus, pretrain_gpus
 from groupmates_assets.defs.lm.assets import CHECKPOINT_DIR, optim_config, probe_checkpoint
@@ -37,15 +37,15 @@ def run_specs(platform: PlatformResource, method: str) -> tuple[str, list[pt.Run
     orders_path = f"{current['path']}/orders.npy"
     orders = storage.read_numpy(orders_path)
     if orders.shape[0] < settings.pretrain.seeds:
-        raise dg.Failure(f"the {method} corpus holds training orders for {orders.shape[0]} seeds but "
-                         f"pretrain.seeds is {settings.pretrain.seeds}: rematerialize tokenized_corpus")
+        raise PermanentFailure(f"the {method} corpus holds training orders for {orders.shape[0]} seeds but "
+                              f"pretrain.seeds is {settings.pretrain.seeds}: rematerialize tokenized_corpus")
     start = profile.probe_steps if stages == 2 else 0
     steps = orders.shape[1] // profile.batch_size
     cfg = lm.OptimConfig(**{**optim_config(profile).to_dict(), "total_steps": start + steps})
     probe_sha = None
     if stages == 2:
         if not storage.exists(f"{CHECKPOINT_DIR}/trainer_state.json"):
-            raise dg.Failure("S = 2 continues the probe checkpoint's run: materialize probe_checkpoint first")
+            raise PermanentFailure("S = 2 continues the probe checkpoint's run: materialize probe_checkpoint first")
         probe_sha = storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256
     shape = lm.get_shape(profile.shape)
     run_fp = fingerprint(corpus=current["fingerprint"], stages=stages, probe=probe_sha, shape=shape.to_dict(),
@@ -77,7 +77,7 @@ def _run_torchrun(context: dg.AssetExecutionContext, platform: PlatformResource,
         invocation = dg.PipesSubprocessClient().run(command=command, context=context, env=env)
     reports = invocation.get_custom_messages()
     if not reports:
-        raise dg.Failure(f"torchrun finished without a report from rank 0 for {spec.run_dir}")
+        raise PermanentFailure(f"torchrun finished without a report from rank 0 for {spec.run_dir}")
     return reports[-1]
 
 
@@ -135,7 +135,7 @@ def pretrain_checkpoints(context: dg.AssetExecutionContext, platform: PlatformRe
     for spec in specs:
         steps = pt.saved_checkpoints(storage, spec.run_dir)
         if not steps or steps[-1] != spec.total_steps:
-            raise dg.Failure(f"{spec.run_dir} ended without its final checkpoint (step {spec.total_steps})")
+            raise PermanentFailure(f"{spec.run_dir} ended without its final checkpoint (step {spec.total_steps})")
         curve = storage.read_json(f"{spec.run_dir}/{pt.CURVE_FILE}")
         runs.append({"seed": spec.seed_index, "path": spec.run_dir, "final": pt.checkpoint_dir(spec.run_dir, steps[-1]),
                      "checkpoints": steps, "final_loss": curve[-1]["loss"], "tokens_seen": curve[-1]["tokens_seen"]})

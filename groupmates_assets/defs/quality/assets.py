@@ -9,8 +9,16 @@ import dagster as dg
 import fsspec
 import numpy as np
 
+from groupmates_assets.defs.common import PermanentFailure
+from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
-from groupmates_assets.defs.pool.assets import embedded_pool, pool_shard, registered_shard, registered_shards
+from groupmates_assets.defs.pool.assets import (
+    current_shard_keys,
+    embedded_pool,
+    pool_shard,
+    registered_shard,
+    registered_shards,
+)
 from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
 from groupmates_assets.lib import filtering, plots
 from groupmates_assets.lib import shards as shard_io
@@ -47,13 +55,15 @@ def _positives(storage: Storage, quality: QualityProfile, group_field: str | Non
         name = os.path.basename(path)
         fmt = shard_io.shard_format(name)
         if fmt is None:
-            raise dg.Failure(f"positives file {quality.positives_path} is not a .jsonl[.gz|.zst] or .parquet file")
+            raise PermanentFailure(f"positives file {quality.positives_path} is not a .jsonl[.gz|.zst] or .parquet "
+                                   "file")
         source = shard_io.ShardFile("positives", path, name, fmt, int(fs.size(path)))
     else:
         fs = storage.fs
         rel = f"{EMBEDDED_POOL_DIR}/positives/wikipedia-summaries-hq.jsonl.zst"
         if not storage.exists(rel):
-            raise dg.Failure(f"no positives at {storage.url(rel)}: materialize embedded_pool or set positives_path")
+            raise PermanentFailure(f"no positives at {storage.url(rel)}: materialize embedded_pool or set "
+                                   "positives_path")
         source = shard_io.ShardFile("positives", storage.path(rel), rel, "jsonl.zst", 0)
     return sample_shards(fs, [source], quality.max_positives, quality.recipe.seed, group_field)
 
@@ -67,7 +77,7 @@ def _calibrate(classifier: QualityClassifier, quality: QualityProfile, sample: l
         threshold = threshold_for_keep_fraction(scores, quality.keep_fraction)
         rule = f"keep fraction {quality.keep_fraction} of {len(sample)} held-out pool documents"
     else:
-        raise dg.Failure("quality settings need a threshold or a keep_fraction")
+        raise PermanentFailure("quality settings need a threshold or a keep_fraction")
     groups: dict[str, list[int]] = {}
     for doc, score in zip(sample, scores.tolist(), strict=True):
         counts = groups.setdefault(doc.group or "(none)", [0, 0])
@@ -88,6 +98,7 @@ def _group_table(by_group: dict[str, dict[str, int]]) -> str:
 @dg.asset(
     group_name="quality",
     code_version="quality-classifier-v1",
+    retry_policy=STEP_RETRY,
     deps=[embedded_pool, dg.AssetDep(pool_shard, partition_mapping=dg.AllPartitionMapping())],
     kinds={"fasttext"},
     description="DCLM-recipe fastText bigram classifier (high-quality positives vs negatives sampled from the "
@@ -99,9 +110,9 @@ def quality_classifier(
     storage = platform.storage()
     profile = with_overrides(platform.settings(), **config.model_dump())
     quality, group_field = profile.quality, profile.pool.group_field
-    shards = registered_shards(storage)
+    shards = registered_shards(storage, current_shard_keys(context.instance, platform))
     if not shards:
-        raise dg.Failure("no registered pool shards: materialize pool_shard partitions first")
+        raise PermanentFailure("no registered pool shards: materialize pool_shard partitions first")
     fs, _ = platform.pool_location()
     sample_from = spread(shards, quality.negative_sample_shards)
     unreadable: list[str] = []
@@ -162,7 +173,7 @@ def _fetch_model(storage: Storage, source: str, target: str) -> str:
         source = storage.url(source)
     fs, path = fsspec.core.url_to_fs(source)
     if not fs.exists(path):
-        raise dg.Failure(f"supplied quality model not found: {source} (place the .bin there or set model_path)")
+        raise PermanentFailure(f"supplied quality model not found: {source} (place the .bin there or set model_path)")
     fs.get(path, target)
     return source
 
@@ -173,8 +184,8 @@ def _load_supplied_model(model_file: str, hq_label: str | None, source: str) -> 
     try:
         return QualityClassifier(model_file, hq_label)
     except ValueError as exc:
-        raise dg.Failure(f"supplied quality model {source} cannot be used: "
-                         f"{str(exc).replace(model_file, source)}") from None
+        raise PermanentFailure(f"supplied quality model {source} cannot be used: "
+                              f"{str(exc).replace(model_file, source)}") from None
 
 
 def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, Any]:
@@ -212,6 +223,7 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
     backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
     group_name="quality",
     code_version=filtering.FILTER_VERSION,
+    retry_policy=STEP_RETRY,
     deps=[pool_shard, quality_classifier],
     kinds={"parquet"},
     check_specs=[dg.AssetCheckSpec(
@@ -226,16 +238,16 @@ def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRes
     storage, key = platform.storage(), context.partition_key
     shard = registered_shard(storage, key)
     if shard is None:
-        raise dg.Failure(f"pool shard {key!r} is not registered: materialize pool_shard for this partition first")
+        raise PermanentFailure(f"pool shard {key!r} is not registered: materialize pool_shard for this partition first")
     fs, _ = platform.pool_location()
     if not storage.exists(CURRENT_CLASSIFIER):
-        raise dg.Failure("no quality classifier yet: materialize quality_classifier first")
+        raise PermanentFailure("no quality classifier yet: materialize quality_classifier first")
     current = storage.read_json(CURRENT_CLASSIFIER)
     out_dir = FILTERED_DIR.format(key=key)
     profile = platform.settings()
     if not storage.exists(current["model"]):
-        raise dg.Failure(f"quality model {storage.url(current['model'])} named by {storage.url(CURRENT_CLASSIFIER)} "
-                         "is missing: rematerialize quality_classifier")
+        raise PermanentFailure(f"quality model {storage.url(current['model'])} named by "
+                               f"{storage.url(CURRENT_CLASSIFIER)} is missing: rematerialize quality_classifier")
     with storage.local_copy(current["model"]) as model_path:
         classifier = QualityClassifier(model_path, current["hq_label"])
     context.log.info(f"filtering {shard.path} ({shard.size / 1e6:.1f} MB) with classifier {current['version']}, "
@@ -251,7 +263,7 @@ def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRes
         )
         source_records = filtering.count_source_records(fs, shard)
     except shard_io.ShardReadError as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise PermanentFailure(description=str(exc)) from None
     ok, details = filtering.verify_filtered_shard(storage, out_dir, source_records)
     if stats["rejected"]:
         context.log.warning(f"{key}: {stats['rejected']} malformed records: {stats['reject_reasons']} "
@@ -293,6 +305,7 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
 @dg.asset(
     group_name="quality",
     code_version="filtered-pool-summary-v1",
+    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(filtered_pool_shard, partition_mapping=dg.AllPartitionMapping())],
     kinds={"json"},
     check_specs=[dg.AssetCheckSpec(
@@ -304,9 +317,13 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
 )
 def filtered_pool_summary(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage = platform.storage()
-    shard_stats = []
-    for key in storage.list("filtered_pool"):
-        if key.startswith("_"):
+    shard_stats, pool = [], set(context.instance.get_dynamic_partitions(pool_shards.name))
+    filtered = [key for key in storage.list("filtered_pool") if not key.startswith("_")]
+    gone = [key for key in filtered if key not in pool]
+    if gone:  # filtered before their file left the pool (or from a pool this instance saw before)
+        context.log.warning(f"{len(gone)} filtered shards are no longer in the pool; left out: {_names(gone)}")
+    for key in filtered:
+        if key not in pool:
             continue
         stats_path = f"{FILTERED_DIR.format(key=key)}/{filtering.STATS_FILE}"
         if storage.exists(stats_path):
@@ -314,7 +331,7 @@ def filtered_pool_summary(context: dg.AssetExecutionContext, platform: PlatformR
         else:
             context.log.warning(f"filtered shard {key} has no {filtering.STATS_FILE} (incomplete run?); left out")
     if not shard_stats:
-        raise dg.Failure("no filtered shards yet: materialize filtered_pool_shard partitions first")
+        raise PermanentFailure("no filtered shards yet: materialize filtered_pool_shard partitions first")
     totals = {k: sum(s[k] for s in shard_stats) for k in ("rows_in", "kept", "dropped", "rejected")}
     unbalanced = [s["shard_key"] for s in shard_stats if s["rows_in"] != s["kept"] + s["dropped"] + s["rejected"]]
     versions = sorted({s["classifier_version"] for s in shard_stats})
@@ -343,6 +360,7 @@ def filtered_pool_summary(context: dg.AssetExecutionContext, platform: PlatformR
                                                    + "\n\n" + plots.histogram_table(edges, counts)),
             "keep_rate_by_group": dg.MetadataValue.md(_group_table(by_group)) if by_group else "",
             "manifest": dg.MetadataValue.path(info.path),
+            "shards_no_longer_in_pool": len(gone), "left_out_shards": _names(gone),
         },
         check_results=[dg.AssetCheckResult(
             check_name="all_shards_reconcile", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
@@ -351,3 +369,8 @@ def filtered_pool_summary(context: dg.AssetExecutionContext, platform: PlatformR
         )],
         data_version=dg.DataVersion(info.sha256[:16]),
     )
+
+
+def _names(keys: list[str], shown: int = 20) -> str:
+    """Up to ``shown`` keys, then how many more: a report line must stay short at 10,000 shards."""
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "") or "none"

@@ -9,7 +9,9 @@ from typing import Any
 
 import dagster as dg
 
+from groupmates_assets.defs.common import PermanentFailure
 from groupmates_assets.defs.corpus.assets import TOKENIZED_CORPUS_DIR
+from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.evaluation.assets import EVALUATION_DIR, evaluation
 from groupmates_assets.defs.partitions import SELECTION_METHODS
 from groupmates_assets.defs.pretrain.assets import PRETRAIN_DIR, pretrain_checkpoints
@@ -80,6 +82,7 @@ def step_seconds_partition(instance: dg.DagsterInstance, asset: str, partition: 
 @dg.asset(
     group_name="report",
     code_version="selection-report-v1",
+    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(evaluation, partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep(pretrain_checkpoints, partition_mapping=dg.AllPartitionMapping())],
     kinds={"markdown"},
@@ -92,7 +95,7 @@ def selection_report(context: dg.AssetExecutionContext, platform: PlatformResour
     storage, settings = platform.storage(), platform.settings()
     missing = [m for m in SELECTION_METHODS if not storage.exists(f"{EVALUATION_DIR}/{m}.json")]
     if missing:
-        raise dg.Failure(f"no evaluation for {', '.join(missing)}: materialize evaluation for every method first")
+        raise PermanentFailure(f"no evaluation for {', '.join(missing)}: materialize evaluation for every method first")
     evaluations = {m: storage.read_json(f"{EVALUATION_DIR}/{m}.json") for m in SELECTION_METHODS}
     curves = {m: [storage.read_json(f"{run['path']}/curve.json")
                   for run in storage.read_json(f"{PRETRAIN_DIR}/{m}/current.json")["runs"]] for m in SELECTION_METHODS}

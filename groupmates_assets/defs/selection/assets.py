@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import torch
 import zstandard
 
-from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
+from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.influence.assets import (
     ASSET_OF_KIND,
     current_model,
@@ -171,6 +171,7 @@ def embeddings(table: pa.Table) -> np.ndarray:
 @dg.asset(
     group_name="selection",
     code_version="cluster-centroids-v1",
+    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(pool_predictions, partition_mapping=dg.AllPartitionMapping()), filtered_pool_summary],
     kinds={"faiss", "numpy"},
     description="Influence-aware clusters: spherical k-means (faiss) on the final model's embeddings h, trained "
@@ -247,6 +248,7 @@ def assignments_path(storage: Storage, key: str) -> str:
     backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
     group_name="selection",
     code_version="cluster-assignments-v1",
+    retry_policy=STEP_RETRY,
     deps=[cluster_centroids, pool_predictions],
     kinds={"faiss", "parquet"},
     description="Each document of a shard assigned to its nearest centroid (largest inner product with the "
@@ -300,6 +302,7 @@ def range_bounds(range_key: str, k: int) -> tuple[int, int]:
     partitions_def=selection_ranges,
     group_name="selection",
     code_version="group-mates-selection-v1",
+    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(cluster_assignments, partition_mapping=dg.AllPartitionMapping())],
     kinds={"pytorch", "parquet"},
     check_specs=[
@@ -442,14 +445,14 @@ def _baseline(context: dg.AssetExecutionContext, platform: PlatformResource, met
 BASELINE_DEPS = [dg.AssetDep(cluster_assignments, partition_mapping=dg.AllPartitionMapping())]
 
 
-@dg.asset(group_name="selection", code_version="random-selection-v1", kinds={"parquet"},
+@dg.asset(group_name="selection", code_version="random-selection-v1", kinds={"parquet"}, retry_policy=STEP_RETRY,
           deps=BASELINE_DEPS, description="Baseline: a seeded uniform sample of the filtered pool, the same number "
           "of documents as Group-MATES selects.")
 def selected_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     return _baseline(context, platform, "random")
 
 
-@dg.asset(group_name="selection", code_version="mates-selection-v1", kinds={"parquet"},
+@dg.asset(group_name="selection", code_version="mates-selection-v1", kinds={"parquet"}, retry_policy=STEP_RETRY,
           deps=[*BASELINE_DEPS, dg.AssetDep(pool_predictions, partition_mapping=dg.AllPartitionMapping())],
           description="Baseline (MATES): the documents with the most beneficial individual influence "
           "(lowest u of the individual model), Group-MATES' budget.")
@@ -457,7 +460,7 @@ def selected_mates(context: dg.AssetExecutionContext, platform: PlatformResource
     return _baseline(context, platform, "mates")
 
 
-@dg.asset(group_name="selection", code_version="fasttext-selection-v1", kinds={"parquet"},
+@dg.asset(group_name="selection", code_version="fasttext-selection-v1", kinds={"parquet"}, retry_policy=STEP_RETRY,
           deps=BASELINE_DEPS, description="Baseline: the documents with the highest fastText quality score, "
           "Group-MATES' budget.")
 def selected_fasttext(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
@@ -506,6 +509,7 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
     partitions_def=pool_shards,
     group_name="selection",
     code_version="selected-corpus-v1",
+    retry_policy=STEP_RETRY,
     deps=[filtered_pool_shard, dg.AssetDep(selected_documents, partition_mapping=dg.AllPartitionMapping()),
           selected_random, selected_mates, selected_fasttext],
     kinds={"parquet", "json"},

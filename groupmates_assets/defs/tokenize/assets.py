@@ -4,6 +4,8 @@ import time
 
 import dagster as dg
 
+from groupmates_assets.defs.common import PermanentFailure
+from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.quality.assets import FILTERED_DIR, filtered_pool_shard
 from groupmates_assets.defs.resources import PlatformResource
@@ -27,6 +29,7 @@ def context_len(platform: PlatformResource) -> int:
     backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
     group_name="tokenize",
     code_version=TOKENIZE_VERSION,
+    retry_policy=STEP_RETRY,
     deps=[filtered_pool_shard],
     kinds={"numpy", "parquet"},
     check_specs=[dg.AssetCheckSpec(
@@ -42,7 +45,8 @@ def tokenized_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRe
     storage, key, settings = platform.storage(), validate_shard_key(context.partition_key), platform.settings().tokenize
     source = f"{FILTERED_DIR.format(key=key)}/kept.parquet"
     if not storage.exists(f"{FILTERED_DIR.format(key=key)}/stats.json"):
-        raise dg.Failure(f"filtered shard {key!r} is missing or incomplete: materialize filtered_pool_shard first")
+        raise PermanentFailure(f"filtered shard {key!r} is missing or incomplete: materialize filtered_pool_shard "
+                               "first")
     kept = storage.read_parquet(source, columns=["doc_id", "text"])
     tokenizer = _tokenizer(settings.tokenizer)
     started = time.perf_counter()
@@ -102,14 +106,18 @@ def _tokenizer(spec: str | None):
         try:
             _TOKENIZERS[spec] = tk.load_tokenizer(spec)
         except FileNotFoundError as exc:
-            raise dg.Failure(str(exc)) from None
+            raise PermanentFailure(str(exc)) from None
     return _TOKENIZERS[spec]
 
 
-def tokenized_pool(storage: Storage) -> tuple[PoolContexts, list[dict]]:
-    """Every completely tokenized shard, as one sequence of contexts, plus their manifests (lineage)."""
+def tokenized_pool(storage: Storage, instance: dg.DagsterInstance) -> tuple[PoolContexts, list[dict]]:
+    """Every completely tokenized shard of the current pool (registered ``pool_shards`` partitions), as one
+    sequence of contexts, plus their manifests (lineage). Storage may hold shards of a pool seen before."""
     manifests, shards = [], []
+    pool = set(instance.get_dynamic_partitions(pool_shards.name))
     for key in storage.list("tokenized_pool"):
+        if key not in pool:
+            continue
         out = TOKENIZED_DIR.format(key=key)
         if not storage.exists(f"{out}/manifest.json"):
             continue
@@ -117,5 +125,5 @@ def tokenized_pool(storage: Storage) -> tuple[PoolContexts, list[dict]]:
         manifests.append(manifest)
         shards.append(ShardContexts(key, storage.read_numpy(f"{out}/contexts.npy"), manifest["pad_context"]))
     if not shards:
-        raise dg.Failure("no tokenized shards: materialize tokenized_pool_shard partitions first")
+        raise PermanentFailure("no tokenized shards: materialize tokenized_pool_shard partitions first")
     return PoolContexts(shards), manifests

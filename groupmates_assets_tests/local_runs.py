@@ -1,9 +1,9 @@
-"""Runs that this machine executes in its own processes (the demo command and its workers, the crash tests).
+"""Runs the crash tests execute in their own processes with ``execute_in_process`` (no daemon watches them).
 
-Each is tagged with the host and the PID that runs it, so that the next start after a crash (SIGKILL, the OOM
-killer, a power cut) can tell which runs died: it marks them failed and gives back the pool slots they held.
-Otherwise a killed run's ``gpu`` slot stays claimed, and every later GPU step waits for it (the daemon's run
-monitoring frees such slots only where a daemon runs, which the demo does not need).
+Each is tagged with the host and the PID that runs it, so that the next step after a SIGKILL can tell which runs
+died: it marks them failed and gives back the pool slots they held; otherwise a killed run's ``gpu`` slot stays
+claimed and every later GPU step waits for it. Runs launched by the daemon need none of this: its run monitoring
+does the same.
 """
 
 import os
