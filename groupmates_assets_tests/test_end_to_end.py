@@ -79,6 +79,8 @@ def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
                            text=True, timeout=600)
     assert again.returncode == 0 and "already materialized every asset" in again.stdout, again.stdout[-3000:]
     assert len(instance.get_runs()) == len(runs)
+    sensors = {state.name: state.status.value for state in instance.all_instigator_state()}
+    assert sensors["pool_shard_sensor"] == "RUNNING"  # paused during the backfill, started again at the end
 
     instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster_home"))
     for key in ("embedded_pool", "quality_classifier", "filtered_pool_summary", "probe_checkpoint",
