@@ -88,9 +88,10 @@ class PoolProfile:
     embedded_shards: int = 16  # shards of the embedded default pool
     embedded_positives_fraction: float = 0.4  # share of Wikipedia summaries held out as classifier positives
     group_field: str | None = "source"  # record field reported per group (keep rates by source)
+    shards_per_run: int = 8  # shards one backfill run of a per-shard stage handles (fewer process and model loads)
 
     def __post_init__(self) -> None:
-        _at_least("pool", 1, embedded_shards=self.embedded_shards)
+        _at_least("pool", 1, embedded_shards=self.embedded_shards, shards_per_run=self.shards_per_run)
         _in_range("pool.embedded_positives_fraction", self.embedded_positives_fraction, 0, 1, "neither")
 
 

@@ -188,3 +188,39 @@ def test_nightly_backfill_requests_each_missing_stage_whose_inputs_exist(setup):
     assert ("crawl-b", "tokenized_pool_shard") in by_stage and ("crawl-b", "filtered_pool_shard") not in by_stage
     assert not any(stage == "pool_predictions" for _, stage in by_stage)  # no influence models yet
     assert len(missing_shard_runs(instance, limit=1)) == 1
+
+
+def _materialize_range(setup, selection, first, last, raise_on_error=True):
+    """One run over the partitions first..last, as a backfill under ``BackfillPolicy.multi_run(n)`` launches it."""
+    return dg.materialize(
+        ASSETS, selection=selection, instance=setup["instance"], resources={"platform": setup["platform"]},
+        tags={"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last},
+        raise_on_error=raise_on_error)
+
+
+def test_one_run_over_several_shards_matches_one_run_per_shard(setup, tmp_path):
+    _register_and_train(setup)
+    batched = _materialize_range(setup, ["filtered_pool_shard"], KEYS[0], KEYS[-1])
+    events = {e.partition: e.metadata for e in batched.asset_materializations_for_node("filtered_pool_shard")}
+    assert sorted(events) == sorted(KEYS)  # every partition materialized, each with its own counts
+    storage = setup["platform"].storage()
+    for key in KEYS:
+        stats = storage.read_json(f"filtered_pool/{key}/stats.json")
+        assert events[key]["rows_in"].value == stats["rows_in"] and events[key]["kept"].value == stats["kept"]
+    assert len({events[k]["rows_in"].value for k in KEYS}) > 1
+    [check] = batched.get_asset_check_evaluations()
+    assert check.passed and check.metadata["failed_partitions"].value == "none"
+    batched_bytes = {k: storage.read_bytes(f"filtered_pool/{k}/kept.parquet") for k in KEYS}
+    for key in KEYS:  # the same files as a run per shard writes
+        _materialize(setup, ["filtered_pool_shard"], key)
+        assert storage.read_bytes(f"filtered_pool/{key}/kept.parquet") == batched_bytes[key]
+
+
+def test_ranged_run_fails_whole_when_one_shard_is_unreadable(setup):
+    (setup["pool"] / "broken.jsonl.gz").write_bytes(b"definitely not gzip")
+    _register_and_train(setup, ["broken", *KEYS])
+    result = _materialize_range(setup, ["filtered_pool_shard"], "broken", KEYS[-1], raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "broken.jsonl.gz" in str(failure.event_specific_data.error.message)
+    assert not result.asset_materializations_for_node("filtered_pool_shard")

@@ -1,8 +1,11 @@
-"""Small helpers every stage's assets share: input fingerprints, JSON-safe metadata values, and the failure a retry
-cannot fix."""
+"""Small helpers every stage's assets share: input fingerprints, JSON-safe metadata values, the failure a retry
+cannot fix, and several shards per backfill run."""
 
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -29,3 +32,56 @@ def finite(value):
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def shard_batches() -> dg.BackfillPolicy:
+    """Backfill policy of the per-shard assets: up to ``pool.shards_per_run`` shards of the active profile per run.
+    A run per shard would spend more time starting (a process, the code location, the models) than working on
+    the embedded pool's small shards; the discovery sensor still launches one run per new shard."""
+    from groupmates_assets.settings import get_profile
+
+    return dg.BackfillPolicy.multi_run(get_profile().pool.shards_per_run)
+
+
+@dataclass
+class PartitionResult:
+    """What one partition of a run reports: its metadata, the version of its data and, for an asset with a
+    check, whether the check passed and why."""
+
+    metadata: dict[str, Any]
+    data_version: str | None = None
+    check_passed: bool | None = None
+    check_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def materialize_partitions(context: dg.AssetExecutionContext, materialize_one: Callable[[str], PartitionResult],
+                           check_name: str | None = None) -> dg.MaterializeResult:
+    """Materialize every partition of the run (one, or a range under :func:`shard_batches`) with
+    ``materialize_one(key)``. Each partition keeps its own metadata in the UI; the check (if any) passes only when
+    it passed for every partition, and names the ones that did not. A failure fails the whole run: rerunning
+    redoes the range, and every write is idempotent."""
+    keys = context.partition_keys
+    results: dict[str, PartitionResult] = {}
+    for number, key in enumerate(keys, 1):
+        results[key] = materialize_one(key)
+        if len(keys) > 1:
+            context.log.info(f"{key}: done ({number}/{len(keys)} partitions of this run)")
+    check_results = [_combined_check(check_name, results)] if check_name else None
+    if len(keys) == 1:
+        only = results[keys[0]]
+        return dg.MaterializeResult(metadata=only.metadata, check_results=check_results,
+                                    data_version=dg.DataVersion(only.data_version) if only.data_version else None)
+    for key, result in results.items():
+        context.add_asset_metadata(result.metadata, partition_key=key)
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(keys)}, check_results=check_results)
+
+
+def _combined_check(check_name: str, results: dict[str, PartitionResult]) -> dg.AssetCheckResult:
+    failed = [key for key, result in results.items() if not result.check_passed]
+    if len(results) == 1:
+        metadata = next(iter(results.values())).check_metadata
+    else:
+        metadata = {"partitions": len(results), "failed_partitions": ", ".join(failed) or "none",
+                    **({f"{failed[0]}/{k}": v for k, v in results[failed[0]].check_metadata.items()} if failed else {})}
+    return dg.AssetCheckResult(check_name=check_name, passed=not failed, metadata=metadata,
+                               severity=dg.AssetCheckSeverity.ERROR)

@@ -86,12 +86,15 @@ def pretrain_gpus() -> int:
     return get_profile().pretrain.gpus_per_run
 
 
-def gpu_asset_args(partitioned: bool = False, gpus: int = 1) -> dict[str, Any]:
+def gpu_asset_args(partitioned: bool = False, gpus: int = 1,
+                   backfill_policy: dg.BackfillPolicy | None = None) -> dict[str, Any]:
     """The ``@asset`` arguments of a GPU step: the gpu pool, the target's GPU request tags, ``STEP_RETRY`` (a
     CUDA out-of-memory error is transient) and, when partitioned, one run per partition in backfills (a failed
-    shard is retried and watched on its own)."""
+    block is retried and watched on its own) unless ``backfill_policy`` says otherwise."""
     args: dict[str, Any] = {"pool": GPU_POOL, "op_tags": gpu_op_tags(gpus), "retry_policy": STEP_RETRY}
-    if partitioned:
+    if backfill_policy is not None:
+        args["backfill_policy"] = backfill_policy
+    elif partitioned:
         args["backfill_policy"] = dg.BackfillPolicy.multi_run(1)
     return args
 

@@ -40,7 +40,8 @@ class PlatformResource(dg.ConfigurableResource):
     profile: str = ""  # empty: the profile the code location was loaded with; anything else must equal it
     s3_endpoint_url: str = ""
     s3_region: str = ""
-    torch_threads: int = 0  # > 0: at most this many torch threads per step (steps run side by side); 0: the profile's
+    torch_threads: int = 0  # > 0: at most this many torch threads per partitioned step (they run side by side); 0: the
+    # profile's
 
     def fs_options(self, url: str) -> dict:
         """fsspec options for a URL of this platform (the storage root, the pool or a file beside them)."""
@@ -49,11 +50,12 @@ class PlatformResource(dg.ConfigurableResource):
     def storage(self) -> Storage:
         return Storage(self.storage_root, self.fs_options(self.storage_root))
 
-    def settings(self) -> Profile:
+    def settings(self, alone: bool = False) -> Profile:
         """The run's profile: the one the definitions were built with (``ValueError`` if ``profile`` names
-        another), with the thread cap applied."""
+        another), with the thread cap applied to steps that share the machine with others. ``alone``: the step is
+        its stage's only run (an unpartitioned asset in a backfill) and keeps the profile's threads."""
         profile = get_profile(self.profile_name())
-        return with_thread_cap(profile, self.torch_threads) if self.torch_threads > 0 else profile
+        return with_thread_cap(profile, self.torch_threads) if self.torch_threads > 0 and not alone else profile
 
     def profile_name(self) -> str:
         """``profile`` checked against the profile the code location was loaded with."""

@@ -34,6 +34,8 @@ def token_budget(platform: PlatformResource) -> int:
 
 @dg.asset(
     partitions_def=selection_methods,
+    # one method per run, as pretraining: a backfill puts a method's tokenizing, training and evaluation in one run
+    backfill_policy=dg.BackfillPolicy.multi_run(1),
     group_name="corpus",
     code_version="tokenized-corpus-v2",
     retry_policy=STEP_RETRY,

@@ -103,7 +103,7 @@ def train_influence_asset(context: dg.AssetExecutionContext, platform: PlatformR
                           relational: bool, oracle_sources: list[tuple[str, list[str], str]],
                           lineage: dict) -> dg.MaterializeResult:
     """Shared body of the three model assets: read oracle labels, split, train, save, report."""
-    storage, settings = platform.storage(), platform.settings()
+    storage, settings = platform.storage(), platform.settings(alone=True)
     influence = settings.influence
     torch.set_num_threads(influence.torch_threads)
     tables, oracle_fingerprints = [], {}
@@ -202,7 +202,7 @@ def influence_model_init(context: dg.AssetExecutionContext, platform: PlatformRe
 )
 @on_leased_gpu
 def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    storage, settings = platform.storage(), platform.settings()
+    storage, settings = platform.storage(), platform.settings(alone=True)
     influence = settings.influence
     torch.set_num_threads(influence.torch_threads)
     init = current_model(storage, "init")
@@ -344,7 +344,7 @@ def individual_influence_model(context: dg.AssetExecutionContext, platform: Plat
 )
 @on_leased_gpu
 def influence_model_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    storage, settings = platform.storage(), platform.settings()
+    storage, settings = platform.storage(), platform.settings(alone=True)
     influence = settings.influence
     torch.set_num_threads(influence.torch_threads)
     tables = []

@@ -37,7 +37,7 @@ def optim_config(profile: LMProfile) -> lm.OptimConfig:
 )
 @on_leased_gpu
 def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    storage, profile = platform.storage(), platform.settings().lm
+    storage, profile = platform.storage(), platform.settings(alone=True).lm
     torch.set_num_threads(profile.torch_threads)
     pool, manifests = tokenized_pool(storage, context.instance)
     shape, cfg = lm.get_shape(profile.shape), optim_config(profile)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import dagster as dg
 
-from groupmates_assets.defs.common import PermanentFailure
+from groupmates_assets.defs.common import PartitionResult, PermanentFailure, materialize_partitions, shard_batches
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
@@ -83,7 +83,7 @@ def resolve_shard(platform: PlatformResource, key: str) -> shard_io.ShardFile:
 
 @dg.asset(
     partitions_def=pool_shards,
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
+    backfill_policy=shard_batches(),
     group_name="pool",
     code_version="pool-shard-v1",
     retry_policy=STEP_RETRY,
@@ -91,7 +91,12 @@ def resolve_shard(platform: PlatformResource, key: str) -> shard_io.ShardFile:
     description="One raw pool shard file, registered with its path, format, size and content hash.",
 )
 def pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    shard = resolve_shard(platform, context.partition_key)
+    return materialize_partitions(context, lambda key: register_shard(platform, key))
+
+
+def register_shard(platform: PlatformResource, key: str) -> PartitionResult:
+    """Hash the shard file and write its manifest (path, format, size, sha256): what later stages read."""
+    shard = resolve_shard(platform, key)
     fs, _ = platform.pool_location()
     with fs.open(shard.path, "rb") as handle:
         digest, size = sha256_stream(handle)
@@ -99,10 +104,10 @@ def pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     manifest = {"key": shard.key, "path": source, "relative_path": shard.relative_path,
                 "format": shard.format, "bytes": size, "sha256": digest}
     info = platform.storage().write_json(SHARD_MANIFEST.format(key=shard.key), manifest)
-    return dg.MaterializeResult(
+    return PartitionResult(
         metadata={"source_path": dg.MetadataValue.path(source), "format": shard.format, "bytes": size,
                   "sha256": digest, "manifest": dg.MetadataValue.path(info.path)},
-        data_version=dg.DataVersion(digest[:16]),
+        data_version=digest[:16],
     )
 
 

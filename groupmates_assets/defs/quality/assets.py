@@ -9,7 +9,7 @@ import dagster as dg
 import fsspec
 import numpy as np
 
-from groupmates_assets.defs.common import PermanentFailure
+from groupmates_assets.defs.common import PartitionResult, PermanentFailure, materialize_partitions, shard_batches
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.pool.assets import (
@@ -220,7 +220,7 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
 
 @dg.asset(
     partitions_def=pool_shards,
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
+    backfill_policy=shard_batches(),
     group_name="quality",
     code_version=filtering.FILTER_VERSION,
     retry_policy=STEP_RETRY,
@@ -235,21 +235,32 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
     "dropped ones for inspection, and malformed records with file, line and reason.",
 )
 def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    storage, key = platform.storage(), context.partition_key
-    shard = registered_shard(storage, key)
-    if shard is None:
-        raise PermanentFailure(f"pool shard {key!r} is not registered: materialize pool_shard for this partition first")
-    fs, _ = platform.pool_location()
+    storage = platform.storage()
+    unregistered = [key for key in context.partition_keys if registered_shard(storage, key) is None]
+    if unregistered:
+        raise PermanentFailure(f"pool shard {unregistered[0]!r} is not registered: materialize pool_shard for this "
+                               "partition first")
     if not storage.exists(CURRENT_CLASSIFIER):
         raise PermanentFailure("no quality classifier yet: materialize quality_classifier first")
     current = storage.read_json(CURRENT_CLASSIFIER)
-    out_dir = FILTERED_DIR.format(key=key)
-    profile = platform.settings()
     if not storage.exists(current["model"]):
         raise PermanentFailure(f"quality model {storage.url(current['model'])} named by "
                                f"{storage.url(CURRENT_CLASSIFIER)} is missing: rematerialize quality_classifier")
     with storage.local_copy(current["model"]) as model_path:
         classifier = QualityClassifier(model_path, current["hq_label"])
+    return materialize_partitions(context, lambda key: filter_one_shard(context, platform, classifier, current, key),
+                                  check_name="counts_reconcile")
+
+
+def filter_one_shard(context: dg.AssetExecutionContext, platform: PlatformResource, classifier: QualityClassifier,
+                     current: dict, key: str) -> PartitionResult:
+    """Score one shard, write kept/dropped/rejected, and recount the source independently for the check."""
+    storage = platform.storage()
+    shard = registered_shard(storage, key)
+    assert shard is not None  # checked for every partition of the run before the classifier was loaded
+    fs, _ = platform.pool_location()
+    out_dir = FILTERED_DIR.format(key=key)
+    profile = platform.settings()
     context.log.info(f"filtering {shard.path} ({shard.size / 1e6:.1f} MB) with classifier {current['version']}, "
                      f"threshold {current['threshold']:.6g}")
     try:
@@ -268,12 +279,8 @@ def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRes
     if stats["rejected"]:
         context.log.warning(f"{key}: {stats['rejected']} malformed records: {stats['reject_reasons']} "
                             f"(see {stats['files']['rejects']['path']})")
-    return dg.MaterializeResult(
-        metadata=_filtered_metadata(stats),
-        check_results=[dg.AssetCheckResult(
-            check_name="counts_reconcile", passed=ok, metadata=details, severity=dg.AssetCheckSeverity.ERROR)],
-        data_version=dg.DataVersion(stats["files"]["kept"]["sha256"][:16]),
-    )
+    return PartitionResult(metadata=_filtered_metadata(stats), data_version=stats["files"]["kept"]["sha256"][:16],
+                           check_passed=ok, check_metadata=details)
 
 
 def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import torch
 import zstandard
 
+from groupmates_assets.defs.common import PartitionResult, materialize_partitions, shard_batches
 from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.influence.assets import (
     ASSET_OF_KIND,
@@ -93,13 +94,17 @@ def selection_fingerprint(storage: Storage, settings: SelectionProfile) -> str:
 # ---------------------------------------------------------------------------------------------- predictions
 
 
-def _predict(storage: Storage, kind: str, texts: list[str], batch_docs: int, log,
-             chunked: dict[tuple, enc.ChunkedDocuments]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, u) of every text with a saved model. ``chunked`` caches the encoder inputs by tokenizer and chunking,
-    so two models that share them (final and individual, as trained here) tokenize the shard once."""
+def _load_predictor(storage: Storage, kind: str) -> tuple[torch.nn.Module, object]:
+    """The saved model of ``kind`` and its tokenizer, loaded once per run and used for all its shards."""
     with local_model_dir(storage, current_model(storage, kind)["path"]) as local:
-        model = im.load_model(local, lm.default_device())
-        tokenizer = im.load_tokenizer(local)
+        return im.load_model(local, lm.default_device()), im.load_tokenizer(local)
+
+
+def _predict(predictor: tuple[torch.nn.Module, object], kind: str, texts: list[str], batch_docs: int, log,
+             chunked: dict[tuple, enc.ChunkedDocuments]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, u) of every text. ``chunked`` caches the encoder inputs by tokenizer and chunking, so two models that
+    share them (final and individual, as trained here) tokenize the shard once."""
+    model, tokenizer = predictor
     key = (tokenizer.to_str(), model.config.chunk_len, model.config.chunks)
     if key not in chunked:
         chunked[key] = enc.chunk_documents(tokenizer, texts, model.config.chunk_len, model.config.chunks)
@@ -115,20 +120,29 @@ def _predict(storage: Storage, kind: str, texts: list[str], batch_docs: int, log
     kinds={"pytorch", "parquet"},
     description="Every filtered document of a shard scored by the final relational model (embedding h in "
     "float16, individual influence u) and by the MATES individual model (u_individual); only the chunks that "
-    "hold text are computed, documents batched by length.",
-    **gpu_asset_args(partitioned=True),
+    "hold text are computed, documents batched by length. The models are loaded once per run.",
+    **gpu_asset_args(backfill_policy=shard_batches()),
 )
 @on_leased_gpu
 def pool_predictions(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings().selection
-    key = validate_shard_key(context.partition_key)
     torch.set_num_threads(settings.torch_threads)
+    predictors = {kind: _load_predictor(storage, kind) for kind in ("final", "individual")}
+    fingerprint_now = models_fingerprint(storage)
+    return materialize_partitions(context, lambda key: predict_shard(context, storage, settings, predictors,
+                                                                     fingerprint_now, key))
+
+
+def predict_shard(context: dg.AssetExecutionContext, storage: Storage, settings: SelectionProfile,
+                  predictors: dict[str, tuple], models_fingerprint_now: str, key: str) -> PartitionResult:
+    key = validate_shard_key(key)
     kept = storage.read_parquet(f"{FILTERED_DIR.format(key=key)}/kept.parquet", columns=["doc_id", "text"])
     texts = kept.column("text").to_pylist()
     started = time.perf_counter()
     chunked: dict[tuple, enc.ChunkedDocuments] = {}
-    h, u = _predict(storage, "final", texts, settings.predict_batch_docs, context.log.info, chunked)
-    _, u_individual = _predict(storage, "individual", texts, settings.predict_batch_docs, context.log.info, chunked)
+    h, u = _predict(predictors["final"], "final", texts, settings.predict_batch_docs, context.log.info, chunked)
+    _, u_individual = _predict(predictors["individual"], "individual", texts, settings.predict_batch_docs,
+                               context.log.info, chunked)
     seconds = time.perf_counter() - started
     dim = h.shape[1]
     table = pa.table({
@@ -138,18 +152,18 @@ def pool_predictions(context: dg.AssetExecutionContext, platform: PlatformResour
         "u_individual": pa.array(u_individual.numpy(), pa.float32()),
         "text_hash": pa.array([text_hash(t) for t in texts], pa.string()),
     })
-    info = storage.write_parquet(predictions_path(storage, key), table)
-    return dg.MaterializeResult(
+    info = storage.write_parquet(f"{PREDICTIONS_DIR}/{models_fingerprint_now}/{key}.parquet", table)
+    return PartitionResult(
         metadata={
             "dagster/row_count": table.num_rows, "documents": table.num_rows, "dim": dim,
             "documents_per_second": round(table.num_rows / seconds, 1) if seconds and table.num_rows else None,
             "seconds": round(seconds, 1), "device": str(lm.default_device()),
             "u_mean": finite(float(u.mean())) if len(u) else None,
             "u_individual_mean": finite(float(u_individual.mean())) if len(u) else None,
-            "models_fingerprint": models_fingerprint(storage), "sha256": info.sha256,
+            "models_fingerprint": models_fingerprint_now, "sha256": info.sha256,
             "path": dg.MetadataValue.path(info.path),
         },
-        data_version=dg.DataVersion(info.sha256[:16]),
+        data_version=info.sha256[:16],
     )
 
 
@@ -178,7 +192,7 @@ def embeddings(table: pa.Table) -> np.ndarray:
     "on a seeded sample of max_points_per_centroid x k points; k from the target mean cluster size.",
 )
 def cluster_centroids(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    storage, settings = platform.storage(), platform.settings().selection
+    storage, settings = platform.storage(), platform.settings(alone=True).selection
     keys = filtered_shards(storage)
     paths = {key: predictions_path(storage, key) for key in keys}
     require_files(storage, paths, "pool_predictions")
@@ -245,7 +259,7 @@ def assignments_path(storage: Storage, key: str) -> str:
 
 @dg.asset(
     partitions_def=pool_shards,
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
+    backfill_policy=shard_batches(),
     group_name="selection",
     code_version="cluster-assignments-v1",
     retry_policy=STEP_RETRY,
@@ -256,21 +270,25 @@ def assignments_path(storage: Storage, key: str) -> str:
 )
 def cluster_assignments(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage = platform.storage()
-    key = validate_shard_key(context.partition_key)
     current = current_clusters(storage)
     centroids = np.asarray(storage.read_numpy(f"{CLUSTERS_DIR}/{current['fingerprint']}/centroids.npy"))
+    return materialize_partitions(context, lambda key: assign_shard(storage, current, centroids, key))
+
+
+def assign_shard(storage: Storage, current: dict, centroids: np.ndarray, key: str) -> PartitionResult:
+    key = validate_shard_key(key)
     table = read_predictions(storage, [key], ["doc_id", "h"])[key]
     clusters, similarity = clustering.assign(embeddings(table), centroids) if table.num_rows else (
         np.zeros(0, np.int64), np.zeros(0, np.float32))
     out = pa.table({"doc_id": table.column("doc_id"), "cluster": pa.array(clusters, pa.int64()),
                     "similarity": pa.array(similarity, pa.float32())})
-    info = storage.write_parquet(assignments_path(storage, key), out)
-    return dg.MaterializeResult(
+    info = storage.write_parquet(f"{CLUSTERS_DIR}/{current['fingerprint']}/assignments/{key}.parquet", out)
+    return PartitionResult(
         metadata={"dagster/row_count": out.num_rows, "documents": out.num_rows,
                   "clusters_touched": len(np.unique(clusters)),
                   "mean_similarity": finite(float(similarity.mean())) if len(similarity) else None,
                   "clusters_fingerprint": current["fingerprint"], "path": dg.MetadataValue.path(info.path)},
-        data_version=dg.DataVersion(info.sha256[:16]),
+        data_version=info.sha256[:16],
     )
 
 
@@ -507,6 +525,7 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
 
 @dg.asset(
     partitions_def=pool_shards,
+    backfill_policy=shard_batches(),
     group_name="selection",
     code_version="selected-corpus-v1",
     retry_policy=STEP_RETRY,
@@ -522,15 +541,23 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
     "original record plus doc_id and the selection fields; joined with the filtered pool by doc_id.",
 )
 def selected_corpus(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    storage, profile = platform.storage(), platform.settings()
-    settings = profile.selection
-    key = validate_shard_key(context.partition_key)
+    storage, settings = platform.storage(), platform.settings().selection
+    tables = selection_tables(storage, settings, settings.cluster_ranges)
+    provenance = finite(lineage(context, storage))
+    return materialize_partitions(context, lambda key: write_corpus_shard(storage, settings, tables, provenance, key),
+                                  check_name="index_round_trip")
+
+
+def write_corpus_shard(storage: Storage, settings: SelectionProfile, tables: dict[str, pa.Table], provenance: dict,
+                       key: str) -> PartitionResult:
+    """The shard's selected documents of every method as JSON lines, joined by doc_id; the stats file goes last."""
+    key = validate_shard_key(key)
     kept = storage.read_parquet(f"{FILTERED_DIR.format(key=key)}/kept.parquet")
     embedded = read_predictions(storage, [key], ["doc_id", "text_hash"])[key]
     embedded_hash = dict(zip(embedded.column("doc_id").to_pylist(), embedded.column("text_hash").to_pylist(),
                              strict=True))
     counts, missing, mismatched, files = {}, 0, 0, {}
-    for method, table in selection_tables(storage, settings, settings.cluster_ranges).items():
+    for method, table in tables.items():
         mine = table.filter(pc.equal(table.column("shard"), key))
         rows = pc.index_in(mine.column("doc_id"), value_set=kept.column("doc_id"))
         missing += rows.null_count
@@ -553,17 +580,15 @@ def selected_corpus(context: dg.AssetExecutionContext, platform: PlatformResourc
         "text_hash_mismatches": mismatched})
     table_md = "| method | selected | share of kept |\n|---|---|---|\n" + "\n".join(
         f"| {m} | {c:,} | {c / max(kept.num_rows, 1):.3f} |" for m, c in counts.items())
-    return dg.MaterializeResult(
+    return PartitionResult(
         metadata={
             "dagster/row_count": counts.get("group_mates", 0), "kept_documents": kept.num_rows,
             **{f"selected_{m}": c for m, c in counts.items()}, "by_method": dg.MetadataValue.md(table_md),
-            "lineage": dg.MetadataValue.json(finite(lineage(context, storage))),
+            "lineage": dg.MetadataValue.json(provenance),
             "selection_settings": dg.MetadataValue.json({k: getattr(settings, k) for k in (
                 "ratio", "budget_rounding", "learned_alpha_tau", "mean_cluster_size", "kmeans_iterations",
                 "kmeans_seed", "random_seed")}),
             "sha256": dg.MetadataValue.json(files), "path": dg.MetadataValue.path(storage.url(CORPUS_DIR)),
         },
-        check_results=[dg.AssetCheckResult(check_name="index_round_trip", passed=passed,
-                                           severity=dg.AssetCheckSeverity.ERROR,
-                                           metadata={"ids_not_found": missing, "text_hash_mismatches": mismatched})],
+        check_passed=passed, check_metadata={"ids_not_found": missing, "text_hash_mismatches": mismatched},
     )

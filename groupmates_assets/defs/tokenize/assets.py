@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from groupmates_assets.defs.common import PermanentFailure
+from groupmates_assets.defs.common import PartitionResult, PermanentFailure, materialize_partitions, shard_batches
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.quality.assets import FILTERED_DIR, filtered_pool_shard
@@ -26,7 +26,7 @@ def context_len(platform: PlatformResource) -> int:
 
 @dg.asset(
     partitions_def=pool_shards,
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # the asset handles one shard per run
+    backfill_policy=shard_batches(),
     group_name="tokenize",
     code_version=TOKENIZE_VERSION,
     retry_policy=STEP_RETRY,
@@ -42,7 +42,13 @@ def context_len(platform: PlatformResource) -> int:
     "context back to the doc_ids it holds.",
 )
 def tokenized_pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    storage, key, settings = platform.storage(), validate_shard_key(context.partition_key), platform.settings().tokenize
+    return materialize_partitions(context, lambda key: tokenize_shard(context, platform, key),
+                                  check_name="every_token_once")
+
+
+def tokenize_shard(context: dg.AssetExecutionContext, platform: PlatformResource, key: str) -> PartitionResult:
+    """Pack one filtered shard into shuffled contexts with their lineage; the manifest is written last."""
+    storage, key, settings = platform.storage(), validate_shard_key(key), platform.settings().tokenize
     source = f"{FILTERED_DIR.format(key=key)}/kept.parquet"
     if not storage.exists(f"{FILTERED_DIR.format(key=key)}/stats.json"):
         raise PermanentFailure(f"filtered shard {key!r} is missing or incomplete: materialize filtered_pool_shard "
@@ -77,7 +83,7 @@ def tokenized_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRe
     tokens_per_second = packed.total_tokens / seconds if seconds > 0 else None
     context.log.info(f"{key}: {packed.n_documents:,} documents -> {packed.total_tokens:,} tokens -> "
                      f"{packed.n_contexts:,} contexts in {seconds:.1f} s ({(tokens_per_second or 0):,.0f} tokens/s)")
-    return dg.MaterializeResult(
+    return PartitionResult(
         metadata={
             "dagster/row_count": packed.n_contexts, "contexts": packed.n_contexts, "documents": packed.n_documents,
             "tokens": packed.total_tokens, "pad_tokens": packed.pad_tokens, "context_len": packed.context_len,
@@ -87,13 +93,11 @@ def tokenized_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRe
             "lineage_path": dg.MetadataValue.path(lineage.path),
             "manifest": dg.MetadataValue.path(info.path),
         },
-        check_results=[dg.AssetCheckResult(
-            check_name="every_token_once", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"packed_positions": int(packed.tokens.size), "document_tokens_plus_eot": packed.total_tokens,
-                      "pad_tokens": packed.pad_tokens, "documents_in_lineage": documents_in_lineage,
-                      "kept_documents": kept.num_rows},
-        )],
-        data_version=dg.DataVersion(contexts.sha256[:16]),
+        data_version=contexts.sha256[:16],
+        check_passed=passed,
+        check_metadata={"packed_positions": int(packed.tokens.size), "document_tokens_plus_eot": packed.total_tokens,
+                        "pad_tokens": packed.pad_tokens, "documents_in_lineage": documents_in_lineage,
+                        "kept_documents": kept.num_rows},
     )
 
 
