@@ -528,9 +528,12 @@ def test_a_hand_added_bad_partition_fails_clearly_and_writes_nothing(tmp_path: P
             assert not result.success
             message = _failure_text(result)
             assert "invalid shard key" in message and repr(keys[0]) in message, (asset, message)
+            assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"], asset
             for key in keys:
-                with pytest.raises(shard_io.InvalidShardKeyError, match=re.escape(repr(key))):
+                with pytest.raises(dg.Failure, match=re.escape(repr(key))) as raised:
                     assets[asset](dg.build_asset_context(partition_key=key, instance=instance), platform=platform)
+                assert isinstance(raised.value.__cause__, shard_io.InvalidShardKeyError)
+                assert not raised.value.allow_retries, "no retry is spent on a key that cannot become valid"
     assert _files_outside(tmp_path, (tmp_path / "dagster",)) == before
     assert not store.exists() or not any(p.is_file() for p in store.rglob("*"))
 

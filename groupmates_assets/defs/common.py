@@ -43,6 +43,18 @@ def shard_batches() -> dg.BackfillPolicy:
     return dg.BackfillPolicy.multi_run(get_profile().pool.shards_per_run)
 
 
+def shard_keys(context: dg.AssetExecutionContext) -> list[str]:
+    """The run's pool-shard partition keys, each checked before it becomes part of a path. Dagster accepts almost
+    any dynamic partition key, so a key added by hand fails here, before any model is loaded or file written, and
+    no retry is spent on it."""
+    from groupmates_assets.lib.shards import InvalidShardKeyError, validate_shard_key
+
+    try:
+        return [validate_shard_key(key) for key in context.partition_keys]
+    except InvalidShardKeyError as error:
+        raise PermanentFailure(str(error)) from error
+
+
 @dataclass
 class PartitionResult:
     """What one partition of a run reports: its metadata, the version of its data and, for an asset with a
@@ -60,7 +72,7 @@ def materialize_partitions(context: dg.AssetExecutionContext, materialize_one: C
     ``materialize_one(key)``. Each partition keeps its own metadata in the UI; the check (if any) passes only when
     it passed for every partition, and names the ones that did not. A failure fails the whole run: rerunning
     redoes the range, and every write is idempotent."""
-    keys = context.partition_keys
+    keys = shard_keys(context)
     results: dict[str, PartitionResult] = {}
     for number, key in enumerate(keys, 1):
         results[key] = materialize_one(key)

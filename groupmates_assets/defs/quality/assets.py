@@ -9,7 +9,13 @@ import dagster as dg
 import fsspec
 import numpy as np
 
-from groupmates_assets.defs.common import PartitionResult, PermanentFailure, materialize_partitions, shard_batches
+from groupmates_assets.defs.common import (
+    PartitionResult,
+    PermanentFailure,
+    materialize_partitions,
+    shard_batches,
+    shard_keys,
+)
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.pool.assets import (
@@ -236,7 +242,7 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
 )
 def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage = platform.storage()
-    unregistered = [key for key in context.partition_keys if registered_shard(storage, key) is None]
+    unregistered = [key for key in shard_keys(context) if registered_shard(storage, key) is None]
     if unregistered:
         raise PermanentFailure(f"pool shard {unregistered[0]!r} is not registered: materialize pool_shard for this "
                                "partition first")

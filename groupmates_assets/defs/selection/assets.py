@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import torch
 import zstandard
 
-from groupmates_assets.defs.common import PartitionResult, materialize_partitions, shard_batches
+from groupmates_assets.defs.common import PartitionResult, materialize_partitions, shard_batches, shard_keys
 from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.influence.assets import (
     ASSET_OF_KIND,
@@ -125,6 +125,7 @@ def _predict(predictor: tuple[torch.nn.Module, object], kind: str, texts: list[s
 )
 @on_leased_gpu
 def pool_predictions(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    shard_keys(context)
     storage, settings = platform.storage(), platform.settings().selection
     torch.set_num_threads(settings.torch_threads)
     predictors = {kind: _load_predictor(storage, kind) for kind in ("final", "individual")}
@@ -269,6 +270,7 @@ def assignments_path(storage: Storage, key: str) -> str:
     "unit-norm centroids): doc_id, cluster, similarity.",
 )
 def cluster_assignments(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    shard_keys(context)
     storage = platform.storage()
     current = current_clusters(storage)
     centroids = np.asarray(storage.read_numpy(f"{CLUSTERS_DIR}/{current['fingerprint']}/centroids.npy"))
@@ -541,6 +543,7 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
     "original record plus doc_id and the selection fields; joined with the filtered pool by doc_id.",
 )
 def selected_corpus(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    shard_keys(context)
     storage, settings = platform.storage(), platform.settings().selection
     tables = selection_tables(storage, settings, settings.cluster_ranges)
     provenance = finite(lineage(context, storage))

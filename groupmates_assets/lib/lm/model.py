@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
+
+if TYPE_CHECKING:  # transformers is imported where a model is built: it adds about 2 s to every run's start
+    from transformers import LlamaConfig, PreTrainedModel, Qwen3Config
 
 from groupmates_assets.lib.lm.shapes import LMShape, get_shape
 
@@ -63,6 +66,8 @@ def hf_config(shape: LMShape) -> LlamaConfig | Qwen3Config:
         "bos_token_id": None,
         "eos_token_id": None,
     }
+    from transformers import LlamaConfig, Qwen3Config
+
     if shape.qk_norm:
         return Qwen3Config(**common, use_sliding_window=False)
     return LlamaConfig(**common, mlp_bias=False)
@@ -116,6 +121,8 @@ def build_model(
     """
     shape = get_shape(shape)
     config = hf_config(shape)
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
+
     cls = Qwen3ForCausalLM if shape.qk_norm else LlamaForCausalLM
     with torch.random.fork_rng(devices=[]):  # transformers' own init must not disturb the caller's RNG
         # the CPU generator only: torch.manual_seed would also reseed the CUDA generators, which fork_rng(devices=[])
