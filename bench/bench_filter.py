@@ -24,6 +24,7 @@ from typing import Any
 import fsspec
 
 from bench.run import Figure, pin_to_one_core
+from groupmates_assets.lib import layout
 from groupmates_assets.lib import shards as shard_io
 from groupmates_assets.lib.embedded_pool import build_embedded_pool
 from groupmates_assets.lib.filtering import filter_shard
@@ -41,8 +42,6 @@ from groupmates_assets.lib.storage import Storage
 PREDICT_BATCH = 8192  # filter_shard's default batch size, so bare predict sees the same batches
 KEEP_FRACTION = 0.5  # threshold for a freshly trained classifier, as the demo profile
 TARGET_RATIO = 0.5
-POOL_DIR = "embedded_pool"
-CURRENT_CLASSIFIER = "quality/classifier/current.json"
 POSITIVES = "positives/wikipedia-summaries-hq.jsonl.zst"
 
 
@@ -75,18 +74,18 @@ def prepare_inputs(tmp: str) -> Inputs:
     """Reuse the project's pool and classifier when materialized; otherwise build and train them in ``tmp``."""
     fs = fsspec.filesystem("file")
     root = storage_root()
-    pool_dir = os.path.join(root, POOL_DIR)
+    pool_dir = os.path.join(root, layout.EMBEDDED_POOL_DIR)
     if os.path.isdir(os.path.join(pool_dir, "shards")):
         origin = f"pool {pool_dir}"
     else:
-        pool_dir = os.path.join(tmp, POOL_DIR)
+        pool_dir = os.path.join(tmp, layout.EMBEDDED_POOL_DIR)
         _say(f"no pool under {root}: building the embedded pool into a temp dir (needs fetch_pool_sources.sh)")
         build_embedded_pool(pool_dir, progress=_say)
         origin = "pool built in a temp dir"
     shards, problems = shard_io.discover_shards(fs, os.path.join(pool_dir, "shards"))
     if problems or not shards:
         raise RuntimeError(f"pool shards unusable under {pool_dir}: {problems or 'no shards'}")
-    current = os.path.join(root, CURRENT_CLASSIFIER)
+    current = os.path.join(root, layout.CURRENT_CLASSIFIER)
     if os.path.exists(current):
         with open(current, encoding="utf-8") as handle:
             manifest = json.load(handle)

@@ -32,6 +32,7 @@ def run(repeats: int = 1) -> list[Figure]:
     from groupmates_assets.defs.partitions import pool_shards
     from groupmates_assets.defs.pool import sensors
     from groupmates_assets.defs.resources import PlatformResource
+    from groupmates_assets.lib import layout
 
     shards = int(os.environ.get("BENCH_SHARDS", "10000"))
     with tempfile.TemporaryDirectory(prefix="groupmates-bench-partitions-") as tmp:
@@ -53,7 +54,7 @@ def run(repeats: int = 1) -> list[Figure]:
             registration = time.perf_counter() - started
             assert len(instance.get_dynamic_partitions(pool_shards.name)) == shards
             instance.report_runless_asset_event(dg.AssetMaterialization("quality_classifier"))
-            platform.storage().write_json("quality/classifier/current.json", {"version": "bench"})  # the pointer
+            layout.write_pointer(platform.storage(), layout.CLASSIFIER_DIR, {"version": "bench"})  # the pointer
             steady = []
             for _ in range(max(1, repeats)):
                 tick_started = time.perf_counter()

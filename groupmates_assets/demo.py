@@ -22,6 +22,7 @@ import dagster as dg
 import yaml
 
 from groupmates_assets import local_dagster as services
+from groupmates_assets.lib import layout
 
 DEMO_TAG, TARGET_TAG, PROFILE_TAG = "groupmates/demo", "groupmates/target", "groupmates/profile"
 BACKFILL_TAG = "dagster/backfill"
@@ -352,26 +353,26 @@ def failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
 def print_results(storage, until: str, shards: list[str], started: float) -> None:
     """The figures a user looks at first, read from the stages' outputs."""
     order = STAGE_ORDER.index(until)
-    summary = storage.read_json("filtered_pool/_manifest.json")
+    summary = storage.read_json(layout.FILTERED_MANIFEST)
     say(f"filtered pool: {summary['rows_in']:,} documents in, {summary['kept']:,} kept, {summary['dropped']:,} "
-        f"dropped, {summary['rejected']:,} rejected ({storage.url('filtered_pool')})")
+        f"dropped, {summary['rejected']:,} rejected ({storage.url(layout.FILTERED_POOL_DIR)})")
     if order >= STAGE_ORDER.index("oracle"):
-        current = storage.read_json("oracle/random/current.json")
-        say(f"oracle labels: {storage.url('oracle/random/' + current['fingerprint'])}")
+        current = layout.current_oracle(storage, layout.ORACLE_RANDOM_DIR, "oracle_random")
+        say(f"oracle labels: {storage.url(layout.ORACLE_RANDOM_DIR + '/' + current['fingerprint'])}")
     if order >= STAGE_ORDER.index("influence"):
         _print_influence(storage)
     if order >= STAGE_ORDER.index("selection"):
         _print_selection(storage, shards)
     if order >= STAGE_ORDER.index("pretrain"):
         for method in _methods():
-            final = storage.read_json(f"evaluation/{method}.json")["final"]
+            final = storage.read_json(f"{layout.EVALUATION_DIR}/{method}.json")["final"]
             say(f"{method}: core centered accuracy {_pm(final['core_centered'])}, held-out bits per byte "
                 f"{_pm(final['bits_per_byte'])}")
     if order >= STAGE_ORDER.index("report"):
         from groupmates_assets.lib.report import headline_markdown
 
-        report = storage.read_json("report/report.json")
-        say(f"selection report ({storage.url('report/selection_report.md')}):")
+        report = storage.read_json(f"{layout.REPORT_DIR}/report.json")
+        say(f"selection report ({storage.url(layout.REPORT_DIR + '/selection_report.md')}):")
         print(headline_markdown(report), flush=True)
         for line in report["verdict"]:
             say(line)
@@ -386,7 +387,7 @@ def _methods() -> list[str]:
 
 
 def _print_influence(storage) -> None:
-    report = storage.read_json("influence/report.json")
+    report = storage.read_json(layout.INFLUENCE_REPORT)
     say("influence models (validation Spearman on held-out random trajectories / on all held-out trajectories):")
     for kind, name in (("init", "initial"), ("final", "final"), ("individual", "individual (MATES)")):
         values = [report[kind][split].get("spearman") for split in ("random_val", "all_val")]
@@ -397,10 +398,10 @@ def _print_influence(storage) -> None:
 def _print_selection(storage, shards: list[str]) -> None:
     totals: Counter = Counter()
     for key in shards:
-        totals.update(storage.read_json(f"selected_corpus/_stats/{key}.json")["selected"])
+        totals.update(storage.read_json(f"{layout.SELECTED_CORPUS_DIR}/_stats/{key}.json")["selected"])
     say("selected documents per method: " + ", ".join(f"{m} {c:,}" for m, c in totals.items()))
     for method in _methods():
-        current = storage.read_json(f"tokenized_corpus/{method}/current.json")
+        current = layout.current_corpus(storage, method)
         manifest = storage.read_json(f"{current['path']}/manifest.json")
         say(f"tokenized corpus {method}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens, "
             f"{manifest['passes']} pass(es) for a budget of {manifest['token_budget']:,} tokens")

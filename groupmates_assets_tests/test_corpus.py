@@ -14,11 +14,11 @@ import zstandard
 from groupmates_assets import settings as settings_module
 from groupmates_assets.defs.corpus.assets import tokenized_corpus
 from groupmates_assets.defs.evaluation.assets import evaluation
-from groupmates_assets.defs.lm.assets import CHECKPOINT_DIR, optim_config
 from groupmates_assets.defs.pretrain.assets import pretrain_checkpoints
 from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.defs.shared import optim_config
 from groupmates_assets.lib import corpus as corpus_lib
-from groupmates_assets.lib import lm
+from groupmates_assets.lib import layout, lm
 from groupmates_assets.lib import pretraining as pt
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.storage import Storage
@@ -129,8 +129,8 @@ def _probe_checkpoint(storage: Storage, step: int) -> bytes:
     lm.pretrain(model, optimizer, batches, cfg, steps=step)
     with tempfile.TemporaryDirectory() as tmp:
         lm.save_checkpoint(tmp, model, optimizer, shape, cfg, step, {"tokens_seen": step * ci.batch_size * 64})
-        storage.put_dir(tmp, CHECKPOINT_DIR, pt.CHECKPOINT_FILES)
-    return storage.read_bytes(f"{CHECKPOINT_DIR}/model.safetensors")
+        storage.put_dir(tmp, layout.PROBE_CHECKPOINT_DIR, pt.CHECKPOINT_FILES)
+    return storage.read_bytes(f"{layout.PROBE_CHECKPOINT_DIR}/model.safetensors")
 
 
 def test_pretraining_resumes_to_the_same_weights(corpus_setup, monkeypatch):
@@ -196,7 +196,7 @@ def test_stage_two_continues_the_probe_run(corpus_setup, monkeypatch):
     cfg = optim_config(ci)
     assert [r["lr"] for r in curve] == pytest.approx([lm.lr_at(s, cfg) for s in range(4, 10)])
     # The first stage-2 step equals one step of the probe checkpoint on the corpus' first batch.
-    with storage.local_dir(CHECKPOINT_DIR, pt.CHECKPOINT_FILES) as local:
+    with storage.local_dir(layout.PROBE_CHECKPOINT_DIR, pt.CHECKPOINT_FILES) as local:
         model, optimizer, _ = lm.load_checkpoint(local, "cpu")
     current = storage.read_json("tokenized_corpus/random/current.json")
     tokens = storage.read_numpy(f"{current['path']}/contexts.npy")

@@ -18,8 +18,8 @@ from groupmates_assets.defs.pool.sensors import (
     shard_changes,
     sync_shard_partitions,
 )
-from groupmates_assets.defs.quality.assets import CURRENT_CLASSIFIER
 from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.lib.layout import CURRENT_CLASSIFIER
 from groupmates_assets_tests.conftest import jsonl_bytes, records, write_shard
 from groupmates_assets_tests.test_assets import (  # noqa: F401  (setup: the fixture, reused)
     ASSETS,

@@ -544,7 +544,6 @@ def test_static_partition_keys_cannot_be_forged(tmp_path: Path):
     path parts) should they ever be reached."""
     from groupmates_assets.definitions import STAGES
     from groupmates_assets.defs import partitions
-    from groupmates_assets.defs.oracle.assets import block_number
     from groupmates_assets.defs.resources import PlatformResource
     from groupmates_assets.defs.selection.assets import range_bounds
 
@@ -565,10 +564,10 @@ def test_static_partition_keys_cannot_be_forged(tmp_path: Path):
             with pytest.raises(dg.DagsterUnknownPartitionError, match="escape"):
                 defs.resolve_job_def(asset).execute_in_process(partition_key="../escape", instance=instance)
     assert not (tmp_path / "store").exists() and not (tmp_path / "escape").exists()
-    assert block_number("block-007") == 7 and range_bounds("clusters-001-of-004", 8) == (2, 4)
+    assert partitions.block_number("block-007") == 7 and range_bounds("clusters-001-of-004", 8) == (2, 4)
     for key in ["block-\u0660\u0661", "block-1/..", "block-..", "../block-1", "block-"]:
         with pytest.raises(ValueError, match="not an oracle block key"):
-            block_number(key)
+            partitions.block_number(key)
     for key in ["clusters-001-a/b-002", "clusters-001-/../x-002", "clusters-\u0661-of-002", "clusters-1-of-2/..",
                 "../clusters-001-of-002"]:
         with pytest.raises(ValueError, match="not a cluster range key"):

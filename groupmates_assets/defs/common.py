@@ -1,14 +1,15 @@
-"""Small helpers every stage's assets share: input fingerprints, JSON-safe metadata values, the failure a retry
-cannot fix, and several shards per backfill run."""
+"""Small helpers every stage's assets share: JSON-safe metadata values, the failure a retry cannot fix, and several
+shards per backfill run."""
 
-import hashlib
-import json
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 import numpy as np
+
+from groupmates_assets.lib.layout import MissingArtifactError
 
 
 class PermanentFailure(dg.Failure):
@@ -20,9 +21,14 @@ class PermanentFailure(dg.Failure):
         super().__init__(description=description, metadata=metadata, allow_retries=False)
 
 
-def fingerprint(**parts) -> str:
-    """12 hex digits identifying a set of inputs; outputs live under it, so changed inputs never mix with old."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+@contextlib.contextmanager
+def missing_is_permanent() -> Iterator[None]:
+    """A missing upstream artifact (``layout.MissingArtifactError``) as a :class:`PermanentFailure` with the same
+    message: materializing the asset it names is the fix, and no retry is."""
+    try:
+        yield
+    except MissingArtifactError as error:
+        raise PermanentFailure(str(error)) from None
 
 
 def finite(value):

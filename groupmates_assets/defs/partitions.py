@@ -15,6 +15,14 @@ def oracle_block_keys(blocks: int) -> list[str]:
     return [f"block-{i:03d}" for i in range(blocks)]
 
 
+def block_number(block_key: str) -> int:
+    """``block-007`` -> 7 (keys come from a static partitions definition, so anything else is a bug)."""
+    prefix, _, number = block_key.partition("-")
+    if prefix != "block" or not (number.isascii() and number.isdigit()):
+        raise ValueError(f"not an oracle block key: {block_key!r}")
+    return int(number)
+
+
 def oracle_blocks_for_profile() -> dg.StaticPartitionsDefinition:
     """Blocks of oracle trajectories (paper: 4 seeds x 5,000); the count comes from the active profile."""
     from groupmates_assets.settings import get_profile

@@ -7,10 +7,10 @@ import dagster as dg
 import fsspec
 from dagster_aws.s3 import S3Resource
 
+from groupmates_assets.lib.layout import EMBEDDED_SHARDS_DIR
 from groupmates_assets.lib.storage import S3_ENDPOINT_ENV, S3_REGION_ENV, Storage, fs_options
 from groupmates_assets.settings import PROFILE_ENV, Profile, active_profile_name, get_profile, with_thread_cap
 
-EMBEDDED_POOL_DIR = "embedded_pool"
 THREADS_ENV = "GROUPMATES_TORCH_THREADS"  # cap on torch threads per step (the demo sets it for its workers)
 
 
@@ -77,7 +77,7 @@ class PlatformResource(dg.ConfigurableResource):
             fs, path = fsspec.core.url_to_fs(self.pool_dir, **self.fs_options(self.pool_dir))
             return fs, (os.path.abspath(path) if _is_local(fs) else path)
         storage = self.storage()
-        return storage.fs, storage.path(f"{EMBEDDED_POOL_DIR}/shards")
+        return storage.fs, storage.path(EMBEDDED_SHARDS_DIR)
 
     def pool_url(self, path: str) -> str:
         """A pool file's path as a user can paste it: unchanged when local, ``s3://bucket/key`` on S3 (fsspec

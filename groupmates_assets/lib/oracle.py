@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from groupmates_assets.lib import failpoints, lm
+from groupmates_assets.lib import failpoints, layout, lm
+from groupmates_assets.lib.storage import Storage
 
 ORACLE_SCHEMA = pa.schema([
     ("trajectory_id", pa.int64()),
@@ -257,3 +258,22 @@ def run_block(job: BlockJob, parts: Sequence[int], workers: int = 1,
             pool.join()
         _WORKER.clear()
     return base_loss
+
+
+def read_oracle_blocks(storage: Storage, root_dir: str, block_keys: list[str],
+                       asset_name: str) -> tuple[list[pa.Table], str]:
+    """Every block of the current oracle labels under ``root_dir`` (tables, fingerprint); a missing block is an
+    error that names it, never a silently smaller training set."""
+    fingerprint = layout.current_oracle(storage, root_dir, asset_name)["fingerprint"]
+    tables, missing = [], []
+    for key in block_keys:
+        marker = f"{root_dir}/{fingerprint}/{key}/_SUCCESS.json"
+        if not storage.exists(marker):
+            missing.append(key)
+            continue
+        tables += [storage.read_parquet(p) for p in storage.read_json(marker)["parts"]]
+    if missing:
+        raise layout.MissingArtifactError(
+            f"{asset_name} blocks {', '.join(missing)} are not materialized for the current inputs (fingerprint "
+            f"{fingerprint}); materialize them before training on the labels")
+    return tables, fingerprint

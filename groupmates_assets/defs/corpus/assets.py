@@ -5,17 +5,14 @@ import time
 import dagster as dg
 import numpy as np
 
-from groupmates_assets.defs.common import PermanentFailure, fingerprint
+from groupmates_assets.defs.common import PermanentFailure
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import SELECTION_METHODS, selection_methods
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.defs.selection.assets import CORPUS_DIR, filtered_shards, require_files, selected_corpus
-from groupmates_assets.defs.tokenize.assets import context_len
+from groupmates_assets.defs.shared import context_len
 from groupmates_assets.lib import corpus as corpus_lib
-from groupmates_assets.lib import lm
+from groupmates_assets.lib import layout, lm
 from groupmates_assets.lib import tokenization as tk
-
-TOKENIZED_CORPUS_DIR = "tokenized_corpus"
 
 
 def token_budget(platform: PlatformResource) -> int:
@@ -39,7 +36,7 @@ def token_budget(platform: PlatformResource) -> int:
     group_name="corpus",
     code_version="tokenized-corpus-v2",
     retry_policy=STEP_RETRY,
-    deps=[dg.AssetDep(selected_corpus, partition_mapping=dg.AllPartitionMapping())],
+    deps=[dg.AssetDep("selected_corpus", partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy", "parquet"},
     check_specs=[dg.AssetCheckSpec(
         "every_document_every_pass", asset="tokenized_corpus", blocking=True,
@@ -55,12 +52,12 @@ def tokenized_corpus(context: dg.AssetExecutionContext, platform: PlatformResour
     method = context.partition_key
     if method not in SELECTION_METHODS:
         raise ValueError(f"unknown selection method {method!r}; known: {', '.join(SELECTION_METHODS)}")
-    keys = filtered_shards(storage)
-    require_files(storage, {k: f"{CORPUS_DIR}/_stats/{k}.json" for k in keys}, "selected_corpus")
+    keys = layout.filtered_shards(storage)
+    layout.require_files(storage, {k: f"{layout.SELECTED_CORPUS_DIR}/_stats/{k}.json" for k in keys}, "selected_corpus")
     doc_ids, texts, shard_hashes = [], [], {}
     for key in keys:
-        path = f"{CORPUS_DIR}/{method}/{key}.jsonl.zst"
-        shard_hashes[key] = storage.read_json(f"{CORPUS_DIR}/_stats/{key}.json")["sha256"][method]
+        path = f"{layout.SELECTED_CORPUS_DIR}/{method}/{key}.jsonl.zst"
+        shard_hashes[key] = storage.read_json(f"{layout.SELECTED_CORPUS_DIR}/_stats/{key}.json")["sha256"][method]
         for doc_id, text in corpus_lib.read_selected_shard(storage.read_bytes(path), storage.url(path)):
             doc_ids.append(doc_id)
             texts.append(text)
@@ -78,9 +75,10 @@ def tokenized_corpus(context: dg.AssetExecutionContext, platform: PlatformResour
     orders = np.stack([usable[corpus_lib.training_order(
         len(usable), passes, tk.derive_seed(settings.corpus.seed + run, method), budget_contexts)]
         for run in range(seeds)])
-    corpus_fp = fingerprint(method=method, shards=shard_hashes, tokenizer=tk.tokenizer_fingerprint(tokenizer),
-                            context_len=packed.context_len, budget=budget, seed=settings.corpus.seed, seeds=seeds)
-    out = f"{TOKENIZED_CORPUS_DIR}/{method}/{corpus_fp}"
+    corpus_fp = layout.fingerprint(method=method, shards=shard_hashes, tokenizer=tk.tokenizer_fingerprint(tokenizer),
+                                   context_len=packed.context_len, budget=budget, seed=settings.corpus.seed,
+                                   seeds=seeds)
+    out = f"{layout.corpus_dir(method)}/{corpus_fp}"
     contexts = storage.write_numpy(f"{out}/contexts.npy", packed.tokens)
     lineage = packed.lineage_table()
     storage.write_parquet(f"{out}/lineage.parquet", lineage)
@@ -97,7 +95,7 @@ def tokenized_corpus(context: dg.AssetExecutionContext, platform: PlatformResour
                 "token_budget": budget, "passes": passes, "training_contexts": orders.shape[1], "seeds": seeds,
                 "shards": shard_hashes, "contexts_sha256": contexts.sha256, "orders_sha256": order_info.sha256}
     storage.write_json(f"{out}/manifest.json", manifest)
-    storage.write_json(f"{TOKENIZED_CORPUS_DIR}/{method}/current.json", {"fingerprint": corpus_fp, "path": out})
+    layout.write_pointer(storage, layout.corpus_dir(method), {"fingerprint": corpus_fp, "path": out})
     context.log.info(f"{method}: {len(doc_ids):,} documents -> {packed.total_tokens:,} tokens -> {packed.n_contexts:,} "
                      f"contexts; {passes} pass(es), {orders.shape[1]:,} contexts for a budget of {budget:,} tokens, "
                      f"{seeds} seed(s)")

@@ -11,20 +11,18 @@ import numpy as np
 import torch
 import zstandard
 
-from groupmates_assets.defs.common import PermanentFailure, fingerprint, finite
+from groupmates_assets.defs.common import finite, missing_is_permanent
 from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.partitions import selection_methods
-from groupmates_assets.defs.pretrain.assets import PRETRAIN_DIR, pretrain_checkpoints
-from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
+from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import evaluation as ev
-from groupmates_assets.lib import lm
+from groupmates_assets.lib import layout, lm
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.pretraining import load_weights_from
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import EvalProfile
 
-EVALUATION_DIR = "evaluation"
-DEFAULT_HELDOUT = f"{EMBEDDED_POOL_DIR}/positives/wikipedia-summaries-hq.jsonl.zst"
+DEFAULT_HELDOUT = layout.EMBEDDED_POSITIVES  # never in the pool, so in no selection
 
 
 def heldout_texts(storage: Storage, settings: EvalProfile) -> tuple[list[str], str | None]:
@@ -75,7 +73,7 @@ def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalPr
     partitions_def=selection_methods,
     group_name="evaluation",
     code_version="evaluation-v2",
-    deps=[pretrain_checkpoints],
+    deps=["pretrain_checkpoints"],
     kinds={"pytorch"},
     description="Every checkpoint of every seed trained on one method's corpus (or only the last, with "
     "evaluation.every_checkpoint off), zero-shot on offline multiple-choice tasks (rank classification by "
@@ -89,22 +87,20 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     storage, settings = platform.storage(), platform.settings()
     method, eval_settings = context.partition_key, settings.evaluation
     torch.set_num_threads(settings.lm.torch_threads)
-    current_path = f"{PRETRAIN_DIR}/{method}/current.json"
-    if not storage.exists(current_path):
-        raise PermanentFailure(f"no pretrained checkpoint for {method}; materialize pretrain_checkpoints first")
-    current = storage.read_json(current_path)
+    with missing_is_permanent():
+        current = layout.current_pretrain(storage, method)
     device = lm.default_device()
     tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
     texts, heldout = heldout_texts(storage, eval_settings)
-    eval_fp = fingerprint(settings=dataclasses.asdict(eval_settings), heldout=heldout,
+    eval_fp = layout.fingerprint(settings=dataclasses.asdict(eval_settings), heldout=heldout,
                           heldout_sha=storage.info(heldout).sha256 if heldout else None)
     started, runs, evaluated = time.perf_counter(), [], 0
     for run in current["runs"]:
         steps = run["checkpoints"] if eval_settings.every_checkpoint else run["checkpoints"][-1:]
         points = []
         for step in steps:
-            cached = f"{EVALUATION_DIR}/{method}/{eval_fp}/{run['path'].rsplit('/', 2)[-2]}/seed-{run['seed']}/" \
-                     f"step-{step:06d}.json"
+            cached = f"{layout.EVALUATION_DIR}/{method}/{eval_fp}/{run['path'].rsplit('/', 2)[-2]}/" \
+                     f"seed-{run['seed']}/step-{step:06d}.json"
             if not storage.exists(cached):
                 point = evaluate_checkpoint(storage, f"{run['path']}/step-{step:06d}", eval_settings, tokenizer, texts,
                                             device)
@@ -126,7 +122,7 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
               "runs": [{"seed": r["seed"], "points": [{k: p[k] for k in ("step", "tokens_seen", "core_centered",
                                                                           "bits_per_byte", "heldout_loss")}
                                                       for p in r["points"]]} for r in runs]}
-    info = storage.write_json(f"{EVALUATION_DIR}/{method}.json", finite(report))
+    info = storage.write_json(f"{layout.EVALUATION_DIR}/{method}.json", finite(report))
     final = report["final"]
     context.log.info(f"{method}: core centered accuracy {final['core_centered']['mean']:.4f} "
                      f"(± {final['core_centered']['std']:.4f} over {len(runs)} seed(s))")

@@ -1,11 +1,9 @@
 """Influence stage: the relational influence model (initial and final), bootstrap trajectories and their oracle
 labels, the MATES individual-influence model, and a side-by-side report of the three on held-out trajectories."""
 
-import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 
 import dagster as dg
@@ -13,31 +11,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from groupmates_assets.defs.common import fingerprint, finite
+from groupmates_assets.defs.common import finite
 from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
-from groupmates_assets.defs.oracle.assets import (
-    ORACLE_RANDOM_DIR,
-    PROBE_POOL_DIR,
-    block_number,
-    collect_oracle_block,
-    oracle_random,
-    probe_pool,
-    read_oracle_blocks,
-)
-from groupmates_assets.defs.partitions import oracle_block_keys, oracle_bootstrap_blocks
+from groupmates_assets.defs.partitions import block_number, oracle_block_keys, oracle_bootstrap_blocks
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import lm, plots
+from groupmates_assets.defs.shared import collect_oracle_block
+from groupmates_assets.lib import layout, lm, plots
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.influence import bootstrap as boot
 from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
 from groupmates_assets.lib.influence import training as tr
+from groupmates_assets.lib.oracle import read_oracle_blocks
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import METHOD, InfluenceProfile, Profile
 
-MODELS_DIR = "influence/models"
-BOOTSTRAP_DIR = "influence/bootstrap"
-ORACLE_BOOTSTRAP_DIR = "oracle/bootstrap"
 TAILS = {"beneficial": 1, "harmful": -1}  # beam-search order: +1 minimises the predicted loss change
 
 
@@ -48,12 +36,12 @@ def probe_documents(storage: Storage, settings: Profile) -> tuple[enc.ChunkedDoc
     """The probe-pool contexts as encoder inputs: GPT-NeoX tokens decoded to text (special tokens dropped, as the
     reference does), re-tokenized with the encoder's tokenizer and cut into chunks. Returns (docs, encoder, sha)."""
     influence = settings.influence
-    tokens = storage.read_numpy(f"{PROBE_POOL_DIR}/contexts.npy")
+    tokens = storage.read_numpy(f"{layout.PROBE_POOL_DIR}/contexts.npy")
     neox = tk.load_tokenizer(settings.tokenize.tokenizer)
     texts = neox.decode_batch([row.tolist() for row in tokens], skip_special_tokens=True)
     source = enc.resolve_encoder(influence.encoder)
     docs = enc.chunk_documents(enc.load_encoder_tokenizer(source), texts, influence.chunk_len, influence.chunks)
-    return docs, source, storage.info(f"{PROBE_POOL_DIR}/contexts.npy").sha256
+    return docs, source, storage.info(f"{layout.PROBE_POOL_DIR}/contexts.npy").sha256
 
 
 def model_config(influence: InfluenceProfile, source: enc.EncoderSource, relational: bool) -> im.InfluenceModelConfig:
@@ -68,25 +56,6 @@ def train_settings(influence: InfluenceProfile) -> tr.TrainSettings:
                             epochs=influence.epochs, trajectories_per_step=influence.trajectories_per_step,
                             evals_per_epoch=influence.evals_per_epoch, seed=influence.seed,
                             max_tokens=influence.max_tokens)
-
-
-@contextlib.contextmanager
-def local_model_dir(storage: Storage, relative_dir: str) -> Iterator[str]:
-    """A local directory holding a saved influence model (works for any storage root)."""
-    with storage.local_dir(relative_dir, im.MODEL_FILES) as local:
-        yield local
-
-
-def current_model(storage: Storage, kind: str) -> dict:
-    path = f"{MODELS_DIR}/{kind}/current.json"
-    if not storage.exists(path):
-        raise FileNotFoundError(f"no {kind} influence model under {storage.url(MODELS_DIR)}; materialize "
-                                f"{ASSET_OF_KIND[kind]} first")
-    return storage.read_json(path)
-
-
-ASSET_OF_KIND = {"init": "influence_model_init", "final": "influence_model_final",
-                 "individual": "individual_influence_model"}
 
 
 def _curve_markdown(history: list[dict], title: str) -> str:
@@ -118,15 +87,15 @@ def train_influence_asset(context: dg.AssetExecutionContext, platform: PlatformR
                          f"holds {len(docs)} contexts; rematerialize the oracle for the current probe pool")
     train_rows, val_rows = tr.split_by_group(data, influence.val_fraction, influence.seed)
     config = model_config(influence, source, relational)
-    model_fp = fingerprint(kind=kind, oracle=oracle_fingerprints, pool=pool_sha, config=asdict(config),
-                           train=asdict(train_settings(influence)), val_fraction=influence.val_fraction)
+    model_fp = layout.fingerprint(kind=kind, oracle=oracle_fingerprints, pool=pool_sha, config=asdict(config),
+                                  train=asdict(train_settings(influence)), val_fraction=influence.val_fraction)
     device = str(lm.default_device())
     context.log.info(f"{kind}: {len(train_rows)} training and {len(val_rows)} validation trajectories "
                      f"({', '.join(sorted(set(data.policy)))}); encoder {source.name} on {device}")
     model = im.build_model(source, config, seed=influence.seed).to(device)
     result = tr.train_model(model, docs, data, train_rows, val_rows, train_settings(influence),
                             log=lambda line: context.log.info(f"{kind}: {line}"))
-    out = f"{MODELS_DIR}/{kind}/{model_fp}"
+    out = f"{layout.model_dir(kind)}/{model_fp}"
     with tempfile.TemporaryDirectory(prefix="groupmates-influence-") as tmp:
         local = os.path.join(tmp, "model")
         model.config.extra = finite({"best_step": result.best_step, "best_metrics": result.best_metrics,
@@ -135,7 +104,7 @@ def train_influence_asset(context: dg.AssetExecutionContext, platform: PlatformR
         hashes = {name: info.sha256 for name, info in storage.put_dir(local, out, im.MODEL_FILES).items()}
     alpha, tau = model.alpha_tau()
     split = {"train_trajectories": len(train_rows), "val_trajectories": len(val_rows)}
-    storage.write_json(f"{MODELS_DIR}/{kind}/current.json", finite({
+    layout.write_pointer(storage, layout.model_dir(kind), finite({
         "fingerprint": model_fp, "path": out, "alpha": alpha, "tau": tau, "best_metrics": result.best_metrics,
         "oracle": oracle_fingerprints, **split}))
     best = result.best_metrics
@@ -172,7 +141,7 @@ def bootstrap_block_keys(platform: PlatformResource) -> list[str]:
 @dg.asset(
     group_name="influence",
     code_version="influence-model-v2",
-    deps=[dg.AssetDep(oracle_random, partition_mapping=dg.AllPartitionMapping()), probe_pool],
+    deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},
     description="The initial relational influence model, trained on the random-rollout oracle: encoder -> h, "
     "u = w.h + b, pred_t = alpha * u_t * mean_{i<t}(1 - <h_i,h_t>/tau); MSE on z-scored marginal labels, best "
@@ -182,14 +151,15 @@ def bootstrap_block_keys(platform: PlatformResource) -> list[str]:
 @on_leased_gpu
 def influence_model_init(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     return train_influence_asset(context, platform, "init", relational=True,
-                                 oracle_sources=[(ORACLE_RANDOM_DIR, random_block_keys(platform), "oracle_random")],
+                                 oracle_sources=[(layout.ORACLE_RANDOM_DIR, random_block_keys(platform),
+                                                  "oracle_random")],
                                  lineage={"policies": ["random"]})
 
 
 @dg.asset(
     group_name="influence",
     code_version="bootstrap-trajectories-v1",
-    deps=[influence_model_init, probe_pool],
+    deps=[influence_model_init, "probe_pool"],
     kinds={"pytorch", "parquet"},
     check_specs=[dg.AssetCheckSpec(
         "tails_separated", asset="bootstrap_trajectories", blocking=True,
@@ -205,10 +175,10 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
     storage, settings = platform.storage(), platform.settings(alone=True)
     influence = settings.influence
     torch.set_num_threads(influence.torch_threads)
-    init = current_model(storage, "init")
+    init = layout.current_model(storage, "init")
     docs, _, pool_sha = probe_documents(storage, settings)
     started = time.perf_counter()
-    with local_model_dir(storage, init["path"]) as local:
+    with im.local_model_dir(storage, init["path"]) as local:
         model = im.load_model(local, lm.default_device())
     h, u = im.embed_documents(model, docs, max_tokens=influence.max_tokens, log=context.log.info)
     embed_seconds = time.perf_counter() - started
@@ -218,7 +188,7 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
              for tail, order in TAILS.items()}
     report = boot.tail_report(h, u, alpha, tau, beams["beneficial"], beams["harmful"],
                               influence.tail_check_trajectories, influence.seed)
-    pool_ids = storage.read_parquet(f"{PROBE_POOL_DIR}/contexts.parquet").column("context_id").to_pylist()
+    pool_ids = storage.read_parquet(f"{layout.PROBE_POOL_DIR}/contexts.parquet").column("context_id").to_pylist()
     rows = [(tail, b) for tail in TAILS for b in range(keep)]
     table = pa.table({
         "row": np.arange(len(rows), dtype=np.int64),
@@ -228,11 +198,11 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
         "predicted_score": [float(beams[tail].scores[b]) for tail, b in rows],
         "predicted_marginal": [beams[tail].predictions[b].tolist() for tail, b in rows],
     })
-    boot_fp = fingerprint(model=init["fingerprint"], pool=pool_sha, width=influence.bootstrap_width, keep=keep,
-                          length=length)
-    info = storage.write_parquet(f"{BOOTSTRAP_DIR}/{boot_fp}/trajectories.parquet", table)
-    storage.write_json(f"{BOOTSTRAP_DIR}/current.json", {"fingerprint": boot_fp, "sha256": info.sha256,
-                                                         "path": f"{BOOTSTRAP_DIR}/{boot_fp}/trajectories.parquet",
+    boot_fp = layout.fingerprint(model=init["fingerprint"], pool=pool_sha, width=influence.bootstrap_width,
+                                 keep=keep, length=length)
+    path = f"{layout.BOOTSTRAP_DIR}/{boot_fp}/trajectories.parquet"
+    info = storage.write_parquet(path, table)
+    layout.write_pointer(storage, layout.BOOTSTRAP_DIR, {"fingerprint": boot_fp, "sha256": info.sha256, "path": path,
                                                          "model": init["fingerprint"]})
     passed = report["beneficial_below_p01"] and report["harmful_above_p99"] and report[
         "first_steps_differ_between_tails"]
@@ -277,9 +247,7 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
 )
 def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings()
-    if not storage.exists(f"{BOOTSTRAP_DIR}/current.json"):
-        raise FileNotFoundError("no bootstrap trajectories yet; materialize bootstrap_trajectories first")
-    current = storage.read_json(f"{BOOTSTRAP_DIR}/current.json")
+    current = layout.current_bootstrap(storage)
     table = storage.read_parquet(current["path"])
     blocks, block = settings.oracle.bootstrap_blocks, block_number(context.partition_key)
     per_block = -(-table.num_rows // blocks)
@@ -289,7 +257,7 @@ def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResour
         raise ValueError(f"{context.partition_key} has no bootstrap trajectories: {table.num_rows} trajectories "
                          f"over {blocks} blocks; lower oracle.bootstrap_blocks or raise influence.bootstrap_per_tail")
     return collect_oracle_block(
-        context, platform, root_dir=ORACLE_BOOTSTRAP_DIR, plan=plan,
+        context, platform, root_dir=layout.ORACLE_BOOTSTRAP_DIR, plan=plan,
         trajectory_ids=np.array(table.column("row").to_pylist()[rows], dtype=np.int64),
         policy=tuple(table.column("policy").to_pylist()[rows]),
         fingerprint_parts={"bootstrap_sha256": current["sha256"], "blocks": blocks, "policy": "bootstrap"},
@@ -299,8 +267,8 @@ def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResour
 @dg.asset(
     group_name="influence",
     code_version="influence-model-v2",
-    deps=[dg.AssetDep(oracle_random, partition_mapping=dg.AllPartitionMapping()),
-          dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), probe_pool],
+    deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},
     description="The final relational influence model: trained fresh from the encoder on the random and the "
     "bootstrap oracle; the model that scores the pool for selection.",
@@ -313,15 +281,15 @@ def influence_model_final(context: dg.AssetExecutionContext, platform: PlatformR
 
 
 def oracle_union(platform: PlatformResource) -> list[tuple[str, list[str], str]]:
-    return [(ORACLE_RANDOM_DIR, random_block_keys(platform), "oracle_random"),
-            (ORACLE_BOOTSTRAP_DIR, bootstrap_block_keys(platform), "oracle_bootstrap")]
+    return [(layout.ORACLE_RANDOM_DIR, random_block_keys(platform), "oracle_random"),
+            (layout.ORACLE_BOOTSTRAP_DIR, bootstrap_block_keys(platform), "oracle_bootstrap")]
 
 
 @dg.asset(
     group_name="influence",
     code_version="individual-model-v2",
-    deps=[dg.AssetDep(oracle_random, partition_mapping=dg.AllPartitionMapping()),
-          dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), probe_pool],
+    deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},
     description="MATES' individual-influence model: the same encoder and head without the relational term "
     "(pred_t = u_t), trained on the same oracle data as the final model; the baseline Group-MATES improves on.",
@@ -356,21 +324,21 @@ def influence_model_report(context: dg.AssetExecutionContext, platform: Platform
     docs, _, _ = probe_documents(storage, settings)
     rows, summary = [], {}
     for kind in ("init", "final", "individual"):
-        current = current_model(storage, kind)
-        with local_model_dir(storage, current["path"]) as local:
+        current = layout.current_model(storage, kind)
+        with im.local_model_dir(storage, current["path"]) as local:
             model = im.load_model(local, lm.default_device())
         on_random = tr.evaluate(model, docs, data, random_val, influence.max_tokens)
         on_all = tr.evaluate(model, docs, data, val_rows, influence.max_tokens)
         alpha, tau = model.alpha_tau()
         summary[kind] = {"random_val": on_random, "all_val": on_all, "alpha": alpha, "tau": tau}
-        rows.append(f"| {ASSET_OF_KIND[kind]} | {on_random.get('spearman', float('nan')):.4f} | "
+        rows.append(f"| {layout.ASSET_OF_KIND[kind]} | {on_random.get('spearman', float('nan')):.4f} | "
                     f"{on_random.get('pearson', float('nan')):.4f} | {on_all.get('spearman', float('nan')):.4f} | "
                     f"{on_all.get('mse', float('nan')):.4f} | {on_all.get('mse_constant', float('nan')):.4f} | "
                     f"{alpha:.3f} | {tau:.3f} |")
     table = ("| model | Spearman (random held-out) | Pearson (random held-out) | Spearman (all held-out) | "
              "MSE (all held-out, z) | constant MSE | alpha | tau |\n|---|---|---|---|---|---|---|---|\n"
              + "\n".join(rows))
-    storage.write_json("influence/report.json", finite(summary))
+    storage.write_json(layout.INFLUENCE_REPORT, finite(summary))
     context.log.info("influence models on held-out trajectories:\n" + table)
     return dg.MaterializeResult(metadata={
         "comparison": dg.MetadataValue.md(table),

@@ -1,9 +1,7 @@
 """LM stage: the proxy LM pretrained on the filtered pool up to the probe checkpoint (model + optimizer)."""
 
-import contextlib
 import tempfile
 import time
-from collections.abc import Iterator
 
 import dagster as dg
 import torch
@@ -11,24 +9,14 @@ import torch
 from groupmates_assets.defs.common import PermanentFailure
 from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.defs.tokenize.assets import tokenized_pool, tokenized_pool_shard
-from groupmates_assets.lib import lm, plots
-from groupmates_assets.lib.storage import Storage
-from groupmates_assets.settings import LMProfile
-
-CHECKPOINT_DIR = "lm/probe_checkpoint"
-CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json")
-
-
-def optim_config(profile: LMProfile) -> lm.OptimConfig:
-    return lm.OptimConfig(lr=profile.lr, weight_decay=profile.weight_decay, warmup_steps=profile.warmup_steps,
-                          total_steps=profile.total_steps, final_lr=profile.final_lr)
+from groupmates_assets.defs.shared import optim_config, tokenized_pool
+from groupmates_assets.lib import layout, lm, plots
 
 
 @dg.asset(
     group_name="lm",
     code_version="probe-checkpoint-v1",
-    deps=[dg.AssetDep(tokenized_pool_shard, partition_mapping=dg.AllPartitionMapping())],
+    deps=[dg.AssetDep("tokenized_pool_shard", partition_mapping=dg.AllPartitionMapping())],
     kinds={"pytorch", "safetensors"},
     description="The proxy LM (open_lm-shaped Llama) pretrained on the tokenized pool for a share of its "
     "token budget; model weights (safetensors), AdamW state, step and learning rate: the state every oracle "
@@ -65,8 +53,8 @@ def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResour
              "tokenized_shards": [m["shard_key"] for m in manifests], "final_loss": curve[-1]["loss"]}
     with tempfile.TemporaryDirectory(prefix="groupmates-ckpt-") as tmp:
         lm.save_checkpoint(tmp, model, optimizer, shape, cfg, steps, extra)
-        storage.remove(f"{CHECKPOINT_DIR}/trainer_state.json")  # completion marker goes last
-        infos = storage.put_dir(tmp, CHECKPOINT_DIR, CHECKPOINT_FILES)
+        storage.remove(f"{layout.PROBE_CHECKPOINT_DIR}/trainer_state.json")  # completion marker goes last
+        infos = storage.put_dir(tmp, layout.PROBE_CHECKPOINT_DIR, layout.PROBE_CHECKPOINT_FILES)
     version = infos["model.safetensors"].sha256[:12]
     png = plots.line_png([r["step"] for r in curve], [r["loss"] for r in curve], f"{shape.name}: training loss",
                          "step", "loss (CE + z-loss)")
@@ -79,18 +67,8 @@ def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResour
             "shape": dg.MetadataValue.json(shape.to_dict()), "optimizer": dg.MetadataValue.json(cfg.to_dict()),
             "tokens_per_second": round(tokens_seen / seconds, 1), "device": str(device),
             "loss_curve": dg.MetadataValue.md(plots.png_markdown(png, "loss curve")),
-            "path": dg.MetadataValue.path(storage.url(CHECKPOINT_DIR)),
+            "path": dg.MetadataValue.path(storage.url(layout.PROBE_CHECKPOINT_DIR)),
             "model_sha256": infos["model.safetensors"].sha256,
         },
         data_version=dg.DataVersion(version),
     )
-
-
-@contextlib.contextmanager
-def local_probe_checkpoint(storage: Storage) -> Iterator[tuple[str, str]]:
-    """(local directory, model sha256) of the stored probe checkpoint; downloaded first from an object store."""
-    if not storage.exists(f"{CHECKPOINT_DIR}/trainer_state.json"):
-        raise PermanentFailure("no probe checkpoint: materialize probe_checkpoint first")
-    sha = storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256
-    with storage.local_dir(CHECKPOINT_DIR, CHECKPOINT_FILES) as local:
-        yield local, sha

@@ -3,19 +3,17 @@
 
 import os
 import tempfile
-from collections.abc import Iterable
 
 import dagster as dg
 
 from groupmates_assets.defs.common import PartitionResult, PermanentFailure, materialize_partitions, shard_batches
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
-from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
+from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.lib import layout
 from groupmates_assets.lib import shards as shard_io
 from groupmates_assets.lib.embedded_pool import build_embedded_pool
-from groupmates_assets.lib.storage import Storage, sha256_stream
-
-SHARD_MANIFEST = "pool/shards/{key}/manifest.json"
+from groupmates_assets.lib.storage import sha256_stream
 
 
 class EmbeddedPoolConfig(dg.Config):
@@ -38,27 +36,27 @@ def embedded_pool(
     num_shards = config.num_shards or profile.pool.embedded_shards
     fraction = config.positives_fraction or profile.pool.embedded_positives_fraction
     if storage.is_local:
-        result = build_embedded_pool(storage.path(EMBEDDED_POOL_DIR), num_shards=num_shards,
+        result = build_embedded_pool(storage.path(layout.EMBEDDED_POOL_DIR), num_shards=num_shards,
                                      positives_fraction=fraction, progress=context.log.info)
-        provenance = storage.read_json(f"{EMBEDDED_POOL_DIR}/provenance.json")
+        provenance = storage.read_json(layout.EMBEDDED_PROVENANCE)
     else:  # build locally, then upload file by file
         with tempfile.TemporaryDirectory(prefix="groupmates-pool-") as tmp:
             result = build_embedded_pool(tmp, num_shards=num_shards, positives_fraction=fraction,
                                          progress=context.log.info)
             for path in [*result.shard_paths, result.positives_path, result.provenance_path]:
-                storage.put_file(path, f"{EMBEDDED_POOL_DIR}/{os.path.relpath(path, tmp)}")
-            provenance = storage.read_json(f"{EMBEDDED_POOL_DIR}/provenance.json")
+                storage.put_file(path, f"{layout.EMBEDDED_POOL_DIR}/{os.path.relpath(path, tmp)}")
+            provenance = storage.read_json(layout.EMBEDDED_PROVENANCE)
     by_source = "\n".join(
         ["| source | documents |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in sorted(result.by_source.items())]
     )
-    provenance_info = storage.info(f"{EMBEDDED_POOL_DIR}/provenance.json")
+    provenance_info = storage.info(layout.EMBEDDED_PROVENANCE)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.documents,
             "shards": len(result.shard_paths),
             "positives": result.positives,
             "documents_by_source": dg.MetadataValue.md(by_source),
-            "path": dg.MetadataValue.path(storage.url(f"{EMBEDDED_POOL_DIR}/shards")),
+            "path": dg.MetadataValue.path(storage.url(layout.EMBEDDED_SHARDS_DIR)),
             "provenance": dg.MetadataValue.json(provenance),
         },
         data_version=dg.DataVersion(provenance_info.sha256[:16]),
@@ -103,34 +101,9 @@ def register_shard(platform: PlatformResource, key: str) -> PartitionResult:
     source = platform.pool_url(shard.path)  # s3://... on S3: what the manifest, filter stats and rejects show
     manifest = {"key": shard.key, "path": source, "relative_path": shard.relative_path,
                 "format": shard.format, "bytes": size, "sha256": digest}
-    info = platform.storage().write_json(SHARD_MANIFEST.format(key=shard.key), manifest)
+    info = platform.storage().write_json(layout.SHARD_MANIFEST.format(key=shard.key), manifest)
     return PartitionResult(
         metadata={"source_path": dg.MetadataValue.path(source), "format": shard.format, "bytes": size,
                   "sha256": digest, "manifest": dg.MetadataValue.path(info.path)},
         data_version=digest[:16],
     )
-
-
-def registered_shard(storage: Storage, key: str) -> shard_io.ShardFile | None:
-    """The shard file as ``pool_shard`` registered it, or None when that partition was never materialized."""
-    manifest_path = SHARD_MANIFEST.format(key=shard_io.validate_shard_key(key))
-    if not storage.exists(manifest_path):
-        return None
-    m = storage.read_json(manifest_path)
-    return shard_io.ShardFile(m["key"], m["path"], m["relative_path"], m["format"], m["bytes"])
-
-
-def registered_shards(storage: Storage, keys: Iterable[str]) -> list[shard_io.ShardFile]:
-    """Shards among ``keys`` whose ``pool_shard`` partition has been materialized, in key order. The keys are
-    given (see :func:`current_shard_keys`), not listed from storage: storage keeps the manifests of shards of
-    any pool this instance saw before."""
-    shards = (registered_shard(storage, key) for key in sorted(keys))
-    return [shard for shard in shards if shard is not None]
-
-
-def current_shard_keys(instance: dg.DagsterInstance, platform: PlatformResource) -> list[str]:
-    """Partitions of ``pool_shards`` whose shard file is in the pool directory now, sorted: the pool is what the
-    folder holds (a partition whose file vanished is deleted by the sensor's next tick, and not read before)."""
-    fs, root = platform.pool_location()
-    present = {shard.key for shard in shard_io.discover_shards(fs, root)[0]}
-    return sorted(key for key in instance.get_dynamic_partitions(pool_shards.name) if key in present)

@@ -9,8 +9,8 @@ import dagster as dg
 
 from groupmates_assets.defs.jobs import filter_pool_job, filter_shards_job
 from groupmates_assets.defs.partitions import pool_shards
-from groupmates_assets.defs.quality.assets import CURRENT_CLASSIFIER
 from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.lib import layout
 from groupmates_assets.lib import shards as shard_io
 
 MAX_RUNS_PER_TICK = 200  # filter runs requested per tick
@@ -69,8 +69,7 @@ def current_classifier_version(platform: PlatformResource) -> str | None:
     materialization: the pointer is what ``filtered_pool_shard`` reads and records as ``classifier_version``, so
     comparing against it converges (a filtered shard is done exactly when the filter would write the same), even
     when the store and the instance disagree (a store copied in, or reset)."""
-    storage = platform.storage()
-    return storage.read_json(CURRENT_CLASSIFIER)["version"] if storage.exists(CURRENT_CLASSIFIER) else None
+    return layout.current_classifier_version(platform.storage())
 
 
 def filtered_versions(instance: dg.DagsterInstance) -> dict[str, str | None]:

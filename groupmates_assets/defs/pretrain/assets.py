@@ -15,25 +15,22 @@ import dagster as dg
 import numpy as np
 import torch
 
-from groupmates_assets.defs.common import PermanentFailure, fingerprint
-from groupmates_assets.defs.corpus.assets import TOKENIZED_CORPUS_DIR, tokenized_corpus
+from groupmates_assets.defs.common import PermanentFailure
 from groupmates_assets.defs.deployment import gpu_asset_args, leased_gpus, pretrain_gpus
-from groupmates_assets.defs.lm.assets import CHECKPOINT_DIR, optim_config, probe_checkpoint
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import lm, plots
+from groupmates_assets.defs.shared import optim_config
+from groupmates_assets.lib import layout, lm, plots
 from groupmates_assets.lib import pretraining as pt
 from groupmates_assets.lib.device_lease import visible_devices
 from groupmates_assets.lib.storage import Storage
-
-PRETRAIN_DIR = "pretrain"
 
 
 def run_specs(platform: PlatformResource, method: str) -> tuple[str, list[pt.RunSpec]]:
     """(fingerprint, one spec per seed) of ``method``'s runs under the active profile."""
     storage, settings = platform.storage(), platform.settings()
     profile, stages = settings.lm, settings.pretrain.stages
-    current = storage.read_json(f"{TOKENIZED_CORPUS_DIR}/{method}/current.json")
+    current = layout.current_corpus(storage, method)
     orders_path = f"{current['path']}/orders.npy"
     orders = storage.read_numpy(orders_path)
     if orders.shape[0] < settings.pretrain.seeds:
@@ -44,17 +41,18 @@ def run_specs(platform: PlatformResource, method: str) -> tuple[str, list[pt.Run
     cfg = lm.OptimConfig(**{**optim_config(profile).to_dict(), "total_steps": start + steps})
     probe_sha = None
     if stages == 2:
-        if not storage.exists(f"{CHECKPOINT_DIR}/trainer_state.json"):
+        if not storage.exists(f"{layout.PROBE_CHECKPOINT_DIR}/trainer_state.json"):
             raise PermanentFailure("S = 2 continues the probe checkpoint's run: materialize probe_checkpoint first")
-        probe_sha = storage.info(f"{CHECKPOINT_DIR}/model.safetensors").sha256
+        probe_sha = storage.info(f"{layout.PROBE_CHECKPOINT_DIR}/model.safetensors").sha256
     shape = lm.get_shape(profile.shape)
-    run_fp = fingerprint(corpus=current["fingerprint"], stages=stages, probe=probe_sha, shape=shape.to_dict(),
-                         optim=cfg.to_dict(), batch_size=profile.batch_size, seed=profile.seed)
+    run_fp = layout.fingerprint(corpus=current["fingerprint"], stages=stages, probe=probe_sha, shape=shape.to_dict(),
+                                optim=cfg.to_dict(), batch_size=profile.batch_size, seed=profile.seed)
     specs = [pt.RunSpec(
-        run_dir=f"{PRETRAIN_DIR}/{method}/{run_fp}/seed-{seed}", contexts_path=f"{current['path']}/contexts.npy",
+        run_dir=f"{layout.pretrain_dir(method)}/{run_fp}/seed-{seed}", contexts_path=f"{current['path']}/contexts.npy",
         orders_path=orders_path, seed_index=seed, shape=shape.to_dict(), optim=cfg.to_dict(),
-        batch_size=profile.batch_size, start_step=start, init_checkpoint=CHECKPOINT_DIR if stages == 2 else None,
-        init_seed=profile.seed, checkpoint_every=settings.pretrain.checkpoint_every,
+        batch_size=profile.batch_size, start_step=start,
+        init_checkpoint=layout.PROBE_CHECKPOINT_DIR if stages == 2 else None, init_seed=profile.seed,
+        checkpoint_every=settings.pretrain.checkpoint_every,
         extra={"method": method, "corpus": current, "stages": stages, "probe_model_sha256": probe_sha},
     ) for seed in range(settings.pretrain.seeds)]
     return run_fp, specs
@@ -116,7 +114,7 @@ def _curves_png(storage: Storage, specs: list[pt.RunSpec], method: str) -> bytes
     partitions_def=selection_methods,
     group_name="pretrain",
     code_version="pretrain-v2",
-    deps=[tokenized_corpus, probe_checkpoint],
+    deps=["tokenized_corpus", "probe_checkpoint"],
     kinds={"pytorch", "safetensors"},
     description="The target LM trained on one method's tokenized corpus at the shared token budget, once per seed: "
     "with S = 2 the probe checkpoint's run continues on the selected data (stage 2), with S = 1 a run starts from "
@@ -140,7 +138,7 @@ def pretrain_checkpoints(context: dg.AssetExecutionContext, platform: PlatformRe
         runs.append({"seed": spec.seed_index, "path": spec.run_dir, "final": pt.checkpoint_dir(spec.run_dir, steps[-1]),
                      "checkpoints": steps, "final_loss": curve[-1]["loss"], "tokens_seen": curve[-1]["tokens_seen"]})
     spec = specs[0]
-    storage.write_json(f"{PRETRAIN_DIR}/{method}/current.json", {
+    layout.write_pointer(storage, layout.pretrain_dir(method), {
         "fingerprint": run_fp, "stages": settings.pretrain.stages, "start_step": spec.start_step,
         "total_steps": spec.total_steps, "batch_size": spec.batch_size, "runs": runs})
     final_losses = [r["final_loss"] for r in runs]
@@ -158,5 +156,5 @@ def pretrain_checkpoints(context: dg.AssetExecutionContext, platform: PlatformRe
         "device": str(lm.default_device()),
         "checkpoints": dg.MetadataValue.json({f"seed-{r['seed']}": r["checkpoints"] for r in runs}),
         "loss_curve": dg.MetadataValue.md(plots.png_markdown(_curves_png(storage, specs, method), "loss curves")),
-        "fingerprint": run_fp, "path": dg.MetadataValue.path(storage.url(f"{PRETRAIN_DIR}/{method}/{run_fp}")),
+        "fingerprint": run_fp, "path": dg.MetadataValue.path(storage.url(f"{layout.pretrain_dir(method)}/{run_fp}")),
     })

@@ -13,20 +13,15 @@ from groupmates_assets.defs.common import (
     PartitionResult,
     PermanentFailure,
     materialize_partitions,
+    missing_is_permanent,
     shard_batches,
     shard_keys,
 )
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
-from groupmates_assets.defs.pool.assets import (
-    current_shard_keys,
-    embedded_pool,
-    pool_shard,
-    registered_shard,
-    registered_shards,
-)
-from groupmates_assets.defs.resources import EMBEDDED_POOL_DIR, PlatformResource
-from groupmates_assets.lib import filtering, plots
+from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.defs.shared import current_shard_keys
+from groupmates_assets.lib import filtering, layout, plots
 from groupmates_assets.lib import shards as shard_io
 from groupmates_assets.lib.pool_sample import SampledDoc, sample_shards, spread
 from groupmates_assets.lib.quality import (
@@ -39,9 +34,6 @@ from groupmates_assets.lib.quality import (
 from groupmates_assets.lib.storage import Storage, sha256_stream
 from groupmates_assets.settings import QualityProfile, with_overrides
 
-CLASSIFIER_DIR = "quality/classifier"
-CURRENT_CLASSIFIER = f"{CLASSIFIER_DIR}/current.json"
-FILTERED_DIR = "filtered_pool/{key}"
 CALIBRATION_SAMPLE = 10_000  # pool documents scored to place a keep-fraction threshold for a supplied model
 
 
@@ -66,7 +58,7 @@ def _positives(storage: Storage, quality: QualityProfile, group_field: str | Non
         source = shard_io.ShardFile("positives", path, name, fmt, int(fs.size(path)))
     else:
         fs = storage.fs
-        rel = f"{EMBEDDED_POOL_DIR}/positives/wikipedia-summaries-hq.jsonl.zst"
+        rel = layout.EMBEDDED_POSITIVES
         if not storage.exists(rel):
             raise PermanentFailure(f"no positives at {storage.url(rel)}: materialize embedded_pool or set "
                                    "positives_path")
@@ -105,7 +97,7 @@ def _group_table(by_group: dict[str, dict[str, int]]) -> str:
     group_name="quality",
     code_version="quality-classifier-v1",
     retry_policy=STEP_RETRY,
-    deps=[embedded_pool, dg.AssetDep(pool_shard, partition_mapping=dg.AllPartitionMapping())],
+    deps=["embedded_pool", dg.AssetDep("pool_shard", partition_mapping=dg.AllPartitionMapping())],
     kinds={"fasttext"},
     description="DCLM-recipe fastText bigram classifier (high-quality positives vs negatives sampled from the "
     "pool) or a supplied .bin, with the keep threshold every shard is filtered with.",
@@ -116,7 +108,7 @@ def quality_classifier(
     storage = platform.storage()
     profile = with_overrides(platform.settings(), **config.model_dump())
     quality, group_field = profile.quality, profile.pool.group_field
-    shards = registered_shards(storage, current_shard_keys(context.instance, platform))
+    shards = layout.registered_shards(storage, current_shard_keys(context.instance, platform))
     if not shards:
         raise PermanentFailure("no registered pool shards: materialize pool_shard partitions first")
     fs, _ = platform.pool_location()
@@ -154,17 +146,17 @@ def quality_classifier(
         calibration = _calibrate(classifier, quality, calibration_docs)
         with open(model_file, "rb") as handle:
             version = sha256_stream(handle)[0][:12]
-        model_info = storage.put_file(model_file, f"{CLASSIFIER_DIR}/{version}/model.bin")
+        model_info = storage.put_file(model_file, f"{layout.CLASSIFIER_DIR}/{version}/model.bin")
     manifest = {
-        "version": version, "model": f"{CLASSIFIER_DIR}/{version}/model.bin", "model_sha256": model_info.sha256,
+        "version": version, "model": f"{layout.CLASSIFIER_DIR}/{version}/model.bin", "model_sha256": model_info.sha256,
         "hq_label": classifier.hq_label, **calibration, "training": recipe,
         "metrics": None if report is None else {
             k: v for k, v in report.__dict__.items() if not k.startswith("heldout_scores")},
         "negative_sample_shards": [s.key for s in sample_from],
         "unreadable_shards": unreadable,
     }
-    storage.write_json(f"{CLASSIFIER_DIR}/{version}/classifier.json", manifest)
-    storage.write_json(CURRENT_CLASSIFIER, manifest)  # what the filter reads; written last
+    storage.write_json(f"{layout.CLASSIFIER_DIR}/{version}/classifier.json", manifest)
+    layout.write_pointer(storage, layout.CLASSIFIER_DIR, manifest)  # what the filter reads; written last
     return dg.MaterializeResult(metadata=_classifier_metadata(manifest, report, model_info.path),
                                 data_version=dg.DataVersion(version))
 
@@ -230,7 +222,7 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
     group_name="quality",
     code_version=filtering.FILTER_VERSION,
     retry_policy=STEP_RETRY,
-    deps=[pool_shard, quality_classifier],
+    deps=["pool_shard", quality_classifier],
     kinds={"parquet"},
     check_specs=[dg.AssetCheckSpec(
         "counts_reconcile", asset="filtered_pool_shard", blocking=True,
@@ -242,16 +234,15 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
 )
 def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage = platform.storage()
-    unregistered = [key for key in shard_keys(context) if registered_shard(storage, key) is None]
+    unregistered = [key for key in shard_keys(context) if layout.registered_shard(storage, key) is None]
     if unregistered:
         raise PermanentFailure(f"pool shard {unregistered[0]!r} is not registered: materialize pool_shard for this "
                                "partition first")
-    if not storage.exists(CURRENT_CLASSIFIER):
-        raise PermanentFailure("no quality classifier yet: materialize quality_classifier first")
-    current = storage.read_json(CURRENT_CLASSIFIER)
+    with missing_is_permanent():
+        current = layout.current_classifier(storage)
     if not storage.exists(current["model"]):
         raise PermanentFailure(f"quality model {storage.url(current['model'])} named by "
-                               f"{storage.url(CURRENT_CLASSIFIER)} is missing: rematerialize quality_classifier")
+                               f"{storage.url(layout.CURRENT_CLASSIFIER)} is missing: rematerialize quality_classifier")
     with storage.local_copy(current["model"]) as model_path:
         classifier = QualityClassifier(model_path, current["hq_label"])
     return materialize_partitions(context, lambda key: filter_one_shard(context, platform, classifier, current, key),
@@ -262,10 +253,10 @@ def filter_one_shard(context: dg.AssetExecutionContext, platform: PlatformResour
                      current: dict, key: str) -> PartitionResult:
     """Score one shard, write kept/dropped/rejected, and recount the source independently for the check."""
     storage = platform.storage()
-    shard = registered_shard(storage, key)
+    shard = layout.registered_shard(storage, key)
     assert shard is not None  # checked for every partition of the run before the classifier was loaded
     fs, _ = platform.pool_location()
-    out_dir = FILTERED_DIR.format(key=key)
+    out_dir = layout.FILTERED_DIR.format(key=key)
     profile = platform.settings()
     context.log.info(f"filtering {shard.path} ({shard.size / 1e6:.1f} MB) with classifier {current['version']}, "
                      f"threshold {current['threshold']:.6g}")
@@ -331,14 +322,14 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
 def filtered_pool_summary(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage = platform.storage()
     shard_stats, pool = [], set(context.instance.get_dynamic_partitions(pool_shards.name))
-    filtered = [key for key in storage.list("filtered_pool") if not key.startswith("_")]
+    filtered = [key for key in storage.list(layout.FILTERED_POOL_DIR) if not key.startswith("_")]
     gone = [key for key in filtered if key not in pool]
     if gone:  # filtered before their file left the pool (or from a pool this instance saw before)
         context.log.warning(f"{len(gone)} filtered shards are no longer in the pool; left out: {_names(gone)}")
     for key in filtered:
         if key not in pool:
             continue
-        stats_path = f"{FILTERED_DIR.format(key=key)}/{filtering.STATS_FILE}"
+        stats_path = f"{layout.FILTERED_DIR.format(key=key)}/{filtering.STATS_FILE}"
         if storage.exists(stats_path):
             shard_stats.append(storage.read_json(stats_path))
         else:
@@ -360,7 +351,7 @@ def filtered_pool_summary(context: dg.AssetExecutionContext, platform: PlatformR
         "shards": [{"key": s["shard_key"], "kept": s["kept"], **s["files"]["kept"]} for s in shard_stats],
         "classifier_versions": versions, **totals,
     }
-    info = storage.write_json("filtered_pool/_manifest.json", manifest)
+    info = storage.write_json(layout.FILTERED_MANIFEST, manifest)
     threshold = shard_stats[0]["threshold"]
     png = plots.histogram_png(edges, counts, "filtered pool: quality scores", "P(high quality)", threshold)
     passed = not unbalanced and len(versions) == 1

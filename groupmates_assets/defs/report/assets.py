@@ -10,16 +10,11 @@ from typing import Any
 import dagster as dg
 
 from groupmates_assets.defs.common import PermanentFailure
-from groupmates_assets.defs.corpus.assets import TOKENIZED_CORPUS_DIR
 from groupmates_assets.defs.deployment import STEP_RETRY
-from groupmates_assets.defs.evaluation.assets import EVALUATION_DIR, evaluation
 from groupmates_assets.defs.partitions import SELECTION_METHODS
-from groupmates_assets.defs.pretrain.assets import PRETRAIN_DIR, pretrain_checkpoints
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import plots
+from groupmates_assets.lib import layout, plots
 from groupmates_assets.lib import report as rp
-
-REPORT_DIR = "report"
 
 # Stages whose wall time is the cost of selecting data (the paper's cost table), by component.
 OVERHEAD_STAGES: dict[str, tuple[str, ...]] = {
@@ -83,8 +78,8 @@ def step_seconds_partition(instance: dg.DagsterInstance, asset: str, partition: 
     group_name="report",
     code_version="selection-report-v1",
     retry_policy=STEP_RETRY,
-    deps=[dg.AssetDep(evaluation, partition_mapping=dg.AllPartitionMapping()),
-          dg.AssetDep(pretrain_checkpoints, partition_mapping=dg.AllPartitionMapping())],
+    deps=[dg.AssetDep("evaluation", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep("pretrain_checkpoints", partition_mapping=dg.AllPartitionMapping())],
     kinds={"markdown"},
     description="Group-MATES against random, MATES and fastText-only selection at equal tokens: the evaluation "
     "table (mean and spread over seeds), per-task scores, loss and score-vs-tokens curves, the tokens each "
@@ -93,15 +88,15 @@ def step_seconds_partition(instance: dg.DagsterInstance, asset: str, partition: 
 )
 def selection_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings()
-    missing = [m for m in SELECTION_METHODS if not storage.exists(f"{EVALUATION_DIR}/{m}.json")]
+    missing = [m for m in SELECTION_METHODS if not storage.exists(f"{layout.EVALUATION_DIR}/{m}.json")]
     if missing:
         raise PermanentFailure(f"no evaluation for {', '.join(missing)}: materialize evaluation for every method first")
-    evaluations = {m: storage.read_json(f"{EVALUATION_DIR}/{m}.json") for m in SELECTION_METHODS}
+    evaluations = {m: storage.read_json(f"{layout.EVALUATION_DIR}/{m}.json") for m in SELECTION_METHODS}
     curves = {m: [storage.read_json(f"{run['path']}/curve.json")
-                  for run in storage.read_json(f"{PRETRAIN_DIR}/{m}/current.json")["runs"]] for m in SELECTION_METHODS}
+                  for run in layout.current_pretrain(storage, m)["runs"]] for m in SELECTION_METHODS}
     corpora = {}
     for method in SELECTION_METHODS:
-        current = storage.read_json(f"{TOKENIZED_CORPUS_DIR}/{method}/current.json")
+        current = layout.current_corpus(storage, method)
         corpora[method] = storage.read_json(f"{current['path']}/manifest.json")
     costs = cost_table(context.instance, settings.pretrain.stages, settings.pretrain.seeds)
     report = rp.build_report(evaluations, curves, corpora, costs, baseline="random", focus="group_mates")
@@ -112,9 +107,9 @@ def selection_report(context: dg.AssetExecutionContext, platform: PlatformResour
     }
     markdown = rp.to_markdown(report, settings.name, {name: name for name in pngs})
     for name, png in pngs.items():
-        storage.write_bytes(f"{REPORT_DIR}/{name}", png)
-    storage.write_json(f"{REPORT_DIR}/report.json", report)
-    info = storage.write_bytes(f"{REPORT_DIR}/selection_report.md", markdown.encode())
+        storage.write_bytes(f"{layout.REPORT_DIR}/{name}", png)
+    storage.write_json(f"{layout.REPORT_DIR}/report.json", report)
+    info = storage.write_bytes(f"{layout.REPORT_DIR}/selection_report.md", markdown.encode())
     inline = rp.to_markdown(report, settings.name, {name: plots.png_markdown(png, name)
                                                     for name, png in pngs.items()}, inline=True)
     context.log.info("\n" + rp.headline_markdown(report))

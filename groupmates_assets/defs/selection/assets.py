@@ -14,21 +14,11 @@ import pyarrow.compute as pc
 import torch
 import zstandard
 
-from groupmates_assets.defs.common import PartitionResult, materialize_partitions, shard_batches, shard_keys
+from groupmates_assets.defs.common import PartitionResult, finite, materialize_partitions, shard_batches, shard_keys
 from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset_args, on_leased_gpu
-from groupmates_assets.defs.influence.assets import (
-    ASSET_OF_KIND,
-    current_model,
-    fingerprint,
-    finite,
-    individual_influence_model,
-    influence_model_final,
-    local_model_dir,
-)
 from groupmates_assets.defs.partitions import pool_shards, selection_range_keys, selection_ranges
-from groupmates_assets.defs.quality.assets import FILTERED_DIR, filtered_pool_shard, filtered_pool_summary
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import clustering, lm, plots
+from groupmates_assets.lib import clustering, layout, lm, plots
 from groupmates_assets.lib import selection as sel
 from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
@@ -36,10 +26,6 @@ from groupmates_assets.lib.shards import validate_shard_key
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import SelectionProfile
 
-PREDICTIONS_DIR = "selection/predictions"
-CLUSTERS_DIR = "selection/clusters"
-SELECTIONS_DIR = "selection/methods"
-CORPUS_DIR = "selected_corpus"
 METHODS = ("group_mates", "random", "mates", "fasttext")
 
 
@@ -49,46 +35,26 @@ def text_hash(text: str) -> str:
 
 
 def models_fingerprint(storage: Storage) -> str:
-    return fingerprint(final=current_model(storage, "final")["fingerprint"],
-                       individual=current_model(storage, "individual")["fingerprint"])
+    return layout.fingerprint(final=layout.current_model(storage, "final")["fingerprint"],
+                              individual=layout.current_model(storage, "individual")["fingerprint"])
 
 
 def predictions_path(storage: Storage, key: str) -> str:
-    return f"{PREDICTIONS_DIR}/{models_fingerprint(storage)}/{key}.parquet"
-
-
-def filtered_shards(storage: Storage) -> list[str]:
-    """Shard keys of the filtered pool, from the manifest filtered_pool_summary writes."""
-    if not storage.exists("filtered_pool/_manifest.json"):
-        raise FileNotFoundError("no filtered pool manifest; materialize filtered_pool_summary first")
-    return sorted(s["key"] for s in storage.read_json("filtered_pool/_manifest.json")["shards"])
-
-
-def require_files(storage: Storage, paths: dict[str, str], asset_name: str) -> None:
-    missing = [key for key, path in paths.items() if not storage.exists(path)]
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise FileNotFoundError(f"{asset_name} is missing for shards {shown}; materialize those partitions first")
-
-
-def current_clusters(storage: Storage) -> dict:
-    if not storage.exists(f"{CLUSTERS_DIR}/current.json"):
-        raise FileNotFoundError("no clusters yet; materialize cluster_centroids first")
-    return storage.read_json(f"{CLUSTERS_DIR}/current.json")
+    return f"{layout.PREDICTIONS_DIR}/{models_fingerprint(storage)}/{key}.parquet"
 
 
 def alpha_tau(storage: Storage, settings: SelectionProfile) -> tuple[float, float]:
     """The final model's learned alpha and tau, or the reference code's hard-coded 1 and 1."""
     if not settings.learned_alpha_tau:
         return 1.0, 1.0
-    final = current_model(storage, "final")
+    final = layout.current_model(storage, "final")
     return float(final["alpha"]), float(final["tau"])
 
 
 def selection_fingerprint(storage: Storage, settings: SelectionProfile) -> str:
     alpha, tau = alpha_tau(storage, settings)
-    return fingerprint(clusters=current_clusters(storage)["fingerprint"], ratio=settings.ratio,
-                       rounding=settings.budget_rounding, alpha=alpha, tau=tau)
+    return layout.fingerprint(clusters=layout.current_clusters(storage)["fingerprint"], ratio=settings.ratio,
+                              rounding=settings.budget_rounding, alpha=alpha, tau=tau)
 
 
 # ---------------------------------------------------------------------------------------------- predictions
@@ -96,7 +62,7 @@ def selection_fingerprint(storage: Storage, settings: SelectionProfile) -> str:
 
 def _load_predictor(storage: Storage, kind: str) -> tuple[torch.nn.Module, object]:
     """The saved model of ``kind`` and its tokenizer, loaded once per run and used for all its shards."""
-    with local_model_dir(storage, current_model(storage, kind)["path"]) as local:
+    with im.local_model_dir(storage, layout.current_model(storage, kind)["path"]) as local:
         return im.load_model(local, lm.default_device()), im.load_tokenizer(local)
 
 
@@ -109,14 +75,14 @@ def _predict(predictor: tuple[torch.nn.Module, object], kind: str, texts: list[s
     if key not in chunked:
         chunked[key] = enc.chunk_documents(tokenizer, texts, model.config.chunk_len, model.config.chunks)
     return im.embed_documents(model, chunked[key], batch_docs, max_tokens=model.config.chunk_len * batch_docs,
-                              log=lambda line: log(f"{ASSET_OF_KIND[kind]}: {line}"))
+                              log=lambda line: log(f"{layout.ASSET_OF_KIND[kind]}: {line}"))
 
 
 @dg.asset(
     partitions_def=pool_shards,
     group_name="selection",
     code_version="pool-predictions-v1",
-    deps=[filtered_pool_shard, influence_model_final, individual_influence_model],
+    deps=["filtered_pool_shard", "influence_model_final", "individual_influence_model"],
     kinds={"pytorch", "parquet"},
     description="Every filtered document of a shard scored by the final relational model (embedding h in "
     "float16, individual influence u) and by the MATES individual model (u_individual); only the chunks that "
@@ -137,7 +103,7 @@ def pool_predictions(context: dg.AssetExecutionContext, platform: PlatformResour
 def predict_shard(context: dg.AssetExecutionContext, storage: Storage, settings: SelectionProfile,
                   predictors: dict[str, tuple], models_fingerprint_now: str, key: str) -> PartitionResult:
     key = validate_shard_key(key)
-    kept = storage.read_parquet(f"{FILTERED_DIR.format(key=key)}/kept.parquet", columns=["doc_id", "text"])
+    kept = storage.read_parquet(f"{layout.FILTERED_DIR.format(key=key)}/kept.parquet", columns=["doc_id", "text"])
     texts = kept.column("text").to_pylist()
     started = time.perf_counter()
     chunked: dict[tuple, enc.ChunkedDocuments] = {}
@@ -153,7 +119,7 @@ def predict_shard(context: dg.AssetExecutionContext, storage: Storage, settings:
         "u_individual": pa.array(u_individual.numpy(), pa.float32()),
         "text_hash": pa.array([text_hash(t) for t in texts], pa.string()),
     })
-    info = storage.write_parquet(f"{PREDICTIONS_DIR}/{models_fingerprint_now}/{key}.parquet", table)
+    info = storage.write_parquet(f"{layout.PREDICTIONS_DIR}/{models_fingerprint_now}/{key}.parquet", table)
     return PartitionResult(
         metadata={
             "dagster/row_count": table.num_rows, "documents": table.num_rows, "dim": dim,
@@ -170,7 +136,7 @@ def predict_shard(context: dg.AssetExecutionContext, storage: Storage, settings:
 
 def read_predictions(storage: Storage, keys: list[str], columns: list[str]) -> dict[str, pa.Table]:
     paths = {key: predictions_path(storage, key) for key in keys}
-    require_files(storage, paths, "pool_predictions")
+    layout.require_files(storage, paths, "pool_predictions")
     return {key: storage.read_parquet(path, columns=columns) for key, path in paths.items()}
 
 
@@ -187,16 +153,16 @@ def embeddings(table: pa.Table) -> np.ndarray:
     group_name="selection",
     code_version="cluster-centroids-v1",
     retry_policy=STEP_RETRY,
-    deps=[dg.AssetDep(pool_predictions, partition_mapping=dg.AllPartitionMapping()), filtered_pool_summary],
+    deps=[dg.AssetDep(pool_predictions, partition_mapping=dg.AllPartitionMapping()), "filtered_pool_summary"],
     kinds={"faiss", "numpy"},
     description="Influence-aware clusters: spherical k-means (faiss) on the final model's embeddings h, trained "
     "on a seeded sample of max_points_per_centroid x k points; k from the target mean cluster size.",
 )
 def cluster_centroids(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings(alone=True).selection
-    keys = filtered_shards(storage)
+    keys = layout.filtered_shards(storage)
     paths = {key: predictions_path(storage, key) for key in keys}
-    require_files(storage, paths, "pool_predictions")
+    layout.require_files(storage, paths, "pool_predictions")
     counts = {key: storage.read_parquet(path, columns=["u"]).num_rows for key, path in paths.items()}
     total = sum(counts.values())
     k = sel.clusters_for(total, settings.mean_cluster_size)
@@ -209,11 +175,11 @@ def cluster_centroids(context: dg.AssetExecutionContext, platform: PlatformResou
     train_seconds = time.perf_counter() - started
     sample_clusters, _ = clustering.assign(sample, result.centroids)
     sizes = np.bincount(sample_clusters, minlength=k) * (total / max(len(sample), 1))  # estimated from the sample
-    cluster_fp = fingerprint(models=models_fingerprint(storage), shards=keys, k=k,
-                             iterations=settings.kmeans_iterations, seed=settings.kmeans_seed,
-                             mpc=settings.max_points_per_centroid)
-    info = storage.write_numpy(f"{CLUSTERS_DIR}/{cluster_fp}/centroids.npy", result.centroids)
-    storage.write_json(f"{CLUSTERS_DIR}/current.json", {"fingerprint": cluster_fp, "k": k, "documents": total,
+    cluster_fp = layout.fingerprint(models=models_fingerprint(storage), shards=keys, k=k,
+                                    iterations=settings.kmeans_iterations, seed=settings.kmeans_seed,
+                                    mpc=settings.max_points_per_centroid)
+    info = storage.write_numpy(f"{layout.CLUSTERS_DIR}/{cluster_fp}/centroids.npy", result.centroids)
+    layout.write_pointer(storage, layout.CLUSTERS_DIR, {"fingerprint": cluster_fp, "k": k, "documents": total,
                                                         "centroids_sha256": info.sha256})
     return dg.MaterializeResult(
         metadata={
@@ -255,7 +221,7 @@ def _size_histogram(sizes: np.ndarray, title: str) -> str:
 
 
 def assignments_path(storage: Storage, key: str) -> str:
-    return f"{CLUSTERS_DIR}/{current_clusters(storage)['fingerprint']}/assignments/{key}.parquet"
+    return f"{layout.CLUSTERS_DIR}/{layout.current_clusters(storage)['fingerprint']}/assignments/{key}.parquet"
 
 
 @dg.asset(
@@ -272,8 +238,8 @@ def assignments_path(storage: Storage, key: str) -> str:
 def cluster_assignments(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     shard_keys(context)
     storage = platform.storage()
-    current = current_clusters(storage)
-    centroids = np.asarray(storage.read_numpy(f"{CLUSTERS_DIR}/{current['fingerprint']}/centroids.npy"))
+    current = layout.current_clusters(storage)
+    centroids = np.asarray(storage.read_numpy(f"{layout.CLUSTERS_DIR}/{current['fingerprint']}/centroids.npy"))
     return materialize_partitions(context, lambda key: assign_shard(storage, current, centroids, key))
 
 
@@ -284,7 +250,7 @@ def assign_shard(storage: Storage, current: dict, centroids: np.ndarray, key: st
         np.zeros(0, np.int64), np.zeros(0, np.float32))
     out = pa.table({"doc_id": table.column("doc_id"), "cluster": pa.array(clusters, pa.int64()),
                     "similarity": pa.array(similarity, pa.float32())})
-    info = storage.write_parquet(f"{CLUSTERS_DIR}/{current['fingerprint']}/assignments/{key}.parquet", out)
+    info = storage.write_parquet(f"{layout.CLUSTERS_DIR}/{current['fingerprint']}/assignments/{key}.parquet", out)
     return PartitionResult(
         metadata={"dagster/row_count": out.num_rows, "documents": out.num_rows,
                   "clusters_touched": len(np.unique(clusters)),
@@ -296,7 +262,7 @@ def assign_shard(storage: Storage, current: dict, centroids: np.ndarray, key: st
 
 def read_assignments(storage: Storage, keys: list[str]) -> dict[str, pa.Table]:
     paths = {key: assignments_path(storage, key) for key in keys}
-    require_files(storage, paths, "cluster_assignments")
+    layout.require_files(storage, paths, "cluster_assignments")
     return {key: storage.read_parquet(path) for key, path in paths.items()}
 
 
@@ -338,7 +304,7 @@ def range_bounds(range_key: str, k: int) -> tuple[int, int]:
 )
 def selected_documents(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings().selection
-    current, keys = current_clusters(storage), filtered_shards(storage)
+    current, keys = layout.current_clusters(storage), layout.filtered_shards(storage)
     start, stop = range_bounds(context.partition_key, current["k"])
     assignments = read_assignments(storage, keys)
     sizes = cluster_sizes(assignments, current["k"])
@@ -380,7 +346,8 @@ def selected_documents(context: dg.AssetExecutionContext, platform: PlatformReso
         "cluster": pa.array(result.cluster, pa.int64()), "rank": pa.array(result.rank, pa.int64()),
         "u": pa.array(u[result.rows], pa.float32()), "predicted": pa.array(result.predicted, pa.float32()),
     })
-    path = f"{SELECTIONS_DIR}/group_mates/{selection_fingerprint(storage, settings)}/{context.partition_key}.parquet"
+    fp = selection_fingerprint(storage, settings)
+    path = f"{layout.SELECTIONS_DIR}/group_mates/{fp}/{context.partition_key}.parquet"
     info = storage.write_parquet(path, out)
     per_cluster = np.bincount(result.cluster - start, minlength=stop - start) if stop > start else np.zeros(0)
     expected = budgets[start:stop]
@@ -422,19 +389,18 @@ def selected_documents(context: dg.AssetExecutionContext, platform: PlatformReso
 
 def total_budget(storage: Storage, settings: SelectionProfile, keys: list[str]) -> int:
     """Group-MATES' total selection size: the baselines select exactly as many documents."""
-    current = current_clusters(storage)
+    current = layout.current_clusters(storage)
     sizes = cluster_sizes(read_assignments(storage, keys), current["k"])
     return int(sel.cluster_budgets(sizes, settings.ratio, settings.budget_rounding).sum())
 
 
 def _baseline(context: dg.AssetExecutionContext, platform: PlatformResource, method: str) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings().selection
-    keys = filtered_shards(storage)
+    keys = layout.filtered_shards(storage)
     budget = total_budget(storage, settings, keys)
     if method == "fasttext":
-        tables = {k: storage.read_parquet(f"{FILTERED_DIR.format(key=k)}/kept.parquet", columns=["doc_id",
-                                                                                               "quality_score"])
-                  for k in keys}
+        tables = {k: storage.read_parquet(f"{layout.FILTERED_DIR.format(key=k)}/kept.parquet",
+                                          columns=["doc_id", "quality_score"]) for k in keys}
         score_column = "quality_score"
     else:
         tables = read_predictions(storage, keys, ["doc_id", "u_individual"])
@@ -450,8 +416,9 @@ def _baseline(context: dg.AssetExecutionContext, platform: PlatformResource, met
     out = pa.table({"doc_id": [doc_ids[i] for i in rows], "shard": [shard_of[i] for i in rows],
                     "rank": pa.array(np.arange(len(rows)), pa.int64()),
                     "score": pa.array(scores[rows] if method != "random" else np.zeros(len(rows)), pa.float32())})
-    fp = fingerprint(selection=selection_fingerprint(storage, settings), method=method, seed=settings.random_seed)
-    info = storage.write_parquet(f"{SELECTIONS_DIR}/{method}/{fp}/selected.parquet", out)
+    fp = layout.fingerprint(selection=selection_fingerprint(storage, settings), method=method,
+                            seed=settings.random_seed)
+    info = storage.write_parquet(f"{layout.SELECTIONS_DIR}/{method}/{fp}/selected.parquet", out)
     return dg.MaterializeResult(
         metadata={"dagster/row_count": out.num_rows, "selected": out.num_rows, "pool": len(doc_ids),
                   "budget": budget, "score": score_column if method != "random" else "none (seeded uniform)",
@@ -493,12 +460,12 @@ def selected_fasttext(context: dg.AssetExecutionContext, platform: PlatformResou
 def selection_tables(storage: Storage, settings: SelectionProfile, ranges: int) -> dict[str, pa.Table]:
     """The current selection of every method (Group-MATES: all cluster ranges), each with a doc_id column."""
     fp = selection_fingerprint(storage, settings)
-    paths = {r: f"{SELECTIONS_DIR}/group_mates/{fp}/{r}.parquet" for r in selection_range_keys(ranges)}
-    require_files(storage, paths, "selected_documents")
+    paths = {r: f"{layout.SELECTIONS_DIR}/group_mates/{fp}/{r}.parquet" for r in selection_range_keys(ranges)}
+    layout.require_files(storage, paths, "selected_documents")
     out = {"group_mates": pa.concat_tables([storage.read_parquet(p) for p in paths.values()])}
     for method in METHODS[1:]:
-        path = (f"{SELECTIONS_DIR}/{method}/"
-                f"{fingerprint(selection=fp, method=method, seed=settings.random_seed)}/selected.parquet")
+        path = (f"{layout.SELECTIONS_DIR}/{method}/"
+                f"{layout.fingerprint(selection=fp, method=method, seed=settings.random_seed)}/selected.parquet")
         if not storage.exists(path):
             raise FileNotFoundError(f"no current selection for {method}; materialize selected_{method} first")
         out[method] = storage.read_parquet(path)
@@ -512,16 +479,15 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
                  "cluster_centroids"):
         event = context.instance.get_latest_materialization_event(dg.AssetKey(name))
         runs[name] = event.run_id if event else None
-    oracle = {d: storage.read_json(f"oracle/{d}/current.json") for d in ("random", "bootstrap")
-              if storage.exists(f"oracle/{d}/current.json")}
-    final = current_model(storage, "final")
+    oracle = layout.oracle_pointers(storage)
+    final = layout.current_model(storage, "final")
     return {
-        "classifier": storage.read_json("quality/classifier/current.json"),
+        "classifier": layout.current_classifier(storage),
         "probe_checkpoint_sha256": next(iter(oracle.values()), {}).get("checkpoint_sha256"),
         "oracle_fingerprints": {d: o["fingerprint"] for d, o in oracle.items()},
         "influence_model_final": {k: final[k] for k in ("fingerprint", "path", "alpha", "tau")},
-        "influence_model_individual": current_model(storage, "individual")["fingerprint"],
-        "clusters": current_clusters(storage), "runs": runs,
+        "influence_model_individual": layout.current_model(storage, "individual")["fingerprint"],
+        "clusters": layout.current_clusters(storage), "runs": runs,
     }
 
 
@@ -531,7 +497,7 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
     group_name="selection",
     code_version="selected-corpus-v1",
     retry_policy=STEP_RETRY,
-    deps=[filtered_pool_shard, dg.AssetDep(selected_documents, partition_mapping=dg.AllPartitionMapping()),
+    deps=["filtered_pool_shard", dg.AssetDep(selected_documents, partition_mapping=dg.AllPartitionMapping()),
           selected_random, selected_mates, selected_fasttext],
     kinds={"parquet", "json"},
     check_specs=[dg.AssetCheckSpec(
@@ -555,7 +521,7 @@ def write_corpus_shard(storage: Storage, settings: SelectionProfile, tables: dic
                        key: str) -> PartitionResult:
     """The shard's selected documents of every method as JSON lines, joined by doc_id; the stats file goes last."""
     key = validate_shard_key(key)
-    kept = storage.read_parquet(f"{FILTERED_DIR.format(key=key)}/kept.parquet")
+    kept = storage.read_parquet(f"{layout.FILTERED_DIR.format(key=key)}/kept.parquet")
     embedded = read_predictions(storage, [key], ["doc_id", "text_hash"])[key]
     embedded_hash = dict(zip(embedded.column("doc_id").to_pylist(), embedded.column("text_hash").to_pylist(),
                              strict=True))
@@ -575,10 +541,10 @@ def write_corpus_shard(storage: Storage, settings: SelectionProfile, tables: dic
                 line = {**json.loads(record["fields"] or "{}"), "text": record["text"], "doc_id": record["doc_id"],
                         "selection": {"method": method, **finite(extra)}}
                 out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
-        info = storage.write_bytes(f"{CORPUS_DIR}/{method}/{key}.jsonl.zst", buffer.getvalue())
+        info = storage.write_bytes(f"{layout.SELECTED_CORPUS_DIR}/{method}/{key}.jsonl.zst", buffer.getvalue())
         counts[method], files[method] = found.num_rows, info.sha256
     passed = missing == 0 and mismatched == 0
-    storage.write_json(f"{CORPUS_DIR}/_stats/{key}.json", {  # completion marker, written last
+    storage.write_json(f"{layout.SELECTED_CORPUS_DIR}/_stats/{key}.json", {  # completion marker, written last
         "shard": key, "kept": kept.num_rows, "selected": counts, "sha256": files, "ids_not_found": missing,
         "text_hash_mismatches": mismatched})
     table_md = "| method | selected | share of kept |\n|---|---|---|\n" + "\n".join(
@@ -591,7 +557,8 @@ def write_corpus_shard(storage: Storage, settings: SelectionProfile, tables: dic
             "selection_settings": dg.MetadataValue.json({k: getattr(settings, k) for k in (
                 "ratio", "budget_rounding", "learned_alpha_tau", "mean_cluster_size", "kmeans_iterations",
                 "kmeans_seed", "random_seed")}),
-            "sha256": dg.MetadataValue.json(files), "path": dg.MetadataValue.path(storage.url(CORPUS_DIR)),
+            "sha256": dg.MetadataValue.json(files),
+            "path": dg.MetadataValue.path(storage.url(layout.SELECTED_CORPUS_DIR)),
         },
         check_passed=passed, check_metadata={"ids_not_found": missing, "text_hash_mismatches": mismatched},
     )

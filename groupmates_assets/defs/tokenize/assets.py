@@ -7,21 +7,13 @@ import dagster as dg
 from groupmates_assets.defs.common import PartitionResult, PermanentFailure, materialize_partitions, shard_batches
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
-from groupmates_assets.defs.quality.assets import FILTERED_DIR, filtered_pool_shard
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import lm
+from groupmates_assets.defs.shared import context_len
+from groupmates_assets.lib import layout
 from groupmates_assets.lib import tokenization as tk
-from groupmates_assets.lib.contexts import PoolContexts, ShardContexts
 from groupmates_assets.lib.shards import validate_shard_key
-from groupmates_assets.lib.storage import Storage
 
-TOKENIZED_DIR = "tokenized_pool/{key}"
 TOKENIZE_VERSION = "tokenize-v1"
-
-
-def context_len(platform: PlatformResource) -> int:
-    """seq_len + 1 tokens per context: inputs and next-token targets of one training sequence."""
-    return lm.get_shape(platform.settings().lm.shape).seq_len + 1
 
 
 @dg.asset(
@@ -30,7 +22,7 @@ def context_len(platform: PlatformResource) -> int:
     group_name="tokenize",
     code_version=TOKENIZE_VERSION,
     retry_policy=STEP_RETRY,
-    deps=[filtered_pool_shard],
+    deps=["filtered_pool_shard"],
     kinds={"numpy", "parquet"},
     check_specs=[dg.AssetCheckSpec(
         "every_token_once", asset="tokenized_pool_shard", blocking=True,
@@ -49,8 +41,8 @@ def tokenized_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRe
 def tokenize_shard(context: dg.AssetExecutionContext, platform: PlatformResource, key: str) -> PartitionResult:
     """Pack one filtered shard into shuffled contexts with their lineage; the manifest is written last."""
     storage, key, settings = platform.storage(), validate_shard_key(key), platform.settings().tokenize
-    source = f"{FILTERED_DIR.format(key=key)}/kept.parquet"
-    if not storage.exists(f"{FILTERED_DIR.format(key=key)}/stats.json"):
+    source = f"{layout.FILTERED_DIR.format(key=key)}/kept.parquet"
+    if not storage.exists(f"{layout.FILTERED_DIR.format(key=key)}/stats.json"):
         raise PermanentFailure(f"filtered shard {key!r} is missing or incomplete: materialize filtered_pool_shard "
                                "first")
     kept = storage.read_parquet(source, columns=["doc_id", "text"])
@@ -61,7 +53,7 @@ def tokenize_shard(context: dg.AssetExecutionContext, platform: PlatformResource
     seconds = time.perf_counter() - started
     order = tk.shuffle_order(packed.n_contexts, tk.derive_seed(settings.seed, key), settings.num_local_cells)
     packed = packed.permuted(order)
-    out = TOKENIZED_DIR.format(key=key)
+    out = layout.TOKENIZED_DIR.format(key=key)
     storage.remove(f"{out}/manifest.json")  # completion marker goes last
     contexts = storage.write_numpy(f"{out}/contexts.npy", packed.tokens)
     lineage_table = packed.lineage_table()
@@ -112,22 +104,3 @@ def _tokenizer(spec: str | None):
         except FileNotFoundError as exc:
             raise PermanentFailure(str(exc)) from None
     return _TOKENIZERS[spec]
-
-
-def tokenized_pool(storage: Storage, instance: dg.DagsterInstance) -> tuple[PoolContexts, list[dict]]:
-    """Every completely tokenized shard of the current pool (registered ``pool_shards`` partitions), as one
-    sequence of contexts, plus their manifests (lineage). Storage may hold shards of a pool seen before."""
-    manifests, shards = [], []
-    pool = set(instance.get_dynamic_partitions(pool_shards.name))
-    for key in storage.list("tokenized_pool"):
-        if key not in pool:
-            continue
-        out = TOKENIZED_DIR.format(key=key)
-        if not storage.exists(f"{out}/manifest.json"):
-            continue
-        manifest = storage.read_json(f"{out}/manifest.json")
-        manifests.append(manifest)
-        shards.append(ShardContexts(key, storage.read_numpy(f"{out}/contexts.npy"), manifest["pad_context"]))
-    if not shards:
-        raise PermanentFailure("no tokenized shards: materialize tokenized_pool_shard partitions first")
-    return PoolContexts(shards), manifests

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from groupmates_assets.lib import failpoints
 from groupmates_assets.lib.influence.encoder import ChunkedDocuments, quiet_transformers
+from groupmates_assets.lib.storage import Storage
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "influence_config.json"
@@ -249,6 +251,12 @@ def read_config(directory: str) -> InfluenceModelConfig:
         raise FileNotFoundError(f"{directory!r} is not a saved influence model (no {CONFIG_FILE})")
     with open(path) as fh:
         return InfluenceModelConfig(**json.load(fh))
+
+
+def local_model_dir(storage: Storage, relative_dir: str) -> AbstractContextManager[str]:
+    """A local directory holding a saved model (works for any storage root; downloaded first from an object
+    store)."""
+    return storage.local_dir(relative_dir, MODEL_FILES)
 
 
 def load_model(directory: str, device: str | torch.device | None = None) -> InfluenceModel:
