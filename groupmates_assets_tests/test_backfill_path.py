@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 from groupmates_assets import local_dagster as services
 from groupmates_assets.cli import REPO_DAGSTER_YAML
+
+pytestmark = pytest.mark.integration
 
 PROBE = Path(__file__).resolve().parent / "backfill_probe"
 

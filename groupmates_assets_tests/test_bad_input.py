@@ -44,6 +44,8 @@ from groupmates_assets.lib import clustering, filtering, quality, selection, sha
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets_tests.conftest import bad_texts, good_texts, jsonl_bytes, records
 
+pytestmark = pytest.mark.unit
+
 FS = fsspec.filesystem("file")
 BOM = b"\xef\xbb\xbf"
 FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst")

@@ -24,6 +24,8 @@ from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets_tests.conftest import use_profile
 
+pytestmark = pytest.mark.unit
+
 KEYS = ["web-a", "web-b"]
 
 

@@ -36,6 +36,8 @@ from safetensors.numpy import load as load_safetensors
 from groupmates_assets.lib import failpoints
 from groupmates_assets_tests.conftest import good_texts, jsonl_bytes, records, write_shard
 
+pytestmark = pytest.mark.e2e
+
 # JSON fields that hold wall-clock figures; every other byte must match.
 TIMING_KEYS = {"seconds", "docs_per_second", "mb_per_second", "documents_per_second", "tokens_per_second",
                "trajectories_per_second", "probes_per_hour", "wall_seconds", "started_at", "finished_at"}

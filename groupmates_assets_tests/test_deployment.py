@@ -26,9 +26,9 @@ import dagster as dg
 import pytest
 import yaml
 
+from groupmates_assets.testing.postgres_server import Postgres, create_database
+from groupmates_assets.testing.s3_server import S3Server
 from groupmates_assets_tests.conftest import jsonl_bytes, records
-from groupmates_assets_tests.postgres_server import Postgres, create_database, running_postgres
-from groupmates_assets_tests.s3_server import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -163,6 +163,7 @@ def _click_context(program: str, args: list[str]) -> click.Context:
 # --- the compose files -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
 def test_every_build_names_an_existing_dockerfile_stage_and_argument(path: Path):
     base = _yaml(COMPOSE)["services"]
@@ -184,6 +185,7 @@ def test_every_build_names_an_existing_dockerfile_stage_and_argument(path: Path)
     assert set(_yaml(COMPOSE)["services"]) == SERVICES
 
 
+@pytest.mark.unit
 def test_gpu_override_builds_the_cuda_image_and_reserves_gpus_for_the_code_location():
     service = _yaml(COMPOSE_GPU)["services"]["code-location"]
     assert service["build"]["args"]["VARIANT"] == "cuda"
@@ -191,6 +193,7 @@ def test_gpu_override_builds_the_cuda_image_and_reserves_gpus_for_the_code_locat
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
 
 
+@pytest.mark.unit
 def test_the_build_context_holds_every_copied_file():
     """Each COPY source exists in the repository and is let through by docker/Dockerfile.dockerignore."""
     dockerfile = _dockerfile(DOCKER / "Dockerfile")
@@ -202,6 +205,7 @@ def test_the_build_context_holds_every_copied_file():
         assert any(source == a or source.startswith(a.rstrip("/") + "/") for a in allowed), source
 
 
+@pytest.mark.unit
 def test_every_command_runs_an_installed_program_with_valid_arguments():
     in_image = _dockerfile(DOCKER / "Dockerfile").copies
     weed_usage = subprocess.run([str(_executable("weed")), "mini", "-h"], stdout=subprocess.PIPE,
@@ -230,6 +234,7 @@ def test_every_command_runs_an_installed_program_with_valid_arguments():
     assert {"dagster", "dagster-webserver", "dagster-daemon", "weed"} <= seen
 
 
+@pytest.mark.unit
 def test_only_the_webserver_is_published_and_only_on_loopback():
     for path in (COMPOSE, COMPOSE_GPU):
         for name, service in _yaml(path)["services"].items():
@@ -241,6 +246,7 @@ def test_only_the_webserver_is_published_and_only_on_loopback():
     assert _yaml(COMPOSE)["services"]["webserver"]["ports"] == ["127.0.0.1:3000:3000"]
 
 
+@pytest.mark.unit
 def test_every_variable_is_in_env_example_and_the_example_interpolates():
     declared = _env_example()
     used = _variables(_yaml(COMPOSE)) | _variables(_yaml(COMPOSE_GPU))
@@ -251,6 +257,7 @@ def test_every_variable_is_in_env_example_and_the_example_interpolates():
         _interpolate(_yaml(COMPOSE), {k: v for k, v in declared.items() if k != "DAGSTER_PG_PASSWORD"})
 
 
+@pytest.mark.unit
 def test_the_instance_and_the_servers_are_wired_together():
     """docker/dagster.yaml's env entries reach every process that opens the instance; addresses name services."""
     dotenv = _env_example()
@@ -275,6 +282,7 @@ def test_the_instance_and_the_servers_are_wired_together():
     assert f"-bucket={bucket}" in _interpolate(services["s3"]["command"], dotenv)
 
 
+@pytest.mark.unit
 def test_workspace_points_at_the_code_location_service():
     from dagster._core.remote_origin import GrpcServerCodeLocationOrigin
     from dagster._core.workspace.load import location_origins_from_yaml_paths
@@ -288,6 +296,7 @@ def test_workspace_points_at_the_code_location_service():
     assert origin.location_name == local.location_name == "groupmates_assets"
 
 
+@pytest.mark.unit
 def test_no_plaintext_secrets():
     for path in (COMPOSE, COMPOSE_GPU):
         for name, service in _yaml(path)["services"].items():
@@ -312,6 +321,7 @@ def test_no_plaintext_secrets():
 # --- the instance configs -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", [DOCKER / "dagster.yaml", REPO / "dagster.yaml"], ids=["docker", "root"])
 def test_instance_config_passes_dagsters_schema(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Dagster's own loader (schema, storage and concurrency rules), then each pluggable class built from its config
@@ -330,6 +340,7 @@ def test_instance_config_passes_dagsters_schema(path: Path, tmp_path: Path, monk
     assert config["concurrency"]["pools"]["default_limit"] >= 1
 
 
+@pytest.mark.unit
 def test_the_compose_instance_mirrors_the_local_pool_settings():
     """Pool limits and slot freeing are the same as the local instance's (the root dagster.yaml)."""
     docker, root = _yaml(DOCKER / "dagster.yaml"), _yaml(REPO / "dagster.yaml")
@@ -343,12 +354,7 @@ def test_the_compose_instance_mirrors_the_local_pool_settings():
 # --- a real PostgreSQL server (and S3 server) behind the compose instance -----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    """A throwaway cluster on 127.0.0.1 (groupmates_assets_tests/postgres_server.py); skipped without the binaries."""
-    yield from running_postgres()
-
-
+@pytest.mark.integration
 def test_compose_instance_runs_a_project_asset_on_postgres_and_s3(postgres: Postgres, s3: S3Server,
                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """docker/dagster.yaml with the code location's compose environment (only the service addresses replaced by

@@ -24,6 +24,8 @@ from groupmates_assets.lib.embedded_pool import (
 from groupmates_assets.lib.embedded_pool import build as pool_build
 from groupmates_assets.lib.embedded_pool import sources as pool_sources
 
+pytestmark = pytest.mark.unit
+
 # ------------------------------------------------------------------------------------- unit: parsers
 
 

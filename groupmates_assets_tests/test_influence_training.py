@@ -10,6 +10,8 @@ from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
 from groupmates_assets.lib.influence import training as tr
 
+pytestmark = pytest.mark.unit
+
 
 def _trajectories(policies, contexts, labels=None):
     contexts = np.asarray(contexts)

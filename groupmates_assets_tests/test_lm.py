@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from groupmates_assets.lib import lm
 
+pytestmark = pytest.mark.unit
+
 TINY = lm.LM_SHAPES["tiny"]
 VOCAB = 50277  # real GPT-NeoX ids; the embedding is padded to 50304
 

@@ -8,30 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from groupmates_assets_tests.concurrent_runs import prepare_instance, reconcile, run_workers, write_pool
-from groupmates_assets_tests.postgres_server import (
-    Postgres,
-    create_database,
-    running_postgres,
-    write_compose_instance_home,
-)
+from groupmates_assets.testing.concurrent_runs import prepare_instance, reconcile, run_workers, write_pool
+from groupmates_assets.testing.postgres_server import Postgres, create_database, write_compose_instance_home
 
 WORKERS = 4
 RUNS_PER_WORKER = 6
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    """A throwaway cluster on 127.0.0.1 (groupmates_assets_tests/postgres_server.py); skipped without the binaries."""
-    yield from running_postgres()
-
-
+@pytest.mark.integration
 def test_concurrent_runs_on_postgres_lose_and_duplicate_no_events(postgres: Postgres, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch):
     """Four OS processes on one instance (docker/dagster.yaml's PostgreSQL storage) materialize `pool_shard`, one run
@@ -94,6 +83,7 @@ def test_concurrent_runs_on_postgres_lose_and_duplicate_no_events(postgres: Post
     assert "1 events are stored more than once" in problems
 
 
+@pytest.mark.unit  # in-process GraphQL over a SQLite instance: no server
 def test_asset_pages_answer_at_10000_partitions(tmp_path: Path):
     """The GraphQL queries behind an asset's page, its partitions and the asset graph (the webserver's own, through
     dagster-graphql over the project's code location) give the right counts with 10,000 registered shards, and

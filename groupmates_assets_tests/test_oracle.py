@@ -9,6 +9,8 @@ import torch
 from groupmates_assets.lib import lm
 from groupmates_assets.lib import oracle as oracle_lib
 
+pytestmark = pytest.mark.unit
+
 VOCAB = 50304
 
 

@@ -1,6 +1,10 @@
 """Plots for metadata render real PNGs that the Dagster UI can inline."""
 
+import pytest
+
 from groupmates_assets.lib import plots
+
+pytestmark = pytest.mark.unit
 
 
 def test_histogram_and_line_render_png_markdown():

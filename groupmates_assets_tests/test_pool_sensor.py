@@ -29,6 +29,8 @@ from groupmates_assets_tests.test_assets import (  # noqa: F401  (setup: the fix
     setup,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def _tick(env, cursor=None):
     return pool_shard_sensor(dg.build_sensor_context(

@@ -17,6 +17,8 @@ from groupmates_assets.defs.partitions import oracle_block_keys, pool_shards, se
 from groupmates_assets.defs.pool.assets import pool_shard
 from groupmates_assets.defs.resources import PlatformResource, platform_from_env
 
+pytestmark = pytest.mark.unit
+
 KNOWN = ", ".join(sorted(settings.PROFILES))
 
 

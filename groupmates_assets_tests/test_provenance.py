@@ -9,6 +9,8 @@ import pytest
 
 from groupmates_assets import provenance as pv
 
+pytestmark = pytest.mark.unit
+
 SHARDS = dg.StaticPartitionsDefinition(["a", "b"])
 ALL = dg.AllPartitionMapping()
 SELECTIONS = "selected_documents,selected_random"  # materialized in one run

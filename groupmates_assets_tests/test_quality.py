@@ -8,6 +8,8 @@ import pytest
 from groupmates_assets.lib import quality
 from groupmates_assets_tests.conftest import bad_texts, good_texts
 
+pytestmark = pytest.mark.unit
+
 
 def test_roc_auc_matches_pairwise_definition():
     rng = np.random.default_rng(0)

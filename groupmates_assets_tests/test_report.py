@@ -6,6 +6,8 @@ import pytest
 
 from groupmates_assets.lib import report as rp
 
+pytestmark = pytest.mark.unit
+
 
 def _evaluation(points_per_seed: list[list[tuple[int, float, float]]]) -> dict:
     """An evaluation report from (step, core_centered, bits_per_byte) points per seed (64 tokens per step)."""

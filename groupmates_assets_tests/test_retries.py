@@ -19,6 +19,8 @@ from groupmates_assets.defs.pool.assets import pool_shard
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import failpoints
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 RETRY, RESTART = dg.DagsterEventType.STEP_UP_FOR_RETRY, dg.DagsterEventType.STEP_RESTARTED
 

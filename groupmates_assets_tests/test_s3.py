@@ -2,14 +2,10 @@
 filter and selection stages write the same artifacts to ``s3://`` as to a local root, with ``s3://`` paths in
 metadata, credentials from the environment only, and none of them in artifacts, metadata or logs.
 
-The pipeline helpers here are public: ``bench/bench_s3.py`` times the same path. No ``from __future__ import
-annotations``: an asset defined inside a test needs its resource annotations resolvable."""
+The pipeline helpers live in ``groupmates_assets/testing/pool_to_selection.py``: ``bench/bench_s3.py`` times the same
+path. No ``from __future__ import annotations``: an asset defined inside a test needs its resource annotations
+resolvable."""
 
-import dataclasses
-import hashlib
-import io
-import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,125 +13,25 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from dagster_aws.s3 import S3Resource
 
-from groupmates_assets import settings as settings_module
-from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.defs.selection import assets as sa
 from groupmates_assets.lib.storage import Storage, fs_options
-from groupmates_assets_tests import test_assets, test_selection_assets
+from groupmates_assets.testing.pool_to_selection import (
+    PROFILE,
+    artifact_digests,
+    compare_roots,
+    pipeline_profile,
+    run_pool_to_selection,
+    save_influence_models,
+    upload_dir,
+)
+from groupmates_assets.testing.s3_server import S3Server
+from groupmates_assets_tests import test_assets
 from groupmates_assets_tests.conftest import use_profile
-from groupmates_assets_tests.s3_server import S3Server
 
-PROFILE = "s3-test"  # demo's pool and quality settings, the selection test's small clusters
-ASSETS = [*test_assets.ASSETS, *test_selection_assets.ASSETS]
-RANGE_KEYS = sa.selected_documents.partitions_def.get_partition_keys()
-BLOCKING_CHECKS = {"counts_reconcile", "all_shards_reconcile", "budgets_exact", "index_round_trip"}
-# Files that name their own location or hold timings; all others must be byte-identical between two roots.
-PATH_OR_TIMING_FILES = re.compile(r"pool/shards/[^/]+/manifest\.json|filtered_pool/_manifest\.json"
-                                  r"|filtered_pool/[^/]+/(stats\.json|rejects\.parquet)")
-TIMING_KEYS = {"seconds", "docs_per_second", "mb_per_second"}
-# rejects.parquet names each malformed record's source file, so its size and hash (in stats.json) depend on where
-# the pool is; its content is compared with the pool root set aside like any other file.
-REJECTS_FILE, FILE_DIGEST_KEYS = re.compile(r"/rejects\.parquet$"), {"bytes", "sha256"}
-
-
-def pipeline_profile() -> settings_module.Profile:
-    selection = settings_module.SelectionProfile(mean_cluster_size=12, kmeans_iterations=5,
-                                                 cluster_ranges=len(RANGE_KEYS), predict_batch_docs=16, torch_threads=1)
-    return dataclasses.replace(settings_module.get_profile("demo"), name=PROFILE, description="S3 tests",
-                               selection=selection)
-
-
-def run_pool_to_selection(platform: PlatformResource, instance: dg.DagsterInstance, keys: list[str],
-                          positives: str, models: Path) -> dict[str, Any]:
-    """Materialize pool_shard -> quality_classifier -> filtered_pool_shard -> filtered_pool_summary ->
-    pool_predictions -> cluster_centroids -> cluster_assignments -> selected_documents -> baselines ->
-    selected_corpus, one run per partition as the jobs do. Returns each materialization's metadata by
-    ``asset[partition]`` and every run's events (to search for leaked secrets)."""
-    metadata: dict[str, Any] = {}
-    events: list[Any] = []
-
-    def materialize(selection: list[str], partition_key: str | None = None, run_config: dict | None = None) -> None:
-        result = dg.materialize(ASSETS, selection=selection, partition_key=partition_key, instance=instance,
-                                resources={"platform": platform}, run_config=run_config)
-        failed = [c.check_name for c in result.get_asset_check_evaluations()
-                  if c.check_name in BLOCKING_CHECKS and not c.passed]
-        assert not failed, f"{selection} {partition_key}: checks failed: {failed}"
-        for name in selection:
-            for event in result.asset_materializations_for_node(name):
-                metadata[f"{name}[{partition_key}]" if partition_key else name] = event.metadata
-        events.extend(result.all_events)
-
-    instance.add_dynamic_partitions(pool_shards.name, keys)
-    for key in keys:
-        materialize(["pool_shard"], key)
-    materialize(["quality_classifier"], run_config={"ops": {"quality_classifier": {"config": {
-        "positives_path": positives}}}})
-    for key in keys:
-        materialize(["filtered_pool_shard"], key)
-    materialize(["filtered_pool_summary"])
-    test_selection_assets.seed_influence_models(platform.storage(), models)
-    for key in keys:
-        materialize(["pool_predictions"], key)
-    materialize(["cluster_centroids"])
-    for key in keys:
-        materialize(["cluster_assignments"], key)
-    for range_key in RANGE_KEYS:
-        materialize(["selected_documents"], range_key)
-    materialize(["selected_random", "selected_mates", "selected_fasttext"])
-    for key in keys:
-        materialize(["selected_corpus"], key)
-    return {"metadata": metadata, "events": events}
-
-
-def _scrub(value: Any, roots: dict[str, str]) -> Any:
-    """Roots replaced by their role and timings dropped, so two runs on different roots compare equal."""
-    if isinstance(value, dict):
-        volatile = TIMING_KEYS | (FILE_DIGEST_KEYS if REJECTS_FILE.search(str(value.get("path", ""))) else set())
-        return {k: _scrub(v, roots) for k, v in value.items() if k not in volatile}
-    if isinstance(value, list):
-        return [_scrub(v, roots) for v in value]
-    if isinstance(value, str):
-        for root, role in roots.items():
-            value = value.replace(root, role)
-    return value
-
-
-def artifact_digests(storage: Storage, roots: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """Every file under the storage root: relative path -> (sha256 of its bytes, sha256 of its content with the
-    roots named in ``roots`` replaced and timings dropped; JSON and Parquet only)."""
-    out = {}
-    for full in storage.fs.find(storage.root):
-        relative = full[len(storage.root.rstrip("/")) + 1:]
-        data = storage.read_bytes(relative)
-        if relative.endswith(".json"):
-            normalized = json.dumps(_scrub(json.loads(data), roots), sort_keys=True).encode()
-        elif relative.endswith(".parquet"):
-            table = pq.read_table(io.BytesIO(data))
-            normalized = json.dumps([str(table.schema), _scrub(table.to_pylist(), roots)], default=repr).encode()
-        else:
-            normalized = data
-        out[relative] = (hashlib.sha256(data).hexdigest(), hashlib.sha256(normalized).hexdigest())
-    return out
-
-
-def compare_roots(local: dict[str, tuple[str, str]], remote: dict[str, tuple[str, str]]) -> list[str]:
-    """Assert both roots hold the same files with the same content; returns the files whose bytes differ
-    (only those that name their own location or hold timings may)."""
-    assert sorted(local) == sorted(remote)
-    assert {k: v[1] for k, v in local.items()} == {k: v[1] for k, v in remote.items()}
-    differ = sorted(k for k in local if local[k][0] != remote[k][0])
-    assert all(PATH_OR_TIMING_FILES.fullmatch(k) for k in differ), differ
-    return differ
-
-
-def upload_dir(storage: Storage, local: Path) -> None:
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        storage.put_file(str(path), path.relative_to(local).as_posix())
+pytestmark = pytest.mark.integration
 
 
 def _contains(haystack: Iterable[Any], needle: str) -> bool:
@@ -207,7 +103,7 @@ def test_storage_on_s3_behaves_as_on_a_local_folder(s3: S3Server, tmp_path: Path
 def test_pool_filter_selection_on_s3_equal_local(s3: S3Server, small_pool, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch):
     use_profile(monkeypatch, pipeline_profile())
-    test_selection_assets.save_influence_models(tmp_path / "models")
+    save_influence_models(tmp_path / "models")
     keys, positives = test_assets.KEYS, str(small_pool["positives"])
     prefix = s3.url(tmp_path.name)
     upload_dir(Storage(f"{prefix}/pool", fs_options(prefix, endpoint_url=s3.endpoint_url)), small_pool["pool"])

@@ -42,6 +42,8 @@ from groupmates_assets.lib import shards as shard_io
 from groupmates_assets.lib.lm.checkpoint import UnsafeCheckpointError
 from groupmates_assets.lib.storage import Storage
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------ 1a. static scan for unsafe loads

@@ -6,6 +6,8 @@ import pytest
 from groupmates_assets.lib import clustering
 from groupmates_assets.lib import selection as sel
 
+pytestmark = pytest.mark.unit
+
 
 def _pool(n=400, d=12, clusters=6, seed=0):
     rng = np.random.default_rng(seed)

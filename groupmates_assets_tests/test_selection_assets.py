@@ -6,24 +6,23 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 import zstandard
 
 from groupmates_assets import settings as settings_module
 from groupmates_assets.defs.partitions import pool_shards, selection_range_keys
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.selection import assets as sa
-from groupmates_assets.lib.influence import encoder as enc
-from groupmates_assets.lib.influence import model as im
 from groupmates_assets.lib.shards import make_doc_id
 from groupmates_assets.lib.storage import Storage
+from groupmates_assets.testing.pool_to_selection import save_influence_models, seed_influence_models
 from groupmates_assets_tests.conftest import use_profile
+
+pytestmark = pytest.mark.unit
 
 KEYS = ["web-a", "web-b", "web-empty"]
 PROFILE = "selection-test"
@@ -42,25 +41,6 @@ def _kept_table(key: str, count: int) -> pa.Table:
                                                                             pa.float32()),
         "fields": pa.array([json.dumps({"url": f"https://example.org/{key}/{i}"}) for i in range(count)], pa.string()),
     })
-
-
-def save_influence_models(directory: Path) -> None:
-    """Tiny final and individual influence models (one encoder layer), saved under ``directory``/<kind>."""
-    source = enc.resolve_encoder(None)
-    tokenizer_json = enc.load_encoder_tokenizer(source).to_str()
-    for kind, relational in (("final", True), ("individual", False)):
-        torch.manual_seed(0)
-        model = im.build_model(source, im.InfluenceModelConfig(relational=relational, chunk_len=16, chunks=2,
-                                                               encoder_layers=1))
-        im.save_model(model, str(directory / kind), tokenizer_json)
-
-
-def seed_influence_models(storage: Storage, directory: Path) -> None:
-    """Stand in for the influence stage (its own tests cover it): the saved models and their current.json."""
-    for kind in ("final", "individual"):
-        storage.put_dir(str(directory / kind), f"influence/models/{kind}/fp-{kind}", im.MODEL_FILES)
-        storage.write_json(f"influence/models/{kind}/current.json", {
-            "fingerprint": f"fp-{kind}", "path": f"influence/models/{kind}/fp-{kind}", "alpha": 1.0, "tau": 1.0})
 
 
 @pytest.fixture()

@@ -14,6 +14,8 @@ import zstandard
 from groupmates_assets.lib import shards
 from groupmates_assets_tests.conftest import jsonl_bytes, records, write_parquet, write_shard
 
+pytestmark = pytest.mark.unit
+
 FS = fsspec.filesystem("file")
 BAD_LINES = [
     (b'{"text": 12, "url": "x"}', "'text' is a int, not a string"),

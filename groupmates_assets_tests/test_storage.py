@@ -10,6 +10,8 @@ import pytest
 
 from groupmates_assets.lib.storage import Storage, StoragePathError
 
+pytestmark = pytest.mark.unit
+
 
 def test_writes_are_atomic_and_hashed(tmp_path):
     storage = Storage(str(tmp_path))

@@ -14,6 +14,8 @@ from tokenizers import Tokenizer, models
 
 from groupmates_assets.lib import tokenization as tk
 
+pytestmark = pytest.mark.unit
+
 TEXTS = [
     "Rivers carry sediment from mountains to the sea, and deltas grow where the current slows.",
     "",

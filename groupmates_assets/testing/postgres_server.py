@@ -1,12 +1,13 @@
 """A throwaway PostgreSQL server on loopback, for the tests and benchmarks that need Dagster on PostgreSQL storage.
 
 Debian's postgresql binaries (scripts/install_test_services.sh) run a fresh cluster (initdb) at a free port on
-127.0.0.1 with a random password; it is always stopped and deleted afterwards. Without the binaries a test
-module's `postgres` fixture (`running_postgres()`) skips its tests with the reason, and `postgres_server()` raises
-`PostgresUnavailable`.
+127.0.0.1 with a random password; it is always stopped and deleted afterwards. Without the binaries
+`postgres_server()` raises `PostgresUnavailable` and `unavailable_reason()` says why (the tests' `postgres` fixture
+skips with it).
 
 The instance helpers build a Dagster home from the compose deployment's docker/dagster.yaml (PostgreSQL storage,
-queued runs, pools, run monitoring), with compute logs kept on local disk instead of its S3 bucket.
+queued runs, pools, run monitoring), with compute logs kept on local disk instead of its S3 bucket; they read
+docker/ from the source checkout (an editable install, as `make setup` makes).
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE_INSTANCE = REPO / "docker" / "dagster.yaml"
 MISSING_BINARIES = ("PostgreSQL server binaries (initdb, postgres) not found: install Debian's postgresql package "
                     "(scripts/install_test_services.sh, run by `make setup`)")
@@ -144,20 +144,6 @@ def postgres_server(max_connections: int = 100) -> Iterator[Postgres]:
                 process.kill()
                 process.wait()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def running_postgres() -> Iterator[Postgres]:
-    """The body of a test module's `postgres` fixture: a server for the module, or a skip with the reason.
-
-        @pytest.fixture(scope="module")
-        def postgres() -> Iterator[Postgres]:
-            yield from running_postgres()
-    """
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with postgres_server() as server:
-        yield server
 
 
 def create_database(server: Postgres, name: str) -> None:

@@ -1,6 +1,6 @@
 """Concurrent runs against one Dagster instance on PostgreSQL storage: the worker processes and the reconciliation.
 
-Each worker is its own OS process (``python -m groupmates_assets_tests.concurrent_runs``) that opens the instance in
+Each worker is its own OS process (``python -m groupmates_assets.testing.concurrent_runs``) that opens the instance in
 $DAGSTER_HOME, waits at a barrier until every worker has imported Dagster and the project, then materializes the
 project's `pool_shard` asset for each partition key it was given, one run per partition (as the asset's
 `BackfillPolicy.multi_run(1)` launches them). It wraps the event log storage's `store_event`, so it knows how many
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ASSET = "pool_shard"
 BARRIER_TIMEOUT_S = 300.0
 
@@ -81,7 +81,7 @@ def run_workers(assignments: Sequence[Sequence[str]], *, env: Mapping[str, str],
         for index, keys in enumerate(assignments):
             name = f"worker-{index}"
             log = open(barrier / f"{name}.log", "wb")  # noqa: SIM115 (closed below, after the process ends)
-            command = [sys.executable, "-m", "groupmates_assets_tests.concurrent_runs", "--name", name,
+            command = [sys.executable, "-m", "groupmates_assets.testing.concurrent_runs", "--name", name,
                        "--pool", str(pool), "--storage-root", str(storage_root), "--ready", str(barrier / name),
                        "--go", str(go), *keys]
             process = subprocess.Popen(command, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=log,
@@ -188,7 +188,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def _worker(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m groupmates_assets_tests.concurrent_runs")
+    parser = argparse.ArgumentParser(prog="python -m groupmates_assets.testing.concurrent_runs")
     parser.add_argument("--name", required=True)
     parser.add_argument("--pool", required=True)
     parser.add_argument("--storage-root", required=True)
