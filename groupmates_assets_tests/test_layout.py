@@ -13,6 +13,8 @@ import pytest
 from groupmates_assets.lib import layout
 from groupmates_assets.lib.storage import Storage
 
+pytestmark = pytest.mark.unit
+
 PACKAGE = Path(__file__).resolve().parent.parent / "groupmates_assets"
 DEFS = PACKAGE / "defs"
 STAGES = sorted(p.name for p in DEFS.iterdir() if (p / "__init__.py").exists())
