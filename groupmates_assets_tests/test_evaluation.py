@@ -297,3 +297,48 @@ def test_bits_per_byte_matches_formula(model, tok) -> None:
     assert loss == pytest.approx(math.log(lm.get_shape("tiny").vocab_size), rel=0.1)
     with pytest.raises(ValueError, match="no text tokens"):
         ev.bits_per_byte(model, tok, [""], seq_len=seq_len)
+
+
+def test_heldout_texts_are_a_seeded_sample_of_json_lines(tmp_path: Path) -> None:
+    import json
+
+    import zstandard
+
+    from groupmates_assets.lib.storage import Storage
+
+    storage = Storage(str(tmp_path / "store"))
+    assert ev.heldout_texts(storage, None, 5, 0) == ([], None)
+    lines = b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(20))
+    storage.write_bytes("held/out.jsonl.zst", zstandard.ZstdCompressor().compress(lines))
+    texts, path = ev.heldout_texts(storage, "held/out.jsonl.zst", 5, 3)
+    assert path == "held/out.jsonl.zst" and len(texts) == 5 and len(set(texts)) == 5
+    assert texts == ev.heldout_texts(storage, "held/out.jsonl.zst", 5, 3)[0]
+    assert [int(t.split()[1]) for t in texts] == sorted(int(t.split()[1]) for t in texts)  # file order
+    assert len(ev.heldout_texts(storage, "held/out.jsonl.zst", 50, 3)[0]) == 20
+    storage.write_bytes("held/bad.jsonl", b'{"text": "a"}\n{"url": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: not a JSON record with a text field"):
+        ev.heldout_texts(storage, "held/bad.jsonl", 5, 0)
+
+
+def test_seed_summary_skips_non_finite_values() -> None:
+    values = [1.0, 3.0, None, math.nan]
+    assert ev.seed_summary(values) == {"mean": 2.0, "std": 1.0, "values": values}
+    assert ev.seed_summary([None]) == {"mean": None, "std": None, "values": [None]}
+
+
+def test_method_report_summarizes_final_points_over_seeds() -> None:
+    def point(step: int, core: float) -> dict:
+        return {"step": step, "tokens_seen": 64 * step, "core_centered": core, "bits_per_byte": 1.0,
+                "heldout_loss": 2.0, "tasks": {"piqa": {"centered": core}}, "checkpoint": "x", "tasks_markdown": "t"}
+
+    runs = [{"seed": 0, "points": [point(1, 0.0), point(2, 0.2)]}, {"seed": 1, "points": [point(2, 0.4)]}]
+    report = ev.method_report("random", {"fingerprint": "fp", "stages": 1}, "efp", "held.jsonl", 7, runs)
+    assert list(report) == ["method", "pretrain_fingerprint", "evaluation_fingerprint", "stages", "heldout", "final",
+                            "runs"]
+    assert report["heldout"] == {"path": "held.jsonl", "documents": 7}
+    final = report["final"]
+    assert final["step"] == 2 and final["tokens_seen"] == 128
+    assert final["core_centered"]["mean"] == pytest.approx(0.3) and final["core_centered"]["values"] == [0.2, 0.4]
+    assert final["tasks"]["piqa"]["std"] == pytest.approx(0.1)
+    assert report["runs"][0]["points"][0] == {"step": 1, "tokens_seen": 64, "core_centered": 0.0,
+                                              "bits_per_byte": 1.0, "heldout_loss": 2.0}

@@ -86,3 +86,45 @@ def test_source_recount_counts_truncated_tail_once(tmp_path):
     shard = shards.ShardFile("c", str(tmp_path / "c.jsonl.gz"), "c.jsonl.gz", "jsonl.gz", 0)
     parsed = sum(b.records_in for b in shards.read_shard(FS, shard))
     assert filtering.count_source_records(FS, shard) == parsed
+
+
+def _stats(key: str, kept: int, dropped: int, rejected: int, version: str = "v1", by_group=None) -> dict:
+    return {"shard_key": key, "rows_in": kept + dropped + rejected, "kept": kept, "dropped": dropped,
+            "rejected": rejected, "classifier_version": version, "threshold": 0.5,
+            "score_histogram": {"bin_edges": [0.0, 0.5, 1.0], "counts": [dropped, kept]},
+            "by_group": by_group or {}, "files": {"kept": {"path": f"{key}/kept.parquet", "sha256": key * 2}}}
+
+
+def test_keep_rate_and_table():
+    assert filtering.keep_rate(1, 2) == 0.3333 and filtering.keep_rate(0, 0) == 0.0
+    table = filtering.keep_rate_table({"small": {"in": 2, "kept": 1}, "big": {"in": 10, "kept": 9}})
+    assert table.splitlines() == ["| group | documents | kept | keep rate |", "|---|---:|---:|---:|",
+                                  "| big | 10 | 9 | 90.0% |", "| small | 2 | 1 | 50.0% |"]
+
+
+def test_summarize_pool_merges_totals_histograms_and_groups():
+    summary = filtering.summarize_pool([
+        _stats("a", 3, 1, 0, by_group={"wiki": {"in": 2, "kept": 2}, "web": {"in": 2, "kept": 1}}),
+        _stats("b", 2, 2, 1, by_group={"web": {"in": 4, "kept": 2}}),
+    ])
+    assert summary.totals == {"rows_in": 9, "kept": 5, "dropped": 3, "rejected": 1}
+    assert summary.counts == [3, 5] and summary.bin_edges == [0.0, 0.5, 1.0] and summary.threshold == 0.5
+    assert summary.by_group == {"wiki": {"in": 2, "kept": 2}, "web": {"in": 6, "kept": 3}}
+    assert summary.reconciles and summary.unbalanced == [] and summary.classifier_versions == ["v1"]
+    manifest = summary.manifest()
+    assert list(manifest) == ["shards", "classifier_versions", "rows_in", "kept", "dropped", "rejected"]
+    assert manifest["shards"][0] == {"key": "a", "kept": 3, "path": "a/kept.parquet", "sha256": "aa"}
+
+
+def test_summarize_pool_flags_unbalanced_shards_and_mixed_classifiers():
+    bad = {**_stats("b", 2, 2, 0, version="v2"), "rows_in": 5}
+    summary = filtering.summarize_pool([_stats("a", 1, 1, 0), bad])
+    assert summary.unbalanced == ["b"] and summary.classifier_versions == ["v1", "v2"] and not summary.reconciles
+    assert not filtering.summarize_pool([_stats("a", 1, 1, 0), _stats("c", 1, 1, 0, version="v2")]).reconciles
+
+
+def test_read_shard_stats_lists_incomplete_shards_apart(tmp_path):
+    storage = Storage(str(tmp_path / "store"))
+    storage.write_json(f"filtered_pool/a/{filtering.STATS_FILE}", _stats("a", 1, 0, 0))
+    found, incomplete = filtering.read_shard_stats(storage, ["a", "b"])
+    assert [s["shard_key"] for s in found] == ["a"] and incomplete == ["b"]

@@ -84,3 +84,33 @@ def test_bad_arguments_are_clear_errors():
         boot.beam_search(h, u, 1.0, 1.0, length=6, width=2, keep=2, order=1)
     with pytest.raises(ValueError, match="order must be"):
         boot.beam_search(h, u, 1.0, 1.0, length=2, width=2, keep=2, order=0)
+
+
+def test_search_tails_table_and_check():
+    h, u = _pool()
+    beams = boot.search_tails(h, u, 0.5, 2.0, length=4, width=3, keep=2)
+    assert list(beams) == ["beneficial", "harmful"]
+    for tail, order in boot.TAILS.items():
+        expected = boot.beam_search(h, u, 0.5, 2.0, 4, 3, 2, order)
+        np.testing.assert_array_equal(beams[tail].indices, expected.indices)
+    ids = [f"c{i}" for i in range(len(u))]
+    table = boot.trajectories_table(beams, 2, ids)
+    assert table.column_names == ["row", "policy", "context_index", "context_id", "predicted_score",
+                                  "predicted_marginal"]
+    assert table.column("row").to_pylist() == [0, 1, 2, 3]
+    assert table.column("policy").to_pylist() == ["bootstrap-beneficial"] * 2 + ["bootstrap-harmful"] * 2
+    assert table.column("context_index").to_pylist()[2] == beams["harmful"].indices[0].tolist()
+    assert table.column("context_id").to_pylist()[0] == [ids[i] for i in beams["beneficial"].indices[0]]
+    assert table.column("predicted_score").to_pylist()[1] == float(beams["beneficial"].scores[1])
+    report = {"beneficial_below_p01": True, "harmful_above_p99": True, "first_steps_differ_between_tails": True}
+    assert boot.tails_separated(report) is True
+    assert boot.tails_separated({**report, "harmful_above_p99": False}) is False
+
+
+def test_random_score_histogram_spans_the_beams_and_counts_every_trajectory():
+    h, u = _pool()
+    beams = boot.search_tails(h, u, 0.5, 2.0, length=4, width=3, keep=2)
+    edges, counts = boot.random_score_histogram(h, u, 0.5, 2.0, beams, length=4, seed=7)
+    assert len(edges) == 31 and len(counts) == 30 and sum(counts) == 500
+    scores = np.concatenate([beams["beneficial"].scores, beams["harmful"].scores])
+    assert edges[0] <= scores.min() and edges[-1] >= scores.max()

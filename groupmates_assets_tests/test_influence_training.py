@@ -106,3 +106,16 @@ def test_trajectories_from_oracle_tables_reject_bad_labels():
         tr.Trajectories.from_tables([table])
     with pytest.raises(ValueError, match="no oracle trajectories"):
         tr.Trajectories.from_tables([])
+
+
+def test_comparison_markdown_rows_in_order_with_nan_for_missing_metrics():
+    results = {
+        "influence_model_init": {"random_val": {"spearman": 0.5, "pearson": 0.25}, "all_val": {"spearman": 0.125},
+                                 "alpha": 1.0, "tau": 2.0},
+        "influence_model_final": {"random_val": {}, "all_val": {"mse": 0.5, "mse_constant": 1.0}, "alpha": 0.5,
+                                  "tau": 1.5},
+    }
+    lines = tr.comparison_markdown(results).splitlines()
+    assert lines[0].startswith("| model | Spearman (random held-out) |") and len(lines) == 4
+    assert lines[2] == "| influence_model_init | 0.5000 | 0.2500 | 0.1250 | nan | nan | 1.000 | 2.000 |"
+    assert lines[3] == "| influence_model_final | nan | nan | nan | 0.5000 | 1.0000 | 0.500 | 1.500 |"

@@ -71,3 +71,6 @@ def test_report_compares_methods_with_the_baseline_and_renders():
     assert "![training_loss.png](a.png)" in markdown and "| copa | 0.1000 | 0.1000 |" in markdown
     for png in (rp.loss_curves_png(report), rp.metric_png(report, "bits_per_byte", "bits per byte")):
         assert png.startswith(b"\x89PNG")
+    figures = rp.figures(report)
+    assert list(figures) == ["training_loss.png", "heldout_bits_per_byte.png", "core_centered.png"]
+    assert all(png.startswith(b"\x89PNG") for png in figures.values())

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -36,10 +37,13 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 import torch.nn.functional as F
+import zstandard
 from tokenizers import Tokenizer
 
+from groupmates_assets.lib import layout
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.lm.model import autocast_for, model_device
+from groupmates_assets.lib.storage import Storage
 
 NORMALIZATIONS = ("token", "char", "none")
 PRIMARY_NORMALIZATION = "token"
@@ -657,3 +661,61 @@ def bits_per_byte(
     nll = -sum(_score_rows(model, rows, max_tokens_per_batch, device))
     n_tokens = sum(n for _, n in rows)
     return nll / n_tokens, nll / (math.log(2) * total_bytes)
+
+
+# ------------------------------------------------------------------------------------------------ held-out text
+
+DEFAULT_HELDOUT = layout.EMBEDDED_POSITIVES  # never in the pool, so in no selection
+
+
+def heldout_texts(storage: Storage, path: str | None, documents: int, seed: int) -> tuple[list[str], str | None]:
+    """A seeded sample of ``documents`` held-out texts from JSON lines in storage (``path`` None: the embedded
+    pool's held-out summaries, never in the pool, so in no selection); ([], None) if the file does not exist."""
+    path = path or DEFAULT_HELDOUT
+    if not storage.exists(path):
+        return [], None
+    data = storage.read_bytes(path)
+    if path.endswith((".zst", ".zstd")):
+        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    texts = []
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            texts.append(str(json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{storage.url(path)}, line {number}: not a JSON record with a text field "
+                             f"({exc})") from exc
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(texts), size=min(documents, len(texts)), replace=False))
+    return [texts[i] for i in chosen], path
+
+
+# ------------------------------------------------------------------------------------------------ method report
+
+POINT_FIELDS = ("step", "tokens_seen", "core_centered", "bits_per_byte", "heldout_loss")
+
+
+def seed_summary(values: list[float | None]) -> dict[str, Any]:
+    """Mean and (population) standard deviation over seeds, with the values; None where nothing is finite."""
+    finite_values = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not finite_values:
+        return {"mean": None, "std": None, "values": values}
+    return {"mean": float(np.mean(finite_values)), "std": float(np.std(finite_values)), "values": values}
+
+
+def method_report(method: str, pretrain: dict[str, Any], evaluation_fingerprint: str, heldout: str | None,
+                  heldout_documents: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's evaluation: the final step summarized over seeds (overall and per task), and every seed's
+    points (checkpoint by checkpoint) for the score-vs-tokens curves. ``runs``: [{"seed", "points"}] with the
+    points of each run in step order; ``pretrain``: the pretraining pointer the runs came from."""
+    finals = [r["points"][-1] for r in runs]
+    tasks = sorted(finals[0]["tasks"])
+    return {"method": method, "pretrain_fingerprint": pretrain["fingerprint"],
+            "evaluation_fingerprint": evaluation_fingerprint, "stages": pretrain.get("stages"),
+            "heldout": {"path": heldout, "documents": heldout_documents},
+            "final": {"step": finals[0]["step"], "tokens_seen": finals[0]["tokens_seen"],
+                      "core_centered": seed_summary([p["core_centered"] for p in finals]),
+                      "bits_per_byte": seed_summary([p["bits_per_byte"] for p in finals]),
+                      "heldout_loss": seed_summary([p["heldout_loss"] for p in finals]),
+                      "tasks": {t: seed_summary([p["tasks"][t]["centered"] for p in finals]) for t in tasks}},
+            "runs": [{"seed": r["seed"], "points": [{k: p[k] for k in POINT_FIELDS} for p in r["points"]]}
+                     for r in runs]}

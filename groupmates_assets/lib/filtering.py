@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from groupmates_assets.lib import failpoints
+from groupmates_assets.lib import failpoints, layout
 from groupmates_assets.lib import shards as shard_io
 from groupmates_assets.lib.quality import QualityClassifier, normalize_for_fasttext
 from groupmates_assets.lib.storage import Storage
@@ -194,3 +194,74 @@ def verify_filtered_shard(storage: Storage, out_dir: str, source_records: int | 
         and (source_records is None or source_records == stats["rows_in"])
     )
     return ok, details
+
+
+def keep_rate(kept: int, dropped: int) -> float:
+    """Share of scored documents kept (rejected records were never scored), to four places."""
+    return round(kept / max(kept + dropped, 1), 4)
+
+
+def keep_rate_table(by_group: dict[str, dict[str, int]]) -> str:
+    """Markdown table of documents in and kept per group (source), largest group first."""
+    rows = ["| group | documents | kept | keep rate |", "|---|---:|---:|---:|"]
+    for group, c in sorted(by_group.items(), key=lambda item: -item[1]["in"]):
+        rows.append(f"| {group} | {c['in']} | {c['kept']} | {c['kept'] / c['in']:.1%} |")
+    return "\n".join(rows)
+
+
+def read_shard_stats(storage: Storage, keys: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """``stats.json`` of each filtered shard, in order, and the keys without one (an incomplete run), left out."""
+    found, incomplete = [], []
+    for key in keys:
+        stats_path = f"{layout.FILTERED_DIR.format(key=key)}/{STATS_FILE}"
+        if storage.exists(stats_path):
+            found.append(storage.read_json(stats_path))
+        else:
+            incomplete.append(key)
+    return found, incomplete
+
+
+@dataclass(frozen=True)
+class PoolSummary:
+    """Every filtered shard's stats merged: totals, the merged score histogram, and keep counts by group."""
+
+    shard_stats: list[dict[str, Any]]
+    totals: dict[str, int]  # rows_in, kept, dropped, rejected
+    unbalanced: list[str]  # shards where rows_in != kept + dropped + rejected
+    classifier_versions: list[str]
+    bin_edges: list[float]
+    counts: list[int]
+    by_group: dict[str, dict[str, int]]
+    threshold: float
+
+    @property
+    def reconciles(self) -> bool:
+        """Every shard balances and all were filtered by one classifier."""
+        return not self.unbalanced and len(self.classifier_versions) == 1
+
+    def manifest(self) -> dict[str, Any]:
+        """The filtered pool manifest later stages read: every shard's kept file, the classifier, the totals."""
+        return {
+            "shards": [{"key": s["shard_key"], "kept": s["kept"], **s["files"]["kept"]} for s in self.shard_stats],
+            "classifier_versions": self.classifier_versions, **self.totals,
+        }
+
+
+def summarize_pool(shard_stats: list[dict[str, Any]]) -> PoolSummary:
+    """Merge the stats of filtered shards (at least one; the histogram edges and threshold come from the first)."""
+    by_group: dict[str, dict[str, int]] = {}
+    for s in shard_stats:
+        for group, c in s["by_group"].items():
+            merged = by_group.setdefault(group, {"in": 0, "kept": 0})
+            merged["in"] += c["in"]
+            merged["kept"] += c["kept"]
+    return PoolSummary(
+        shard_stats=shard_stats,
+        totals={k: sum(s[k] for s in shard_stats) for k in ("rows_in", "kept", "dropped", "rejected")},
+        unbalanced=[s["shard_key"] for s in shard_stats if s["rows_in"] != s["kept"] + s["dropped"] + s["rejected"]],
+        classifier_versions=sorted({s["classifier_version"] for s in shard_stats}),
+        bin_edges=shard_stats[0]["score_histogram"]["bin_edges"],
+        counts=np.sum([s["score_histogram"]["counts"] for s in shard_stats], axis=0).tolist(),
+        by_group=by_group,
+        threshold=shard_stats[0]["threshold"],
+    )

@@ -16,9 +16,11 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
+
+from groupmates_assets.lib.pool_sample import SampledDoc
 
 HQ_LABEL = "__label__hq"
 LQ_LABEL = "__label__cc"
@@ -208,3 +210,56 @@ def threshold_for_keep_fraction(pool_scores: np.ndarray, keep_fraction: float) -
     if len(pool_scores) == 0:
         raise ValueError("cannot derive a threshold from an empty pool sample")
     return float(np.quantile(np.asarray(pool_scores, dtype=np.float64), 1.0 - keep_fraction, method="higher"))
+
+
+def train_on_samples(positives: Sequence[SampledDoc], negatives: Sequence[SampledDoc], model_path: str,
+                     recipe: FastTextRecipe, heldout_fraction: float) -> tuple[TrainingReport, list[SampledDoc]]:
+    """Hold out a share of positives and pool negatives (by doc_id, so a rerun holds out the same documents), train
+    on the rest and evaluate; returns the report and the held-out negatives, the unseen pool sample the threshold
+    is calibrated on."""
+    pos_train, pos_held = split_heldout(positives, _doc_id, heldout_fraction, recipe.seed)
+    neg_train, neg_held = split_heldout(negatives, _doc_id, heldout_fraction, recipe.seed)
+    report = train_quality_classifier(
+        [d.text for d in pos_train], [d.text for d in neg_train], model_path, recipe,
+        [d.text for d in pos_held], [d.text for d in neg_held],
+    )
+    return report, neg_held
+
+
+def _doc_id(doc: SampledDoc) -> str:
+    return doc.doc_id
+
+
+def calibrate(classifier: QualityClassifier, sample: Sequence[SampledDoc], threshold: float | None,
+              keep_fraction: float | None) -> dict[str, Any]:
+    """Threshold (given, or placed at the keep-fraction quantile of a pool sample) and keep rates by group."""
+    scores = classifier.score([d.text for d in sample]) if sample else np.zeros(0, np.float32)
+    if threshold is not None:
+        threshold, rule = float(threshold), f"fixed threshold {threshold}"
+    elif keep_fraction is not None:
+        threshold = threshold_for_keep_fraction(scores, keep_fraction)
+        rule = f"keep fraction {keep_fraction} of {len(sample)} held-out pool documents"
+    else:
+        raise ValueError("quality settings need a threshold or a keep_fraction")
+    groups: dict[str, list[int]] = {}
+    for doc, score in zip(sample, scores.tolist(), strict=True):
+        counts = groups.setdefault(doc.group or "(none)", [0, 0])
+        counts[0] += 1
+        counts[1] += score >= threshold
+    return {"threshold": threshold, "threshold_rule": rule, "calibration_documents": len(sample),
+            "calibration_keep_rate": float((scores >= threshold).mean()) if len(scores) else None,
+            "calibration_by_group": {g: {"in": c[0], "kept": c[1]} for g, c in sorted(groups.items())}}
+
+
+def classifier_manifest(version: str, model: str, model_sha256: str, hq_label: str, calibration: dict[str, Any],
+                        training: dict[str, Any], report: TrainingReport | None, sample_shards: list[str],
+                        unreadable_shards: list[str]) -> dict[str, Any]:
+    """The classifier's ``classifier.json`` (and current pointer): what every filtered shard is scored with."""
+    return {
+        "version": version, "model": model, "model_sha256": model_sha256, "hq_label": hq_label, **calibration,
+        "training": training,
+        "metrics": None if report is None else {
+            k: v for k, v in report.__dict__.items() if not k.startswith("heldout_scores")},
+        "negative_sample_shards": sample_shards,
+        "unreadable_shards": unreadable_shards,
+    }

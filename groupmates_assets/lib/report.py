@@ -200,3 +200,12 @@ def metric_png(report: dict[str, Any], metric: str, label: str) -> bytes:
     base = report["methods"][report["baseline"]][metric]["mean"]
     return plots.lines_png(series, f"{label} vs tokens", "tokens seen", label, bands=bands,
                            hline=(base, f"{report['baseline']} final") if base is not None else None)
+
+
+def figures(report: dict[str, Any]) -> dict[str, bytes]:
+    """The report's PNG figures by file name: training loss, held-out bits per byte and core score vs tokens."""
+    return {
+        "training_loss.png": loss_curves_png(report),
+        "heldout_bits_per_byte.png": metric_png(report, "bits_per_byte", "held-out bits per byte"),
+        "core_centered.png": metric_png(report, "core_centered", "core centered accuracy"),
+    }

@@ -1,15 +1,12 @@
 """Evaluation stage: each method's pretrained LM on offline multiple-choice tasks and held-out text."""
 
 import dataclasses
-import io
-import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
-import numpy as np
 import torch
-import zstandard
 
 from groupmates_assets.defs.common import finite, missing_is_permanent
 from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
@@ -21,36 +18,6 @@ from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.pretraining import load_weights_from
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import EvalProfile
-
-DEFAULT_HELDOUT = layout.EMBEDDED_POSITIVES  # never in the pool, so in no selection
-
-
-def heldout_texts(storage: Storage, settings: EvalProfile) -> tuple[list[str], str | None]:
-    """A seeded sample of held-out documents (never in the pool, so in no selection); empty if none exist."""
-    path = settings.heldout_path or DEFAULT_HELDOUT
-    if not storage.exists(path):
-        return [], None
-    data = storage.read_bytes(path)
-    if path.endswith((".zst", ".zstd")):
-        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
-    texts = []
-    for number, line in enumerate(data.splitlines(), 1):
-        try:
-            texts.append(str(json.loads(line)["text"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{storage.url(path)}, line {number}: not a JSON record with a text field "
-                             f"({exc})") from exc
-    rng = np.random.default_rng(settings.seed)
-    chosen = sorted(rng.choice(len(texts), size=min(settings.heldout_documents, len(texts)), replace=False))
-    return [texts[i] for i in chosen], path
-
-
-def _summary(values: list[float | None]) -> dict[str, Any]:
-    """Mean and (population) standard deviation over seeds, with the values; None where nothing is finite."""
-    finite_values = [float(v) for v in values if v is not None and np.isfinite(v)]
-    if not finite_values:
-        return {"mean": None, "std": None, "values": values}
-    return {"mean": float(np.mean(finite_values)), "std": float(np.std(finite_values)), "values": values}
 
 
 def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalProfile, tokenizer, texts: list[str],
@@ -91,37 +58,16 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
         current = layout.current_pretrain(storage, method)
     device = lm.default_device()
     tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
-    texts, heldout = heldout_texts(storage, eval_settings)
+    texts, heldout = ev.heldout_texts(storage, eval_settings.heldout_path, eval_settings.heldout_documents,
+                                      eval_settings.seed)
     eval_fp = layout.fingerprint(settings=dataclasses.asdict(eval_settings), heldout=heldout,
-                          heldout_sha=storage.info(heldout).sha256 if heldout else None)
-    started, runs, evaluated = time.perf_counter(), [], 0
-    for run in current["runs"]:
-        steps = run["checkpoints"] if eval_settings.every_checkpoint else run["checkpoints"][-1:]
-        points = []
-        for step in steps:
-            cached = f"{layout.EVALUATION_DIR}/{method}/{eval_fp}/{run['path'].rsplit('/', 2)[-2]}/" \
-                     f"seed-{run['seed']}/step-{step:06d}.json"
-            if not storage.exists(cached):
-                point = evaluate_checkpoint(storage, f"{run['path']}/step-{step:06d}", eval_settings, tokenizer, texts,
-                                            device)
-                storage.write_json(cached, finite(point))
-                evaluated += 1
-                context.log.info(f"{method} seed {run['seed']} step {step}: core centered "
-                                 f"{point['core_centered']:.4f}, bits per byte {point['bits_per_byte']}")
-            points.append(storage.read_json(cached))
-        runs.append({"seed": run["seed"], "points": points})
-    finals = [r["points"][-1] for r in runs]
-    tasks = sorted(finals[0]["tasks"])
-    report = {"method": method, "pretrain_fingerprint": current["fingerprint"], "evaluation_fingerprint": eval_fp,
-              "stages": current.get("stages"), "heldout": {"path": heldout, "documents": len(texts)},
-              "final": {"step": finals[0]["step"], "tokens_seen": finals[0]["tokens_seen"],
-                        "core_centered": _summary([p["core_centered"] for p in finals]),
-                        "bits_per_byte": _summary([p["bits_per_byte"] for p in finals]),
-                        "heldout_loss": _summary([p["heldout_loss"] for p in finals]),
-                        "tasks": {t: _summary([p["tasks"][t]["centered"] for p in finals]) for t in tasks}},
-              "runs": [{"seed": r["seed"], "points": [{k: p[k] for k in ("step", "tokens_seen", "core_centered",
-                                                                          "bits_per_byte", "heldout_loss")}
-                                                      for p in r["points"]]} for r in runs]}
+                                 heldout_sha=storage.info(heldout).sha256 if heldout else None)
+    started = time.perf_counter()
+    runs, evaluated = _evaluated_runs(
+        context, storage, current["runs"], f"{layout.EVALUATION_DIR}/{method}/{eval_fp}",
+        eval_settings.every_checkpoint,
+        lambda checkpoint: evaluate_checkpoint(storage, checkpoint, eval_settings, tokenizer, texts, device))
+    report = ev.method_report(method, current, eval_fp, heldout, len(texts), runs)
     info = storage.write_json(f"{layout.EVALUATION_DIR}/{method}.json", finite(report))
     final = report["final"]
     context.log.info(f"{method}: core centered accuracy {final['core_centered']['mean']:.4f} "
@@ -133,8 +79,30 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
         "bits_per_byte_std": finite(final["bits_per_byte"]["std"]),
         "heldout_loss": finite(final["heldout_loss"]["mean"]), "heldout_documents": len(texts),
         "seeds": len(runs), "checkpoints_evaluated_now": evaluated,
-        "tasks": dg.MetadataValue.md(finals[0]["tasks_markdown"] + f"\n\n(seed {runs[0]['seed']}, final step)"),
+        "tasks": dg.MetadataValue.md(runs[0]["points"][-1]["tasks_markdown"]
+                                     + f"\n\n(seed {runs[0]['seed']}, final step)"),
         "step": final["step"], "tokens_seen": final["tokens_seen"],
         "seconds": round(time.perf_counter() - started, 1), "device": str(device),
         "path": dg.MetadataValue.path(info.path),
     })
+
+
+def _evaluated_runs(context: dg.AssetExecutionContext, storage: Storage, runs: list[dict[str, Any]], cache_dir: str,
+                    every_checkpoint: bool,
+                    evaluate: Callable[[str], dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Each run's evaluated checkpoints (or only its last) as [{"seed", "points"}], and how many were evaluated now:
+    a point is stored once under ``cache_dir`` and read back, so a rerun only evaluates new checkpoints."""
+    evaluated_runs, evaluated = [], 0
+    for run in runs:
+        points = []
+        for step in run["checkpoints"] if every_checkpoint else run["checkpoints"][-1:]:
+            cached = f"{cache_dir}/{run['path'].rsplit('/', 2)[-2]}/seed-{run['seed']}/step-{step:06d}.json"
+            if not storage.exists(cached):
+                point = evaluate(f"{run['path']}/step-{step:06d}")
+                storage.write_json(cached, finite(point))
+                evaluated += 1
+                context.log.info(f"{context.partition_key} seed {run['seed']} step {step}: core centered "
+                                 f"{point['core_centered']:.4f}, bits per byte {point['bits_per_byte']}")
+            points.append(storage.read_json(cached))
+        evaluated_runs.append({"seed": run["seed"], "points": points})
+    return evaluated_runs, evaluated

@@ -8,7 +8,6 @@ from dataclasses import asdict
 
 import dagster as dg
 import numpy as np
-import pyarrow as pa
 import torch
 
 from groupmates_assets.defs.common import finite
@@ -25,9 +24,6 @@ from groupmates_assets.lib.influence import training as tr
 from groupmates_assets.lib.oracle import read_oracle_blocks
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import METHOD, InfluenceProfile, Profile
-
-TAILS = {"beneficial": 1, "harmful": -1}  # beam-search order: +1 minimises the predicted loss change
-
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -177,42 +173,22 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
     torch.set_num_threads(influence.torch_threads)
     init = layout.current_model(storage, "init")
     docs, _, pool_sha = probe_documents(storage, settings)
-    started = time.perf_counter()
-    with im.local_model_dir(storage, init["path"]) as local:
-        model = im.load_model(local, lm.default_device())
-    h, u = im.embed_documents(model, docs, max_tokens=influence.max_tokens, log=context.log.info)
-    embed_seconds = time.perf_counter() - started
-    alpha, tau = model.alpha_tau()
+    h, u, alpha, tau, embed_seconds = _embed_probe_pool(context, storage, init["path"], docs, influence.max_tokens)
     length, keep = METHOD.trajectory_length, influence.bootstrap_per_tail
-    beams = {tail: boot.beam_search(h, u, alpha, tau, length, influence.bootstrap_width, keep, order)
-             for tail, order in TAILS.items()}
+    beams = boot.search_tails(h, u, alpha, tau, length, influence.bootstrap_width, keep)
     report = boot.tail_report(h, u, alpha, tau, beams["beneficial"], beams["harmful"],
                               influence.tail_check_trajectories, influence.seed)
     pool_ids = storage.read_parquet(f"{layout.PROBE_POOL_DIR}/contexts.parquet").column("context_id").to_pylist()
-    rows = [(tail, b) for tail in TAILS for b in range(keep)]
-    table = pa.table({
-        "row": np.arange(len(rows), dtype=np.int64),
-        "policy": [f"bootstrap-{tail}" for tail, _ in rows],
-        "context_index": [beams[tail].indices[b].tolist() for tail, b in rows],
-        "context_id": [[pool_ids[i] for i in beams[tail].indices[b]] for tail, b in rows],
-        "predicted_score": [float(beams[tail].scores[b]) for tail, b in rows],
-        "predicted_marginal": [beams[tail].predictions[b].tolist() for tail, b in rows],
-    })
+    table = boot.trajectories_table(beams, keep, pool_ids)
     boot_fp = layout.fingerprint(model=init["fingerprint"], pool=pool_sha, width=influence.bootstrap_width,
                                  keep=keep, length=length)
     path = f"{layout.BOOTSTRAP_DIR}/{boot_fp}/trajectories.parquet"
     info = storage.write_parquet(path, table)
     layout.write_pointer(storage, layout.BOOTSTRAP_DIR, {"fingerprint": boot_fp, "sha256": info.sha256, "path": path,
                                                          "model": init["fingerprint"]})
-    passed = report["beneficial_below_p01"] and report["harmful_above_p99"] and report[
-        "first_steps_differ_between_tails"]
-    scores = np.concatenate([beams["beneficial"].scores, beams["harmful"].scores])
-    random_scores = boot.trajectory_scores(h, u, alpha, tau, np.stack([
-        np.random.default_rng(influence.seed).choice(len(docs), size=length, replace=False) for _ in range(500)]))
-    edges = np.linspace(min(scores.min(), random_scores.min()), max(scores.max(), random_scores.max()), 31)
-    png = plots.histogram_png(edges.tolist(), np.histogram(random_scores, bins=edges)[0].tolist(),
-                              "predicted trajectory scores: 500 random trajectories", "sum of predicted influences",
-                              ylabel="trajectories")
+    edges, counts = boot.random_score_histogram(h, u, alpha, tau, beams, length, influence.seed)
+    png = plots.histogram_png(edges, counts, "predicted trajectory scores: 500 random trajectories",
+                              "sum of predicted influences", ylabel="trajectories")
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": table.num_rows, "per_tail": keep, "width": influence.bootstrap_width,
@@ -225,10 +201,22 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
             "model_fingerprint": init["fingerprint"], "fingerprint": boot_fp, "sha256": info.sha256,
             "path": dg.MetadataValue.path(info.path),
         },
-        check_results=[dg.AssetCheckResult(check_name="tails_separated", passed=bool(passed), metadata=report,
-                                           severity=dg.AssetCheckSeverity.ERROR)],
+        check_results=[dg.AssetCheckResult(check_name="tails_separated", passed=boot.tails_separated(report),
+                                           metadata=report, severity=dg.AssetCheckSeverity.ERROR)],
         data_version=dg.DataVersion(info.sha256[:16]),
     )
+
+
+def _embed_probe_pool(context: dg.AssetExecutionContext, storage: Storage, model_path: str, docs: enc.ChunkedDocuments,
+                      max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, float, float, float]:
+    """(h, u, alpha, tau, seconds) of the probe pool under a stored influence model; the time includes loading it."""
+    started = time.perf_counter()
+    with im.local_model_dir(storage, model_path) as local:
+        model = im.load_model(local, lm.default_device())
+    h, u = im.embed_documents(model, docs, max_tokens=max_tokens, log=context.log.info)
+    seconds = time.perf_counter() - started
+    alpha, tau = model.alpha_tau()
+    return h, u, alpha, tau, seconds
 
 
 @dg.asset(
@@ -322,22 +310,15 @@ def influence_model_report(context: dg.AssetExecutionContext, platform: Platform
     _, val_rows = tr.split_by_group(data, influence.val_fraction, influence.seed)
     random_val = val_rows[data.family()[val_rows] == "random"]
     docs, _, _ = probe_documents(storage, settings)
-    rows, summary = [], {}
+    summary = {}
     for kind in ("init", "final", "individual"):
-        current = layout.current_model(storage, kind)
-        with im.local_model_dir(storage, current["path"]) as local:
+        with im.local_model_dir(storage, layout.current_model(storage, kind)["path"]) as local:
             model = im.load_model(local, lm.default_device())
         on_random = tr.evaluate(model, docs, data, random_val, influence.max_tokens)
         on_all = tr.evaluate(model, docs, data, val_rows, influence.max_tokens)
         alpha, tau = model.alpha_tau()
         summary[kind] = {"random_val": on_random, "all_val": on_all, "alpha": alpha, "tau": tau}
-        rows.append(f"| {layout.ASSET_OF_KIND[kind]} | {on_random.get('spearman', float('nan')):.4f} | "
-                    f"{on_random.get('pearson', float('nan')):.4f} | {on_all.get('spearman', float('nan')):.4f} | "
-                    f"{on_all.get('mse', float('nan')):.4f} | {on_all.get('mse_constant', float('nan')):.4f} | "
-                    f"{alpha:.3f} | {tau:.3f} |")
-    table = ("| model | Spearman (random held-out) | Pearson (random held-out) | Spearman (all held-out) | "
-             "MSE (all held-out, z) | constant MSE | alpha | tau |\n|---|---|---|---|---|---|---|---|\n"
-             + "\n".join(rows))
+    table = tr.comparison_markdown({layout.ASSET_OF_KIND[kind]: result for kind, result in summary.items()})
     storage.write_json(layout.INFLUENCE_REPORT, finite(summary))
     context.log.info("influence models on held-out trajectories:\n" + table)
     return dg.MaterializeResult(metadata={

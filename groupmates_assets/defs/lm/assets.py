@@ -2,6 +2,7 @@
 
 import tempfile
 import time
+from typing import Any
 
 import dagster as dg
 import torch
@@ -11,6 +12,8 @@ from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import optim_config, tokenized_pool
 from groupmates_assets.lib import layout, lm, plots
+from groupmates_assets.lib.storage import Storage
+from groupmates_assets.settings import LMProfile
 
 
 @dg.asset(
@@ -48,27 +51,34 @@ def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResour
                                        f"{r['tokens_seen']:,} tokens, {time.perf_counter() - started:.0f} s"),
     )
     seconds = time.perf_counter() - started
-    tokens_seen = int(curve[-1]["tokens_seen"])
-    extra = {"tokens_seen": tokens_seen, "probe_fraction": profile.probe_fraction, "seed": profile.seed,
-             "tokenized_shards": [m["shard_key"] for m in manifests], "final_loss": curve[-1]["loss"]}
+    extra = {"tokens_seen": int(curve[-1]["tokens_seen"]), "probe_fraction": profile.probe_fraction,
+             "seed": profile.seed, "tokenized_shards": [m["shard_key"] for m in manifests],
+             "final_loss": curve[-1]["loss"]}
     with tempfile.TemporaryDirectory(prefix="groupmates-ckpt-") as tmp:
         lm.save_checkpoint(tmp, model, optimizer, shape, cfg, steps, extra)
         storage.remove(f"{layout.PROBE_CHECKPOINT_DIR}/trainer_state.json")  # completion marker goes last
         infos = storage.put_dir(tmp, layout.PROBE_CHECKPOINT_DIR, layout.PROBE_CHECKPOINT_FILES)
-    version = infos["model.safetensors"].sha256[:12]
+    return dg.MaterializeResult(
+        metadata=_checkpoint_metadata(storage, profile, shape, cfg, optimizer, curve, seconds, device,
+                                      infos["model.safetensors"].sha256),
+        data_version=dg.DataVersion(infos["model.safetensors"].sha256[:12]),
+    )
+
+
+def _checkpoint_metadata(storage: Storage, profile: LMProfile, shape: lm.LMShape, cfg: lm.OptimConfig,
+                         optimizer: torch.optim.Optimizer, curve: list[dict[str, float]], seconds: float,
+                         device: torch.device, model_sha256: str) -> dict[str, Any]:
+    tokens_seen = int(curve[-1]["tokens_seen"])
     png = plots.line_png([r["step"] for r in curve], [r["loss"] for r in curve], f"{shape.name}: training loss",
                          "step", "loss (CE + z-loss)")
-    return dg.MaterializeResult(
-        metadata={
-            "checkpoint_version": version, "step": steps, "total_steps": profile.total_steps,
-            "learning_rate": lm.current_lr(optimizer), "tokens_seen": tokens_seen,
-            "final_loss": round(curve[-1]["loss"], 4), "parameters": lm.param_count(shape),
-            "non_embedding_parameters": lm.param_count(shape, embeddings=False),
-            "shape": dg.MetadataValue.json(shape.to_dict()), "optimizer": dg.MetadataValue.json(cfg.to_dict()),
-            "tokens_per_second": round(tokens_seen / seconds, 1), "device": str(device),
-            "loss_curve": dg.MetadataValue.md(plots.png_markdown(png, "loss curve")),
-            "path": dg.MetadataValue.path(storage.url(layout.PROBE_CHECKPOINT_DIR)),
-            "model_sha256": infos["model.safetensors"].sha256,
-        },
-        data_version=dg.DataVersion(version),
-    )
+    return {
+        "checkpoint_version": model_sha256[:12], "step": profile.probe_steps, "total_steps": profile.total_steps,
+        "learning_rate": lm.current_lr(optimizer), "tokens_seen": tokens_seen,
+        "final_loss": round(curve[-1]["loss"], 4), "parameters": lm.param_count(shape),
+        "non_embedding_parameters": lm.param_count(shape, embeddings=False),
+        "shape": dg.MetadataValue.json(shape.to_dict()), "optimizer": dg.MetadataValue.json(cfg.to_dict()),
+        "tokens_per_second": round(tokens_seen / seconds, 1), "device": str(device),
+        "loss_curve": dg.MetadataValue.md(plots.png_markdown(png, "loss curve")),
+        "path": dg.MetadataValue.path(storage.url(layout.PROBE_CHECKPOINT_DIR)),
+        "model_sha256": model_sha256,
+    }

@@ -3,6 +3,7 @@
 
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -27,9 +28,9 @@ from groupmates_assets.lib.pool_sample import SampledDoc, sample_shards, spread
 from groupmates_assets.lib.quality import (
     HQ_LABEL,
     QualityClassifier,
-    split_heldout,
-    threshold_for_keep_fraction,
-    train_quality_classifier,
+    calibrate,
+    classifier_manifest,
+    train_on_samples,
 )
 from groupmates_assets.lib.storage import Storage, sha256_stream
 from groupmates_assets.settings import QualityProfile, with_overrides
@@ -66,33 +67,6 @@ def _positives(storage: Storage, quality: QualityProfile, group_field: str | Non
     return sample_shards(fs, [source], quality.max_positives, quality.recipe.seed, group_field)
 
 
-def _calibrate(classifier: QualityClassifier, quality: QualityProfile, sample: list[SampledDoc]) -> dict[str, Any]:
-    """Threshold (given, or placed at the keep-fraction quantile of a pool sample) and keep rates by group."""
-    scores = classifier.score([d.text for d in sample]) if sample else np.zeros(0, np.float32)
-    if quality.threshold is not None:
-        threshold, rule = float(quality.threshold), f"fixed threshold {quality.threshold}"
-    elif quality.keep_fraction is not None:
-        threshold = threshold_for_keep_fraction(scores, quality.keep_fraction)
-        rule = f"keep fraction {quality.keep_fraction} of {len(sample)} held-out pool documents"
-    else:
-        raise PermanentFailure("quality settings need a threshold or a keep_fraction")
-    groups: dict[str, list[int]] = {}
-    for doc, score in zip(sample, scores.tolist(), strict=True):
-        counts = groups.setdefault(doc.group or "(none)", [0, 0])
-        counts[0] += 1
-        counts[1] += score >= threshold
-    return {"threshold": threshold, "threshold_rule": rule, "calibration_documents": len(sample),
-            "calibration_keep_rate": float((scores >= threshold).mean()) if len(scores) else None,
-            "calibration_by_group": {g: {"in": c[0], "kept": c[1]} for g, c in sorted(groups.items())}}
-
-
-def _group_table(by_group: dict[str, dict[str, int]]) -> str:
-    rows = ["| group | documents | kept | keep rate |", "|---|---:|---:|---:|"]
-    for group, c in sorted(by_group.items(), key=lambda item: -item[1]["in"]):
-        rows.append(f"| {group} | {c['in']} | {c['kept']} | {c['kept'] / c['in']:.1%} |")
-    return "\n".join(rows)
-
-
 @dg.asset(
     group_name="quality",
     code_version="quality-classifier-v1",
@@ -118,51 +92,44 @@ def quality_classifier(
     def skip_unreadable(error: shard_io.ShardReadError) -> None:
         context.log.warning(f"left out of the pool sample: {error}")
         unreadable.append(error.path)
+
+    def sample_pool(wanted: int) -> list[SampledDoc]:
+        return sample_shards(fs, sample_from, wanted, quality.recipe.seed, group_field, on_unreadable=skip_unreadable)
     with tempfile.TemporaryDirectory(prefix="groupmates-classifier-") as tmp:
         model_file = os.path.join(tmp, "model.bin")
         if quality.model_path:
-            source = _fetch_model(storage, quality.model_path, model_file)
-            report, recipe = None, {"supplied_model": source}
-            calibration_docs = sample_shards(fs, sample_from, CALIBRATION_SAMPLE, quality.recipe.seed, group_field,
-                                             on_unreadable=skip_unreadable)
+            classifier, report, training, calibration_docs = _supplied_classifier(storage, quality, model_file,
+                                                                                  sample_pool)
         else:
             positives = _positives(storage, quality, group_field)
             wanted = int(len(positives) * quality.negatives_per_positive)
             context.log.info(f"sampling {wanted} negatives from {len(sample_from)} of {len(shards)} pool shards")
-            negatives = sample_shards(fs, sample_from, wanted, quality.recipe.seed, group_field,
-                                      on_unreadable=skip_unreadable)
-            pos_train, pos_held = split_heldout(positives, _doc_id, quality.heldout_fraction, quality.recipe.seed)
-            neg_train, neg_held = split_heldout(negatives, _doc_id, quality.heldout_fraction, quality.recipe.seed)
-            report = train_quality_classifier(
-                [d.text for d in pos_train], [d.text for d in neg_train], model_file, quality.recipe,
-                [d.text for d in pos_held], [d.text for d in neg_held],
-            )
-            recipe = {"recipe": "DCLM fastText bigram, positives vs pool negatives", **quality.recipe.as_dict()}
-            calibration_docs = neg_held
-        if quality.model_path:
-            classifier = _load_supplied_model(model_file, quality.hq_label, source)
-        else:
+            report, calibration_docs = train_on_samples(positives, sample_pool(wanted), model_file, quality.recipe,
+                                                        quality.heldout_fraction)
+            training = {"recipe": "DCLM fastText bigram, positives vs pool negatives", **quality.recipe.as_dict()}
             classifier = QualityClassifier(model_file, HQ_LABEL)
-        calibration = _calibrate(classifier, quality, calibration_docs)
+        calibration = calibrate(classifier, calibration_docs, quality.threshold, quality.keep_fraction)
         with open(model_file, "rb") as handle:
             version = sha256_stream(handle)[0][:12]
         model_info = storage.put_file(model_file, f"{layout.CLASSIFIER_DIR}/{version}/model.bin")
-    manifest = {
-        "version": version, "model": f"{layout.CLASSIFIER_DIR}/{version}/model.bin", "model_sha256": model_info.sha256,
-        "hq_label": classifier.hq_label, **calibration, "training": recipe,
-        "metrics": None if report is None else {
-            k: v for k, v in report.__dict__.items() if not k.startswith("heldout_scores")},
-        "negative_sample_shards": [s.key for s in sample_from],
-        "unreadable_shards": unreadable,
-    }
+    manifest = classifier_manifest(version, f"{layout.CLASSIFIER_DIR}/{version}/model.bin", model_info.sha256,
+                                   classifier.hq_label, calibration, training, report,
+                                   [s.key for s in sample_from], unreadable)
     storage.write_json(f"{layout.CLASSIFIER_DIR}/{version}/classifier.json", manifest)
     layout.write_pointer(storage, layout.CLASSIFIER_DIR, manifest)  # what the filter reads; written last
     return dg.MaterializeResult(metadata=_classifier_metadata(manifest, report, model_info.path),
                                 data_version=dg.DataVersion(version))
 
 
-def _doc_id(doc: SampledDoc) -> str:
-    return doc.doc_id
+def _supplied_classifier(storage: Storage, quality: QualityProfile, model_file: str,
+                         sample_pool: Callable[[int], list[SampledDoc]]
+                         ) -> tuple[QualityClassifier, None, dict[str, Any], list[SampledDoc]]:
+    """(classifier, no training report, its provenance, a pool sample to calibrate on) for a supplied model."""
+    assert quality.model_path is not None
+    source = _fetch_model(storage, quality.model_path, model_file)
+    calibration_docs = sample_pool(CALIBRATION_SAMPLE)
+    return _load_supplied_model(model_file, quality.hq_label, source), None, {"supplied_model": source}, \
+        calibration_docs
 
 
 def _fetch_model(storage: Storage, source: str, target: str) -> str:
@@ -195,7 +162,7 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
         "threshold_rule": manifest["threshold_rule"],
         "training_recipe": dg.MetadataValue.json(manifest["training"]),
         "calibration_keep_rate": manifest["calibration_keep_rate"],
-        "keep_rate_by_group": dg.MetadataValue.md(_group_table(manifest["calibration_by_group"])),
+        "keep_rate_by_group": dg.MetadataValue.md(filtering.keep_rate_table(manifest["calibration_by_group"])),
     }
     if report is not None:
         edges = np.linspace(0, 1, 21)
@@ -288,7 +255,7 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
         "dagster/row_count": stats["kept"],
         "rows_in": stats["rows_in"], "kept": stats["kept"], "dropped": stats["dropped"],
         "rejected": stats["rejected"],
-        "keep_rate": round(stats["kept"] / max(stats["kept"] + stats["dropped"], 1), 4),
+        "keep_rate": filtering.keep_rate(stats["kept"], stats["dropped"]),
         "threshold": stats["threshold"],
         "classifier_version": stats["classifier_version"],
         "score_histogram": dg.MetadataValue.md(plots.png_markdown(png, "score histogram")),
@@ -302,7 +269,7 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
     if stats["reject_reasons"]:
         metadata["reject_reasons"] = dg.MetadataValue.json(stats["reject_reasons"])
     if stats["by_group"]:
-        metadata["keep_rate_by_group"] = dg.MetadataValue.md(_group_table(stats["by_group"]))
+        metadata["keep_rate_by_group"] = dg.MetadataValue.md(filtering.keep_rate_table(stats["by_group"]))
     return metadata
 
 
@@ -321,58 +288,43 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
 )
 def filtered_pool_summary(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage = platform.storage()
-    shard_stats, pool = [], set(context.instance.get_dynamic_partitions(pool_shards.name))
+    pool = set(context.instance.get_dynamic_partitions(pool_shards.name))
     filtered = [key for key in storage.list(layout.FILTERED_POOL_DIR) if not key.startswith("_")]
     gone = [key for key in filtered if key not in pool]
     if gone:  # filtered before their file left the pool (or from a pool this instance saw before)
         context.log.warning(f"{len(gone)} filtered shards are no longer in the pool; left out: {_names(gone)}")
-    for key in filtered:
-        if key not in pool:
-            continue
-        stats_path = f"{layout.FILTERED_DIR.format(key=key)}/{filtering.STATS_FILE}"
-        if storage.exists(stats_path):
-            shard_stats.append(storage.read_json(stats_path))
-        else:
-            context.log.warning(f"filtered shard {key} has no {filtering.STATS_FILE} (incomplete run?); left out")
+    shard_stats, incomplete = filtering.read_shard_stats(storage, [key for key in filtered if key in pool])
+    for key in incomplete:
+        context.log.warning(f"filtered shard {key} has no {filtering.STATS_FILE} (incomplete run?); left out")
     if not shard_stats:
         raise PermanentFailure("no filtered shards yet: materialize filtered_pool_shard partitions first")
-    totals = {k: sum(s[k] for s in shard_stats) for k in ("rows_in", "kept", "dropped", "rejected")}
-    unbalanced = [s["shard_key"] for s in shard_stats if s["rows_in"] != s["kept"] + s["dropped"] + s["rejected"]]
-    versions = sorted({s["classifier_version"] for s in shard_stats})
-    counts = np.sum([s["score_histogram"]["counts"] for s in shard_stats], axis=0).tolist()
-    edges = shard_stats[0]["score_histogram"]["bin_edges"]
-    by_group: dict[str, dict[str, int]] = {}
-    for s in shard_stats:
-        for group, c in s["by_group"].items():
-            merged = by_group.setdefault(group, {"in": 0, "kept": 0})
-            merged["in"] += c["in"]
-            merged["kept"] += c["kept"]
-    manifest = {
-        "shards": [{"key": s["shard_key"], "kept": s["kept"], **s["files"]["kept"]} for s in shard_stats],
-        "classifier_versions": versions, **totals,
-    }
-    info = storage.write_json(layout.FILTERED_MANIFEST, manifest)
-    threshold = shard_stats[0]["threshold"]
-    png = plots.histogram_png(edges, counts, "filtered pool: quality scores", "P(high quality)", threshold)
-    passed = not unbalanced and len(versions) == 1
+    summary = filtering.summarize_pool(shard_stats)
+    info = storage.write_json(layout.FILTERED_MANIFEST, summary.manifest())
+    versions = ", ".join(summary.classifier_versions)
     return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": totals["kept"], **totals, "shards": len(shard_stats),
-            "keep_rate": round(totals["kept"] / max(totals["kept"] + totals["dropped"], 1), 4),
-            "classifier_versions": ", ".join(versions),
-            "score_histogram": dg.MetadataValue.md(plots.png_markdown(png, "score histogram")
-                                                   + "\n\n" + plots.histogram_table(edges, counts)),
-            "keep_rate_by_group": dg.MetadataValue.md(_group_table(by_group)) if by_group else "",
-            "manifest": dg.MetadataValue.path(info.path),
-            "shards_no_longer_in_pool": len(gone), "left_out_shards": _names(gone),
-        },
+        metadata=_summary_metadata(summary, gone, info.path),
         check_results=[dg.AssetCheckResult(
-            check_name="all_shards_reconcile", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"unbalanced_shards": ", ".join(unbalanced) or "none",
-                      "classifier_versions": ", ".join(versions)},
+            check_name="all_shards_reconcile", passed=summary.reconciles, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"unbalanced_shards": ", ".join(summary.unbalanced) or "none", "classifier_versions": versions},
         )],
         data_version=dg.DataVersion(info.sha256[:16]),
     )
+
+
+def _summary_metadata(summary: filtering.PoolSummary, gone: list[str], manifest_path: str) -> dict[str, Any]:
+    totals, edges, counts = summary.totals, summary.bin_edges, summary.counts
+    png = plots.histogram_png(edges, counts, "filtered pool: quality scores", "P(high quality)", summary.threshold)
+    return {
+        "dagster/row_count": totals["kept"], **totals, "shards": len(summary.shard_stats),
+        "keep_rate": filtering.keep_rate(totals["kept"], totals["dropped"]),
+        "classifier_versions": ", ".join(summary.classifier_versions),
+        "score_histogram": dg.MetadataValue.md(plots.png_markdown(png, "score histogram")
+                                               + "\n\n" + plots.histogram_table(edges, counts)),
+        "keep_rate_by_group": dg.MetadataValue.md(filtering.keep_rate_table(summary.by_group))
+        if summary.by_group else "",
+        "manifest": dg.MetadataValue.path(manifest_path),
+        "shards_no_longer_in_pool": len(gone), "left_out_shards": _names(gone),
+    }
 
 
 def _names(keys: list[str], shown: int = 20) -> str:

@@ -15,6 +15,7 @@ from groupmates_assets.defs.partitions import SELECTION_METHODS
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import layout, plots
 from groupmates_assets.lib import report as rp
+from groupmates_assets.lib.storage import Storage
 
 # Stages whose wall time is the cost of selecting data (the paper's cost table), by component.
 OVERHEAD_STAGES: dict[str, tuple[str, ...]] = {
@@ -88,23 +89,10 @@ def step_seconds_partition(instance: dg.DagsterInstance, asset: str, partition: 
 )
 def selection_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings()
-    missing = [m for m in SELECTION_METHODS if not storage.exists(f"{layout.EVALUATION_DIR}/{m}.json")]
-    if missing:
-        raise PermanentFailure(f"no evaluation for {', '.join(missing)}: materialize evaluation for every method first")
-    evaluations = {m: storage.read_json(f"{layout.EVALUATION_DIR}/{m}.json") for m in SELECTION_METHODS}
-    curves = {m: [storage.read_json(f"{run['path']}/curve.json")
-                  for run in layout.current_pretrain(storage, m)["runs"]] for m in SELECTION_METHODS}
-    corpora = {}
-    for method in SELECTION_METHODS:
-        current = layout.current_corpus(storage, method)
-        corpora[method] = storage.read_json(f"{current['path']}/manifest.json")
+    evaluations, curves, corpora = _report_inputs(storage)
     costs = cost_table(context.instance, settings.pretrain.stages, settings.pretrain.seeds)
     report = rp.build_report(evaluations, curves, corpora, costs, baseline="random", focus="group_mates")
-    pngs = {
-        "training_loss.png": rp.loss_curves_png(report),
-        "heldout_bits_per_byte.png": rp.metric_png(report, "bits_per_byte", "held-out bits per byte"),
-        "core_centered.png": rp.metric_png(report, "core_centered", "core centered accuracy"),
-    }
+    pngs = rp.figures(report)
     markdown = rp.to_markdown(report, settings.name, {name: name for name in pngs})
     for name, png in pngs.items():
         storage.write_bytes(f"{layout.REPORT_DIR}/{name}", png)
@@ -125,3 +113,18 @@ def selection_report(context: dg.AssetExecutionContext, platform: PlatformResour
         "seeds": settings.pretrain.seeds, "stages": settings.pretrain.stages,
         "path": dg.MetadataValue.path(info.path),
     })
+
+
+def _report_inputs(storage: Storage) -> tuple[dict[str, dict], dict[str, list[list[dict]]], dict[str, dict]]:
+    """(evaluations, training-loss curves per seed, corpus manifests) of every method, read from storage."""
+    missing = [m for m in SELECTION_METHODS if not storage.exists(f"{layout.EVALUATION_DIR}/{m}.json")]
+    if missing:
+        raise PermanentFailure(f"no evaluation for {', '.join(missing)}: materialize evaluation for every method first")
+    evaluations = {m: storage.read_json(f"{layout.EVALUATION_DIR}/{m}.json") for m in SELECTION_METHODS}
+    curves = {m: [storage.read_json(f"{run['path']}/curve.json")
+                  for run in layout.current_pretrain(storage, m)["runs"]] for m in SELECTION_METHODS}
+    corpora = {}
+    for method in SELECTION_METHODS:
+        current = layout.current_corpus(storage, method)
+        corpora[method] = storage.read_json(f"{current['path']}/manifest.json")
+    return evaluations, curves, corpora

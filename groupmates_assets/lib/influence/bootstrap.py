@@ -15,9 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from groupmates_assets.lib.influence.model import closed_form_scores, relational_predictions
+
+TAILS = {"beneficial": 1, "harmful": -1}  # beam-search order: +1 minimises the predicted loss change
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,42 @@ def tail_report(h: torch.Tensor, u: torch.Tensor, alpha: float, tau: float, bene
         "first_steps_differ_between_tails": beneficial_first != harmful_first,
         "distinct_first_steps": len(beneficial_first | harmful_first),
     }
+
+
+def search_tails(h: torch.Tensor, u: torch.Tensor, alpha: float, tau: float, length: int, width: int,
+                 keep: int) -> dict[str, Beams]:
+    """The ``keep`` best beams toward each tail, by tail name."""
+    return {tail: beam_search(h, u, alpha, tau, length, width, keep, order) for tail, order in TAILS.items()}
+
+
+def tails_separated(report: dict[str, float | bool]) -> bool:
+    """Whether a :func:`tail_report` passes T18: both tails beyond the random percentiles, different first steps."""
+    return bool(report["beneficial_below_p01"] and report["harmful_above_p99"]
+                and report["first_steps_differ_between_tails"])
+
+
+def trajectories_table(beams: dict[str, Beams], keep: int, pool_ids: list[str]) -> pa.Table:
+    """One row per beam, the beneficial tail first: policy, probe-pool rows and ids, predicted score and marginals."""
+    rows = [(tail, b) for tail in TAILS for b in range(keep)]
+    return pa.table({
+        "row": np.arange(len(rows), dtype=np.int64),
+        "policy": [f"bootstrap-{tail}" for tail, _ in rows],
+        "context_index": [beams[tail].indices[b].tolist() for tail, b in rows],
+        "context_id": [[pool_ids[i] for i in beams[tail].indices[b]] for tail, b in rows],
+        "predicted_score": [float(beams[tail].scores[b]) for tail, b in rows],
+        "predicted_marginal": [beams[tail].predictions[b].tolist() for tail, b in rows],
+    })
+
+
+def random_score_histogram(h: torch.Tensor, u: torch.Tensor, alpha: float, tau: float, beams: dict[str, Beams],
+                           length: int, seed: int, trajectories: int = 500,
+                           bins: int = 30) -> tuple[list[float], list[int]]:
+    """(bin edges, counts) of the predicted scores of seeded random trajectories, the edges spanning the beams'
+    scores too, so the plot shows how far out the tails lie."""
+    scores = np.concatenate([beams["beneficial"].scores, beams["harmful"].scores])
+    # A fresh generator per draw, as the stage has always done: every "random" trajectory is the same one.
+    # Kept unchanged here (this function moved out of the stage); drawing from one generator would fix the plot.
+    random_scores = trajectory_scores(h, u, alpha, tau, np.stack([
+        np.random.default_rng(seed).choice(h.shape[0], size=length, replace=False) for _ in range(trajectories)]))
+    edges = np.linspace(min(scores.min(), random_scores.min()), max(scores.max(), random_scores.max()), bins + 1)
+    return edges.tolist(), np.histogram(random_scores, bins=edges)[0].tolist()

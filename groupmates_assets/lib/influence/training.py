@@ -246,3 +246,15 @@ def evaluate(model: InfluenceModel, docs: ChunkedDocuments, data: Trajectories, 
     predicted = predict(model, docs, data.contexts[rows], max_tokens=max_tokens)
     target = (data.labels[rows] - model.config.label_mean) / model.config.label_std
     return regression_metrics(predicted, target)
+
+
+def comparison_markdown(results: dict[str, dict]) -> str:
+    """Markdown table of influence models side by side: held-out metrics on the random-rollout validation set
+    (``random_val``) and on the whole one (``all_val``), with each model's alpha and tau; NaN where undefined."""
+    rows = [f"| {name} | {r['random_val'].get('spearman', float('nan')):.4f} | "
+            f"{r['random_val'].get('pearson', float('nan')):.4f} | {r['all_val'].get('spearman', float('nan')):.4f} | "
+            f"{r['all_val'].get('mse', float('nan')):.4f} | {r['all_val'].get('mse_constant', float('nan')):.4f} | "
+            f"{r['alpha']:.3f} | {r['tau']:.3f} |" for name, r in results.items()]
+    return ("| model | Spearman (random held-out) | Pearson (random held-out) | Spearman (all held-out) | "
+            "MSE (all held-out, z) | constant MSE | alpha | tau |\n|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows))
