@@ -114,3 +114,5 @@ def test_random_score_histogram_spans_the_beams_and_counts_every_trajectory():
     assert len(edges) == 31 and len(counts) == 30 and sum(counts) == 500
     scores = np.concatenate([beams["beneficial"].scores, beams["harmful"].scores])
     assert edges[0] <= scores.min() and edges[-1] >= scores.max()
+    assert sum(c > 0 for c in counts) > 1, "the random trajectories must be different samples, not one repeated"
+    assert boot.random_score_histogram(h, u, 0.5, 2.0, beams, length=4, seed=7) == (edges, counts)  # seeded

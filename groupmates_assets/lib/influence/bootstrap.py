@@ -131,9 +131,8 @@ def random_score_histogram(h: torch.Tensor, u: torch.Tensor, alpha: float, tau: 
     """(bin edges, counts) of the predicted scores of seeded random trajectories, the edges spanning the beams'
     scores too, so the plot shows how far out the tails lie."""
     scores = np.concatenate([beams["beneficial"].scores, beams["harmful"].scores])
-    # A fresh generator per draw, as the stage has always done: every "random" trajectory is the same one.
-    # Kept unchanged here (this function moved out of the stage); drawing from one generator would fix the plot.
+    rng = np.random.default_rng(seed)  # one generator for all draws: each trajectory is a different sample
     random_scores = trajectory_scores(h, u, alpha, tau, np.stack([
-        np.random.default_rng(seed).choice(h.shape[0], size=length, replace=False) for _ in range(trajectories)]))
+        rng.choice(h.shape[0], size=length, replace=False) for _ in range(trajectories)]))
     edges = np.linspace(min(scores.min(), random_scores.min()), max(scores.max(), random_scores.max()), bins + 1)
     return edges.tolist(), np.histogram(random_scores, bins=edges)[0].tolist()
