@@ -21,6 +21,8 @@ from typing import Any
 
 import dagster as dg
 
+from groupmates_assets.lib.selection import SELECTION_METHODS
+
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
 INPUT_POINTER_PREFIX = "dagster/input_event_pointer/"
@@ -28,8 +30,7 @@ PAGE = 1000  # records per fetch_materializations call; SQL storages cap a page 
 SHOWN_RUNS = 3  # run ids printed per partitioned asset in the table (the JSON has them all)
 
 # The asset that holds each selection method's choice: the other methods' are pruned from a method's lineage.
-METHOD_SELECTION_ASSETS = {"group_mates": "selected_documents", "random": "selected_random",
-                           "mates": "selected_mates", "fasttext": "selected_fasttext"}
+METHOD_SELECTION_ASSETS = {name: method.asset for name, method in SELECTION_METHODS.items()}
 
 # Metadata worth reading per asset: the method parameters and fingerprints that identify what was built.
 # A dotted key reads inside a JSON value; ``{method}`` is the selection method traced.

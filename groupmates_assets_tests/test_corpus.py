@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
+import types
 
 import dagster as dg
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import zstandard
@@ -21,6 +24,7 @@ from groupmates_assets.lib import corpus as corpus_lib
 from groupmates_assets.lib import layout, lm
 from groupmates_assets.lib import pretraining as pt
 from groupmates_assets.lib import tokenization as tk
+from groupmates_assets.lib.shards import make_doc_id, text_hash
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets_tests.conftest import use_profile
 
@@ -53,6 +57,49 @@ def test_bad_shards_name_the_file_and_line():
     data = _shard([{"doc_id": "a", "text": "fine"}, {"text": "no id"}])
     with pytest.raises(corpus_lib.CorpusShardError, match=r"web-b\.jsonl\.zst, line 2"):
         list(corpus_lib.read_selected_shard(data, "web-b.jsonl.zst"))
+
+
+def _kept(key: str, texts: list[str]) -> pa.Table:
+    return pa.table({"doc_id": [make_doc_id(key, i + 1, t) for i, t in enumerate(texts)],
+                     "text": pa.array(texts, pa.large_string()),
+                     "fields": [json.dumps({"url": f"https://example.org/{i}", "text": "stale"})
+                                for i in range(len(texts))]})
+
+
+def test_selected_shard_round_trip_and_join_checks():
+    kept = _kept("web-a", ["alpha", "b\u00e9ta \U0001f600", "gamma"])
+    ids = kept.column("doc_id").to_pylist()
+    selection = pa.table({"doc_id": [ids[2], "web-b:00000001:ffff", ids[0], "web-a:00000009:0000"],
+                          "shard": ["web-a", "web-b", "web-a", "web-a"], "rank": [0, 1, 2, 3],
+                          "score": [0.5, 0.1, float("nan"), 0.2]})
+    embedded = {d: text_hash(t) for d, t in zip(ids, kept.column("text").to_pylist(), strict=True)}
+    shard = corpus_lib.write_selected_shard(kept, selection, "mates", "web-a", embedded)
+    assert (shard.documents, shard.ids_not_found, shard.text_hash_mismatches) == (2, 1, 0)
+    assert list(corpus_lib.read_selected_shard(shard.data, "web-a.jsonl.zst")) == [(ids[2], "gamma"), (ids[0], "alpha")]
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(shard.data)).read()
+    lines = [json.loads(line) for line in raw.splitlines()]
+    assert list(lines[0]) == ["url", "text", "doc_id", "selection"]  # the record, then ours (text overrides)
+    assert lines[0]["selection"] == {"method": "mates", "rank": 0, "score": 0.5}
+    assert lines[1]["selection"]["score"] is None  # NaN as null: the lines stay JSON
+    again = corpus_lib.write_selected_shard(kept, selection, "mates", "web-a", embedded)
+    assert again.data == shard.data  # deterministic bytes
+    changed = corpus_lib.write_selected_shard(kept, selection, "mates", "web-a", {**embedded, ids[0]: "0" * 16})
+    assert changed.text_hash_mismatches == 1
+    empty = corpus_lib.write_selected_shard(kept, selection.slice(0, 0), "mates", "web-a", embedded)
+    assert empty.documents == 0 and list(corpus_lib.read_selected_shard(empty.data, "e")) == []
+
+
+def test_training_plan_covers_the_budget_and_skips_the_padded_context():
+    packed = types.SimpleNamespace(context_len=5, n_contexts=6, pad_context=5)  # 4 tokens a context
+    plan = corpus_lib.plan_training(packed, budget_tokens=45, seeds=2, seed=3, method="random")
+    assert plan.usable.tolist() == [0, 1, 2, 3, 4] and plan.passes == 3
+    assert plan.orders.shape == (2, 12) and plan.orders.dtype == np.int64 and 5 not in plan.orders
+    assert plan.complete_passes == 2 and plan.every_pass_complete()
+    assert not np.array_equal(plan.orders[0], plan.orders[1])  # one order per seed
+    other = corpus_lib.plan_training(packed, 45, 2, 3, method="mates")
+    assert not np.array_equal(plan.orders, other.orders)  # methods never share an order
+    broken = corpus_lib.TrainingPlan(plan.usable, plan.passes, np.zeros((1, 10), dtype=np.int64))
+    assert not broken.every_pass_complete()
 
 
 @pytest.fixture()

@@ -547,7 +547,7 @@ def test_static_partition_keys_cannot_be_forged(tmp_path: Path):
     from groupmates_assets.definitions import STAGES
     from groupmates_assets.defs import partitions
     from groupmates_assets.defs.resources import PlatformResource
-    from groupmates_assets.defs.selection.assets import range_bounds
+    from groupmates_assets.lib.selection import range_bounds
 
     for keys in (partitions.oracle_block_keys(12), partitions.selection_range_keys(7), partitions.SELECTION_METHODS,
                  partitions.oracle_random_blocks.get_partition_keys(),

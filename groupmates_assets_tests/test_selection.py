@@ -1,10 +1,15 @@
 """Cluster-based greedy group selection: invariants T3, T4, T12-T16 and the baselines."""
 
+import itertools
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from groupmates_assets.defs.partitions import SELECTION_METHODS, selection_methods, selection_range_keys
 from groupmates_assets.lib import clustering
 from groupmates_assets.lib import selection as sel
+from groupmates_assets.lib.shards import make_doc_id, text_hash
 
 pytestmark = pytest.mark.unit
 
@@ -141,6 +146,91 @@ def test_baselines():
     assert sel.top_k(scores, 2, lowest=False).tolist() == [3, 0]
     picked = sel.random_subset(100, 10, seed=3)
     assert len(set(picked)) == 10 and np.array_equal(picked, sel.random_subset(100, 10, seed=3))
+
+
+def test_range_keys_split_the_cluster_ids_without_gaps():
+    for ranges, k in ((1, 5), (3, 10), (4, 2), (7, 7)):
+        bounds = [sel.range_bounds(key, k) for key in selection_range_keys(ranges)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == k
+        assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(bounds))
+    assert sel.range_bounds("clusters-002-of-003", 10) == (6, 10)
+    for key in ("clusters-1-of", "cluster-000-of-002", "clusters-000-from-002", "clusters-00x-of-002", ""):
+        with pytest.raises(ValueError, match="not a cluster range key"):
+            sel.range_bounds(key, 4)
+
+
+def test_cluster_sizes_and_total_budget():
+    tables = [pa.table({"cluster": pa.array([0, 2, 2], pa.int64())}), pa.table({"cluster": pa.array([2], pa.int64())})]
+    sizes = sel.cluster_sizes(tables, 4)
+    assert sizes.tolist() == [1, 0, 3, 0]
+    assert sel.cluster_sizes([], 3).tolist() == [0, 0, 0]
+    assert sel.total_budget(sizes, 0.5) == 1 and sel.total_budget(sizes, 0.5, "ceil") == 3
+    assert sel.total_budget(sizes, 0.5) == int(sel.cluster_budgets(sizes, 0.5).sum())
+
+
+def test_method_registry_is_the_partition_keys():
+    assert list(sel.SELECTION_METHODS) == ["group_mates", "random", "mates", "fasttext"]
+    assert tuple(sel.SELECTION_METHODS) == SELECTION_METHODS
+    assert selection_methods.get_partition_keys() == list(sel.SELECTION_METHODS)
+    assert [m.name for m in sel.baseline_methods()] == ["random", "mates", "fasttext"]
+    assert {m.asset for m in sel.SELECTION_METHODS.values()} == {
+        "selected_documents", "selected_random", "selected_mates", "selected_fasttext"}
+    assert not sel.SELECTION_METHODS["group_mates"].is_baseline
+    with pytest.raises(ValueError, match="registered twice"):
+        sel.register_method(sel.SELECTION_METHODS["random"])
+    with pytest.raises(ValueError, match="not a baseline"):
+        sel.select_baseline(sel.SELECTION_METHODS["group_mates"], sel.ScoredPool([], [], np.zeros(0)), 0, 0)
+
+
+def test_baselines_pick_by_doc_id_not_input_order():
+    tables = {"b": pa.table({"doc_id": ["b2", "b1"], "u_individual": pa.array([0.5, -1.0], pa.float32())}),
+              "a": pa.table({"doc_id": ["a1"], "u_individual": pa.array([0.5], pa.float32())})}
+    pool = sel.scored_pool(tables, "u_individual")
+    assert pool.doc_ids == ["b2", "b1", "a1"] and pool.shards == ["b", "b", "a"]
+    mates, fasttext, random = (sel.SELECTION_METHODS[name] for name in ("mates", "fasttext", "random"))
+    lowest = sel.select_baseline(mates, pool, 2, seed=0)
+    assert [pool.doc_ids[i] for i in lowest] == ["b1", "a1"]  # the tie at 0.5 goes to the smaller doc_id
+    assert [pool.doc_ids[i] for i in sel.select_baseline(fasttext, pool, 1, seed=0)] == ["a1"]
+    shuffled = sel.scored_pool({"a": tables["a"], "b": tables["b"]}, "u_individual")
+    assert sorted(shuffled.doc_ids[i] for i in sel.select_baseline(random, shuffled, 2, seed=5)) == sorted(
+        pool.doc_ids[i] for i in sel.select_baseline(random, pool, 2, seed=5))
+    table = sel.baseline_table(mates, pool, lowest)
+    assert table.column_names == ["doc_id", "shard", "rank", "score"]
+    assert table.to_pydict() == {"doc_id": ["b1", "a1"], "shard": ["b", "a"], "rank": [0, 1], "score": [-1.0, 0.5]}
+    assert sel.baseline_table(random, pool, lowest).column("score").to_pylist() == [0.0, 0.0]
+
+
+def _assignments_and_predictions():
+    h = np.eye(3, dtype=np.float16)
+    predictions = {"s": pa.table({"doc_id": ["s:3", "s:1", "s:2"],
+                                  "h": pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), 3),
+                                  "u": pa.array([-3.0, -1.0, -2.0], pa.float32())})}
+    assignments = {"s": pa.table({"doc_id": ["s:1", "s:2", "s:3"], "cluster": pa.array([0, 1, 0], pa.int64())})}
+    return assignments, predictions
+
+
+def test_candidates_of_a_range_are_joined_by_doc_id_and_sorted():
+    assignments, predictions = _assignments_and_predictions()
+    candidates = sel.gather_candidates(assignments, predictions, 0, 1)
+    assert candidates.doc_id.tolist() == ["s:1", "s:3"] and candidates.shard.tolist() == ["s", "s"]
+    assert candidates.u.tolist() == [-1.0, -3.0] and candidates.h.tolist() == [[0, 1, 0], [1, 0, 0]]
+    assert len(sel.gather_candidates(assignments, predictions, 2, 3)) == 0
+    result = sel.select_in_clusters(candidates.h, candidates.u, candidates.cluster, np.array([1, 1]), 1.0, 1.0)
+    table = sel.selected_table(candidates, result)
+    assert table.column_names == ["doc_id", "shard", "cluster", "rank", "u", "predicted"]
+    assert table.column("doc_id").to_pylist() == ["s:3"]
+    checks = sel.check_range(candidates, result, np.array([1, 1]), 0, 1)
+    assert checks.budgets_exact and checks.budget == 1 and checks.duplicate_ids == 0 and checks.quality_signal
+    off = sel.check_range(candidates, result, np.array([2, 1]), 0, 1)
+    assert not off.budgets_exact and off.clusters_off_budget == 1
+    missing = {"s": predictions["s"].slice(0, 2)}
+    with pytest.raises(ValueError, match="shard s: 1 assigned documents have no prediction"):
+        sel.gather_candidates(assignments, missing, 0, 2)
+
+
+def test_one_text_hash_for_doc_ids_and_joins():
+    assert make_doc_id("web-a", 7, "caf\u00e9").endswith(":" + text_hash("caf\u00e9"))
+    assert len(text_hash("x")) == 16 and text_hash("x") != text_hash("y")
 
 
 def test_spherical_kmeans_is_seeded_and_assigns_to_the_nearest_centroid():

@@ -17,6 +17,7 @@ from groupmates_assets import settings as settings_module
 from groupmates_assets.defs.partitions import pool_shards, selection_range_keys
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.selection import assets as sa
+from groupmates_assets.lib.selection import SELECTION_METHODS
 from groupmates_assets.lib.shards import make_doc_id
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.testing.pool_to_selection import save_influence_models, seed_influence_models
@@ -97,12 +98,12 @@ def test_selection_stage_end_to_end(setup):
         metadata, checks = _materialize(setup, "selected_corpus", key)
         assert checks[0].passed, checks[0].metadata
         assert metadata["lineage"].value["influence_model_final"]["fingerprint"] == "fp-final"
-        for method in sa.METHODS:
+        for method in SELECTION_METHODS:
             for record in _read_corpus(setup["root"] / "selected_corpus" / method / f"{key}.jsonl.zst"):
                 digest = hashlib.blake2b(record["text"].encode(), digest_size=8).hexdigest()
                 assert record["doc_id"].endswith(digest) and record["url"].startswith("https://example.org/")
                 texts.setdefault(method, []).append(record["doc_id"])
-    assert {m: len(ids) for m, ids in texts.items()} == dict.fromkeys(sa.METHODS, selected)
+    assert {m: len(ids) for m, ids in texts.items()} == dict.fromkeys(SELECTION_METHODS, selected)
     fasttext = set(texts["fasttext"])
     best = [make_doc_id("web-a", 40, f"{TOPICS[39 % 6]} (document 39 of web-a)")]
     assert set(best) <= fasttext  # the highest quality score is kept by the fastText baseline

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
-import numpy as np
 
+from groupmates_assets.lib.jsonsafe import finite as finite  # stages import it from here
 from groupmates_assets.lib.layout import MissingArtifactError
 
 
@@ -29,15 +29,6 @@ def missing_is_permanent() -> Iterator[None]:
         yield
     except MissingArtifactError as error:
         raise PermanentFailure(str(error)) from None
-
-
-def finite(value):
-    """NaN/inf (e.g. Spearman of a constant prediction) as None, recursively, for JSON files and metadata."""
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def shard_batches() -> dg.BackfillPolicy:

@@ -7,6 +7,8 @@ another profile, so a run's partition keys and its settings always come from the
 
 import dagster as dg
 
+from groupmates_assets.lib import selection as selection_registry
+
 # One partition per raw pool shard file; keys come from file names (see lib.shards.shard_key_for).
 pool_shards = dg.DynamicPartitionsDefinition(name="pool_shards")
 
@@ -56,6 +58,7 @@ def selection_ranges_for_profile() -> dg.StaticPartitionsDefinition:
 
 selection_ranges = selection_ranges_for_profile()
 
-# One partition per selection method whose corpus is tokenized (and, later, trained on and evaluated).
-SELECTION_METHODS = ("group_mates", "random", "mates", "fasttext")
+# One partition per selection method whose corpus is tokenized (and, later, trained on and evaluated): the names
+# of lib.selection's registry, in registration order.
+SELECTION_METHODS = tuple(selection_registry.SELECTION_METHODS)
 selection_methods = dg.StaticPartitionsDefinition(list(SELECTION_METHODS))

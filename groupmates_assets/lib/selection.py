@@ -15,13 +15,32 @@ clusters of similar size are stepped together as one padded batch (on the GPU wh
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from groupmates_assets.lib import failpoints
+from groupmates_assets.lib.storage import Storage
+
+
+def range_bounds(range_key: str, k: int) -> tuple[int, int]:
+    """Cluster ids [start, stop) of a range partition ``clusters-III-of-NNN``."""
+    parts = range_key.split("-")
+    if len(parts) != 4 or parts[0] != "clusters" or parts[2] != "of" or not all(
+            p.isascii() and p.isdigit() for p in (parts[1], parts[3])):
+        raise ValueError(f"not a cluster range key: {range_key!r}")
+    index, ranges = int(parts[1]), int(parts[3])
+    return index * k // ranges, (index + 1) * k // ranges
+
+
+def cluster_sizes(assignments: Sequence[pa.Table], k: int) -> np.ndarray:
+    """Documents per cluster id over every shard's assignments (tables with a ``cluster`` column)."""
+    return np.sum([np.bincount(t.column("cluster").to_numpy(), minlength=k) for t in assignments],
+                  axis=0) if assignments else np.zeros(k, dtype=np.int64)
 
 
 def cluster_budgets(sizes: np.ndarray, ratio: float, rounding: str = "floor") -> np.ndarray:
@@ -33,6 +52,11 @@ def cluster_budgets(sizes: np.ndarray, ratio: float, rounding: str = "floor") ->
     exact = np.asarray(sizes, dtype=np.float64) * ratio
     budgets = np.floor(exact + 1e-9) if rounding == "floor" else np.ceil(exact - 1e-9)
     return np.minimum(budgets.astype(np.int64), np.asarray(sizes, dtype=np.int64))
+
+
+def total_budget(sizes: np.ndarray, ratio: float, rounding: str = "floor") -> int:
+    """Group-MATES' total selection size: the baselines select exactly as many documents."""
+    return int(cluster_budgets(sizes, ratio, rounding).sum())
 
 
 @dataclass(frozen=True)
@@ -213,3 +237,221 @@ def clusters_for(documents: int, mean_cluster_size: int) -> int:
     if documents <= 0:
         raise ValueError("no documents to cluster")
     return max(1, min(documents, math.ceil(documents / max(1, mean_cluster_size))))
+
+
+# ------------------------------------------------------------------------------------ the pool's embeddings
+
+
+def embeddings(table: pa.Table) -> np.ndarray:
+    """The float16 ``h`` column of pool predictions as a float32 [documents, dim] matrix."""
+    column = table.column("h").combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+def sample_embeddings(storage: Storage, paths: dict[str, str], counts: dict[str, int], budget: int,
+                      seed: int) -> np.ndarray:
+    """A seeded uniform sample of at most ``budget`` embeddings over all shards, read shard by shard, so memory
+    holds one shard and the sample, never the whole pool."""
+    total = sum(counts.values())
+    rows = np.sort(np.random.default_rng(seed).choice(total, size=budget, replace=False)) if total > budget \
+        else np.arange(total)
+    parts, offset = [], 0
+    for key, path in paths.items():
+        mine = rows[(rows >= offset) & (rows < offset + counts[key])] - offset
+        if len(mine):
+            parts.append(embeddings(storage.read_parquet(path, columns=["h"]).take(pa.array(mine))))
+        offset += counts[key]
+    if not parts:
+        raise ValueError("no documents to cluster: every shard of the filtered pool is empty")
+    return np.concatenate(parts)
+
+
+# ------------------------------------------------------------------------------------- a range of clusters
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The documents of a range of clusters, gathered over every shard and sorted by doc_id."""
+
+    doc_id: np.ndarray  # object (str)
+    shard: np.ndarray  # object (str)
+    cluster: np.ndarray
+    h: np.ndarray  # [documents, dim] float32
+    u: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.doc_id)
+
+
+def gather_candidates(assignments: dict[str, pa.Table], predictions: dict[str, pa.Table], start: int,
+                      stop: int) -> Candidates:
+    """The documents assigned to clusters [start, stop) with their h and u, joined by doc_id shard by shard (in
+    the order of ``assignments``); sorted by doc_id, so a cluster's order never depends on the input's."""
+    doc_ids, shards, clusters, hs, us = [], [], [], [], []
+    for key, table in assignments.items():
+        mask = pc.and_(pc.greater_equal(table.column("cluster"), start), pc.less(table.column("cluster"), stop))
+        chosen = table.filter(mask)
+        if chosen.num_rows == 0:
+            continue
+        pred = predictions[key]
+        rows = pc.index_in(chosen.column("doc_id"), value_set=pred.column("doc_id"))
+        if rows.null_count:
+            raise ValueError(f"shard {key}: {rows.null_count} assigned documents have no prediction; rematerialize "
+                             "pool_predictions and cluster_assignments for it")
+        picked = pred.take(rows)
+        doc_ids += chosen.column("doc_id").to_pylist()
+        shards += [key] * chosen.num_rows
+        clusters.append(chosen.column("cluster").to_numpy())
+        hs.append(embeddings(picked))
+        us.append(picked.column("u").to_numpy())
+    if not doc_ids:
+        return Candidates(np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.int64), np.zeros((0, 1)),
+                          np.zeros(0))
+    order = np.argsort(np.array(doc_ids, dtype=object), kind="stable")
+    return Candidates(np.array(doc_ids, dtype=object)[order], np.array(shards, dtype=object)[order],
+                      np.concatenate(clusters)[order], np.concatenate(hs)[order], np.concatenate(us)[order])
+
+
+def selected_table(candidates: Candidates, result: ClusterSelection) -> pa.Table:
+    """Group-MATES' selection of a range: doc_id, shard, cluster, rank, u, predicted (in greedy order)."""
+    return pa.table({
+        "doc_id": pa.array(candidates.doc_id[result.rows].tolist(), pa.string()),
+        "shard": pa.array(candidates.shard[result.rows].tolist(), pa.string()),
+        "cluster": pa.array(result.cluster, pa.int64()), "rank": pa.array(result.rank, pa.int64()),
+        "u": pa.array(candidates.u[result.rows], pa.float32()), "predicted": pa.array(result.predicted, pa.float32()),
+    })
+
+
+@dataclass(frozen=True)
+class RangeChecks:
+    """What the selection of clusters [start, stop) is checked for: exact budgets (T12) and quality signal (T16)."""
+
+    budgets_exact: bool  # every cluster holds exactly its budget and no doc_id is selected twice
+    budget: int
+    clusters_off_budget: int
+    duplicate_ids: int
+    quality_signal: bool  # mean u of the selected documents below the candidates' (true when none is selected)
+    mean_u_selected: float
+    mean_u_candidates: float
+    u_std_pool: float
+    u_std_within_clusters: float
+
+
+def check_range(candidates: Candidates, result: ClusterSelection, budgets: np.ndarray, start: int,
+                stop: int) -> RangeChecks:
+    """Selected documents per cluster against ``budgets`` (indexed by cluster id), duplicates, and how u moved."""
+    per_cluster = np.bincount(result.cluster - start, minlength=stop - start) if stop > start else np.zeros(0)
+    expected = budgets[start:stop]
+    duplicates = len(result) - len(set(candidates.doc_id[result.rows].tolist()))
+    u = candidates.u
+    pool_u, picked_u = float(np.mean(u)) if len(u) else 0.0, float(np.mean(u[result.rows])) if len(result) else 0.0
+    # How much u varies inside clusters against across the pool: when it barely does (h-clusters also group
+    # similar u, and a weak model spreads u little), the greedy is driven by diversity and T16 can fail.
+    within_std = float(np.mean([u[candidates.cluster == c].std() for c in np.unique(candidates.cluster)])) \
+        if len(u) else 0.0
+    return RangeChecks(
+        budgets_exact=bool(np.array_equal(per_cluster, expected)) and duplicates == 0, budget=int(expected.sum()),
+        clusters_off_budget=int((per_cluster != expected).sum()), duplicate_ids=duplicates,
+        quality_signal=bool(len(result) == 0 or picked_u < pool_u), mean_u_selected=picked_u,
+        mean_u_candidates=pool_u, u_std_pool=float(np.std(u)) if len(u) else 0.0, u_std_within_clusters=within_std)
+
+
+# --------------------------------------------------------------------------------- methods and baselines
+
+
+def _pick_random(scores: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    return random_subset(len(scores), budget, seed)
+
+
+def _pick_lowest(scores: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    return top_k(scores, budget, lowest=True)
+
+
+def _pick_highest(scores: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    return top_k(scores, budget, lowest=False)
+
+
+@dataclass(frozen=True)
+class SelectionMethod:
+    """A selection method the report compares: its name (the partition key of every per-method asset), the asset
+    that selects with it, and for a baseline the per-document score it reads and how it picks at Group-MATES'
+    budget. Group-MATES itself selects per cluster range (``select_in_clusters``) and has no ``pick``."""
+
+    name: str
+    asset: str
+    description: str
+    score_asset: str | None = None  # where the score column is: "pool_predictions" or "filtered_pool_shard"
+    score_column: str | None = None
+    ranked: bool = True  # False: not ranked by the score, which is only reported (seeded uniform sample)
+    pick: Callable[[np.ndarray, int, int], np.ndarray] | None = None  # (scores in doc_id order, budget, seed)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.pick is not None
+
+
+SELECTION_METHODS: dict[str, SelectionMethod] = {}
+
+
+def register_method(method: SelectionMethod) -> SelectionMethod:
+    """Add a method; the order of registration is the order of the partition keys and the report."""
+    if method.name in SELECTION_METHODS:
+        raise ValueError(f"selection method {method.name!r} is registered twice")
+    SELECTION_METHODS[method.name] = method
+    return method
+
+
+def baseline_methods() -> list[SelectionMethod]:
+    return [method for method in SELECTION_METHODS.values() if method.is_baseline]
+
+
+register_method(SelectionMethod(
+    "group_mates", "selected_documents", "Group-MATES: greedy selection inside every influence-aware cluster by "
+    "the predicted marginal influence given what the cluster already selected."))
+register_method(SelectionMethod(
+    "random", "selected_random", "Baseline: a seeded uniform sample of the filtered pool, the same number of "
+    "documents as Group-MATES selects.",
+    score_asset="pool_predictions", score_column="u_individual", ranked=False, pick=_pick_random))
+register_method(SelectionMethod(
+    "mates", "selected_mates", "Baseline (MATES): the documents with the most beneficial individual influence "
+    "(lowest u of the individual model), Group-MATES' budget.",
+    score_asset="pool_predictions", score_column="u_individual", pick=_pick_lowest))
+register_method(SelectionMethod(
+    "fasttext", "selected_fasttext", "Baseline: the documents with the highest fastText quality score, "
+    "Group-MATES' budget.",
+    score_asset="filtered_pool_shard", score_column="quality_score", pick=_pick_highest))
+
+
+@dataclass(frozen=True)
+class ScoredPool:
+    """Every document of the filtered pool with a baseline's score, shard by shard."""
+
+    doc_ids: list[str]
+    shards: list[str]
+    scores: np.ndarray
+
+
+def scored_pool(tables: dict[str, pa.Table], score_column: str) -> ScoredPool:
+    """One pool from every shard's table (doc_id and ``score_column``), in the order of ``tables``."""
+    keys = list(tables)
+    return ScoredPool(
+        doc_ids=[d for k in keys for d in tables[k].column("doc_id").to_pylist()],
+        shards=[k for k in keys for _ in range(tables[k].num_rows)],
+        scores=np.concatenate([tables[k].column(score_column).to_numpy() for k in keys]) if keys else np.zeros(0))
+
+
+def select_baseline(method: SelectionMethod, pool: ScoredPool, budget: int, seed: int) -> np.ndarray:
+    """Rows of ``pool`` a baseline picks, in selection order; ties (and the random draw) by doc_id, not by input
+    order."""
+    if method.pick is None:
+        raise ValueError(f"{method.name} is not a baseline")
+    order = np.argsort(np.array(pool.doc_ids, dtype=object), kind="stable")
+    return order[method.pick(pool.scores[order], budget, seed)]
+
+
+def baseline_table(method: SelectionMethod, pool: ScoredPool, rows: np.ndarray) -> pa.Table:
+    """A baseline's selection: doc_id, shard, rank, score (0 for an unranked method)."""
+    return pa.table({"doc_id": [pool.doc_ids[i] for i in rows], "shard": [pool.shards[i] for i in rows],
+                     "rank": pa.array(np.arange(len(rows)), pa.int64()),
+                     "score": pa.array(pool.scores[rows] if method.ranked else np.zeros(len(rows)), pa.float32())})

@@ -124,10 +124,14 @@ def shard_key_for(relative_path: str) -> str:
     return validate_shard_key(stem.strip("/").replace("/", _KEY_SEPARATOR))
 
 
+def text_hash(text: str) -> str:
+    """The digest a doc_id ends with; a join by doc_id compares it with the text it found."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
 def make_doc_id(shard_key: str, line: int, text: str) -> str:
     """Stable document id: shard key, 1-based line and a hash of the text (catches misaligned joins)."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-    return f"{shard_key}:{line:08d}:{digest}"
+    return f"{shard_key}:{line:08d}:{text_hash(text)}"
 
 
 def discover_shards(fs: Any, root: str) -> tuple[list[ShardFile], list[str]]:

@@ -3,7 +3,6 @@
 import time
 
 import dagster as dg
-import numpy as np
 
 from groupmates_assets.defs.common import PermanentFailure
 from groupmates_assets.defs.deployment import STEP_RETRY
@@ -52,64 +51,53 @@ def tokenized_corpus(context: dg.AssetExecutionContext, platform: PlatformResour
     method = context.partition_key
     if method not in SELECTION_METHODS:
         raise ValueError(f"unknown selection method {method!r}; known: {', '.join(SELECTION_METHODS)}")
-    keys = layout.filtered_shards(storage)
-    layout.require_files(storage, {k: f"{layout.SELECTED_CORPUS_DIR}/_stats/{k}.json" for k in keys}, "selected_corpus")
-    doc_ids, texts, shard_hashes = [], [], {}
-    for key in keys:
-        path = f"{layout.SELECTED_CORPUS_DIR}/{method}/{key}.jsonl.zst"
-        shard_hashes[key] = storage.read_json(f"{layout.SELECTED_CORPUS_DIR}/_stats/{key}.json")["sha256"][method]
-        for doc_id, text in corpus_lib.read_selected_shard(storage.read_bytes(path), storage.url(path)):
-            doc_ids.append(doc_id)
-            texts.append(text)
+    selected = corpus_lib.read_selected_corpus(storage, layout.filtered_shards(storage), method)
     tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
     started = time.perf_counter()
-    packed = tk.pack_documents(doc_ids, texts, tokenizer, context_len(platform), tk.eot_token_id(tokenizer),
-                               batch_size=settings.tokenize.batch_size)
+    packed = tk.pack_documents(selected.doc_ids, selected.texts, tokenizer, context_len(platform),
+                               tk.eot_token_id(tokenizer), batch_size=settings.tokenize.batch_size)
     seconds = time.perf_counter() - started
-    budget = token_budget(platform)
-    seq_len = packed.context_len - 1
-    usable = np.setdiff1d(np.arange(packed.n_contexts), [packed.pad_context])  # the padded tail is never trained on
-    passes = corpus_lib.passes_needed(len(usable) * seq_len, budget)
-    budget_contexts = -(-budget // seq_len)
-    seeds = settings.pretrain.seeds
-    orders = np.stack([usable[corpus_lib.training_order(
-        len(usable), passes, tk.derive_seed(settings.corpus.seed + run, method), budget_contexts)]
-        for run in range(seeds)])
-    corpus_fp = layout.fingerprint(method=method, shards=shard_hashes, tokenizer=tk.tokenizer_fingerprint(tokenizer),
-                                   context_len=packed.context_len, budget=budget, seed=settings.corpus.seed,
-                                   seeds=seeds)
+    budget, seeds = token_budget(platform), settings.pretrain.seeds
+    plan = corpus_lib.plan_training(packed, budget, seeds, settings.corpus.seed, method)
+    corpus_fp = layout.fingerprint(method=method, shards=selected.shard_hashes, context_len=packed.context_len,
+                                   tokenizer=tk.tokenizer_fingerprint(tokenizer), budget=budget,
+                                   seed=settings.corpus.seed, seeds=seeds)
     out = f"{layout.corpus_dir(method)}/{corpus_fp}"
     contexts = storage.write_numpy(f"{out}/contexts.npy", packed.tokens)
     lineage = packed.lineage_table()
     storage.write_parquet(f"{out}/lineage.parquet", lineage)
-    order_info = storage.write_numpy(f"{out}/orders.npy", orders.astype(np.int64))
-    complete = orders.shape[1] // len(usable) if len(usable) else 0
-    passes_ok = all(np.array_equal(np.sort(order[p * len(usable):(p + 1) * len(usable)]), usable)
-                    for order in orders for p in range(complete))
-    documents_packed = len(set(lineage.column("doc_id").to_pylist()))
-    passed = (passes_ok and documents_packed == len(doc_ids) == len(set(doc_ids))
-              and packed.tokens.size == packed.total_tokens + packed.pad_tokens)
-    manifest = {"method": method, "fingerprint": corpus_fp, "documents": len(doc_ids), "tokens": packed.total_tokens,
-                "contexts": packed.n_contexts, "usable_contexts": len(usable), "pad_context": packed.pad_context,
-                "context_len": packed.context_len,
-                "token_budget": budget, "passes": passes, "training_contexts": orders.shape[1], "seeds": seeds,
-                "shards": shard_hashes, "contexts_sha256": contexts.sha256, "orders_sha256": order_info.sha256}
-    storage.write_json(f"{out}/manifest.json", manifest)
+    order_info = storage.write_numpy(f"{out}/orders.npy", plan.orders)
+    storage.write_json(f"{out}/manifest.json", _manifest(method, corpus_fp, selected, packed, plan, budget, seeds,
+                                                         contexts.sha256, order_info.sha256))
     layout.write_pointer(storage, layout.corpus_dir(method), {"fingerprint": corpus_fp, "path": out})
-    context.log.info(f"{method}: {len(doc_ids):,} documents -> {packed.total_tokens:,} tokens -> {packed.n_contexts:,} "
-                     f"contexts; {passes} pass(es), {orders.shape[1]:,} contexts for a budget of {budget:,} tokens, "
-                     f"{seeds} seed(s)")
+    documents, documents_packed = len(selected.doc_ids), len(set(lineage.column("doc_id").to_pylist()))
+    passed = (plan.every_pass_complete() and documents_packed == documents == len(set(selected.doc_ids))
+              and packed.tokens.size == packed.total_tokens + packed.pad_tokens)
+    context.log.info(f"{method}: {documents:,} documents -> {packed.total_tokens:,} tokens -> {packed.n_contexts:,} "
+                     f"contexts; {plan.passes} pass(es), {plan.orders.shape[1]:,} contexts for a budget of "
+                     f"{budget:,} tokens, {seeds} seed(s)")
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": packed.n_contexts, "documents": len(doc_ids), "tokens": packed.total_tokens,
-            "contexts": packed.n_contexts, "token_budget": budget, "passes": passes,
-            "training_contexts": orders.shape[1], "seeds": seeds,
+            "dagster/row_count": packed.n_contexts, "documents": documents, "tokens": packed.total_tokens,
+            "contexts": packed.n_contexts, "token_budget": budget, "passes": plan.passes,
+            "training_contexts": plan.orders.shape[1], "seeds": seeds,
             "tokens_per_second": round(packed.total_tokens / seconds, 1) if seconds > 0 else None,
             "fingerprint": corpus_fp, "path": dg.MetadataValue.path(storage.url(out)),
         },
         check_results=[dg.AssetCheckResult(
             check_name="every_document_every_pass", passed=bool(passed), severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"documents": len(doc_ids), "documents_in_lineage": documents_packed,
-                      "complete_passes_checked": complete})],
+            metadata={"documents": documents, "documents_in_lineage": documents_packed,
+                      "complete_passes_checked": plan.complete_passes})],
         data_version=dg.DataVersion(contexts.sha256[:16]),
     )
+
+
+def _manifest(method: str, corpus_fp: str, selected: corpus_lib.SelectedCorpus, packed: tk.PackedContexts,
+              plan: corpus_lib.TrainingPlan, budget: int, seeds: int, contexts_sha256: str,
+              orders_sha256: str) -> dict:
+    """What pretraining reads of the corpus (key order is the file's)."""
+    return {"method": method, "fingerprint": corpus_fp, "documents": len(selected.doc_ids),
+            "tokens": packed.total_tokens, "contexts": packed.n_contexts, "usable_contexts": len(plan.usable),
+            "pad_context": packed.pad_context, "context_len": packed.context_len, "token_budget": budget,
+            "passes": plan.passes, "training_contexts": plan.orders.shape[1], "seeds": seeds,
+            "shards": selected.shard_hashes, "contexts_sha256": contexts_sha256, "orders_sha256": orders_sha256}

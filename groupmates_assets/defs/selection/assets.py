@@ -2,36 +2,25 @@
 greedily inside each cluster (Group-MATES), the baselines at the same budget, and the selected corpora with
 per-document lineage."""
 
-import hashlib
-import io
-import json
 import time
 
 import dagster as dg
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
-import zstandard
 
 from groupmates_assets.defs.common import PartitionResult, finite, materialize_partitions, shard_batches, shard_keys
 from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset_args, on_leased_gpu
 from groupmates_assets.defs.partitions import pool_shards, selection_range_keys, selection_ranges
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import clustering, layout, lm, plots
+from groupmates_assets.lib import corpus as corpus_lib
 from groupmates_assets.lib import selection as sel
 from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
-from groupmates_assets.lib.shards import validate_shard_key
+from groupmates_assets.lib.shards import text_hash, validate_shard_key
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import SelectionProfile
-
-METHODS = ("group_mates", "random", "mates", "fasttext")
-
-
-def text_hash(text: str) -> str:
-    """The same digest the doc_id carries (lib.shards.make_doc_id): checks that a join found the right text."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 def models_fingerprint(storage: Storage) -> str:
@@ -55,6 +44,17 @@ def selection_fingerprint(storage: Storage, settings: SelectionProfile) -> str:
     alpha, tau = alpha_tau(storage, settings)
     return layout.fingerprint(clusters=layout.current_clusters(storage)["fingerprint"], ratio=settings.ratio,
                               rounding=settings.budget_rounding, alpha=alpha, tau=tau)
+
+
+def range_selection_path(selection_fp: str, range_key: str) -> str:
+    """Group-MATES' selection of one range of clusters (``selection_fp``: :func:`selection_fingerprint`)."""
+    return f"{layout.SELECTIONS_DIR}/group_mates/{selection_fp}/{range_key}.parquet"
+
+
+def baseline_path(selection_fp: str, method: str, seed: int) -> str:
+    """A baseline's selection, versioned by Group-MATES' (whose budget it takes) and its seed."""
+    return f"{layout.SELECTIONS_DIR}/{method}/{layout.fingerprint(selection=selection_fp, method=method, seed=seed)}" \
+        "/selected.parquet"
 
 
 # ---------------------------------------------------------------------------------------------- predictions
@@ -140,12 +140,6 @@ def read_predictions(storage: Storage, keys: list[str], columns: list[str]) -> d
     return {key: storage.read_parquet(path, columns=columns) for key, path in paths.items()}
 
 
-def embeddings(table: pa.Table) -> np.ndarray:
-    column = table.column("h").combine_chunks()
-    dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-
-
 # ----------------------------------------------------------------------------------------------- clustering
 
 
@@ -166,7 +160,7 @@ def cluster_centroids(context: dg.AssetExecutionContext, platform: PlatformResou
     counts = {key: storage.read_parquet(path, columns=["u"]).num_rows for key, path in paths.items()}
     total = sum(counts.values())
     k = sel.clusters_for(total, settings.mean_cluster_size)
-    sample = sample_embeddings(storage, paths, counts, settings.max_points_per_centroid * k, settings.kmeans_seed)
+    sample = sel.sample_embeddings(storage, paths, counts, settings.max_points_per_centroid * k, settings.kmeans_seed)
     context.log.info(f"spherical k-means: {total:,} documents into {k:,} clusters, trained on {len(sample):,} "
                      f"sampled embeddings of {sample.shape[1]} dimensions")
     started = time.perf_counter()
@@ -193,24 +187,6 @@ def cluster_centroids(context: dg.AssetExecutionContext, platform: PlatformResou
         },
         data_version=dg.DataVersion(info.sha256[:16]),
     )
-
-
-def sample_embeddings(storage: Storage, paths: dict[str, str], counts: dict[str, int], budget: int,
-                      seed: int) -> np.ndarray:
-    """A seeded uniform sample of at most ``budget`` embeddings over all shards, read shard by shard, so memory
-    holds one shard and the sample, never the whole pool."""
-    total = sum(counts.values())
-    rows = np.sort(np.random.default_rng(seed).choice(total, size=budget, replace=False)) if total > budget \
-        else np.arange(total)
-    parts, offset = [], 0
-    for key, path in paths.items():
-        mine = rows[(rows >= offset) & (rows < offset + counts[key])] - offset
-        if len(mine):
-            parts.append(embeddings(storage.read_parquet(path, columns=["h"]).take(pa.array(mine))))
-        offset += counts[key]
-    if not parts:
-        raise ValueError("no documents to cluster: every shard of the filtered pool is empty")
-    return np.concatenate(parts)
 
 
 def _size_histogram(sizes: np.ndarray, title: str) -> str:
@@ -246,7 +222,7 @@ def cluster_assignments(context: dg.AssetExecutionContext, platform: PlatformRes
 def assign_shard(storage: Storage, current: dict, centroids: np.ndarray, key: str) -> PartitionResult:
     key = validate_shard_key(key)
     table = read_predictions(storage, [key], ["doc_id", "h"])[key]
-    clusters, similarity = clustering.assign(embeddings(table), centroids) if table.num_rows else (
+    clusters, similarity = clustering.assign(sel.embeddings(table), centroids) if table.num_rows else (
         np.zeros(0, np.int64), np.zeros(0, np.float32))
     out = pa.table({"doc_id": table.column("doc_id"), "cluster": pa.array(clusters, pa.int64()),
                     "similarity": pa.array(similarity, pa.float32())})
@@ -266,22 +242,7 @@ def read_assignments(storage: Storage, keys: list[str]) -> dict[str, pa.Table]:
     return {key: storage.read_parquet(path) for key, path in paths.items()}
 
 
-def cluster_sizes(assignments: dict[str, pa.Table], k: int) -> np.ndarray:
-    return np.sum([np.bincount(t.column("cluster").to_numpy(), minlength=k) for t in assignments.values()],
-                  axis=0) if assignments else np.zeros(k, dtype=np.int64)
-
-
 # ------------------------------------------------------------------------------------------------ selection
-
-
-def range_bounds(range_key: str, k: int) -> tuple[int, int]:
-    """Cluster ids [start, stop) of a range partition ``clusters-III-of-NNN``."""
-    parts = range_key.split("-")
-    if len(parts) != 4 or parts[0] != "clusters" or parts[2] != "of" or not all(
-            p.isascii() and p.isdigit() for p in (parts[1], parts[3])):
-        raise ValueError(f"not a cluster range key: {range_key!r}")
-    index, ranges = int(parts[1]), int(parts[3])
-    return index * k // ranges, (index + 1) * k // ranges
 
 
 @dg.asset(
@@ -305,123 +266,84 @@ def range_bounds(range_key: str, k: int) -> tuple[int, int]:
 def selected_documents(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     storage, settings = platform.storage(), platform.settings().selection
     current, keys = layout.current_clusters(storage), layout.filtered_shards(storage)
-    start, stop = range_bounds(context.partition_key, current["k"])
+    start, stop = sel.range_bounds(context.partition_key, current["k"])
     assignments = read_assignments(storage, keys)
-    sizes = cluster_sizes(assignments, current["k"])
+    sizes = sel.cluster_sizes(list(assignments.values()), current["k"])
     budgets = sel.cluster_budgets(sizes, settings.ratio, settings.budget_rounding)
-    predictions = read_predictions(storage, keys, ["doc_id", "h", "u"])
-    doc_ids, shards, clusters, hs, us = [], [], [], [], []
-    for key in keys:
-        table = assignments[key]
-        mask = pc.and_(pc.greater_equal(table.column("cluster"), start), pc.less(table.column("cluster"), stop))
-        chosen = table.filter(mask)
-        if chosen.num_rows == 0:
-            continue
-        pred = predictions[key]
-        rows = pc.index_in(chosen.column("doc_id"), value_set=pred.column("doc_id"))
-        if rows.null_count:
-            raise ValueError(f"shard {key}: {rows.null_count} assigned documents have no prediction; rematerialize "
-                             "pool_predictions and cluster_assignments for it")
-        picked = pred.take(rows)
-        doc_ids += chosen.column("doc_id").to_pylist()
-        shards += [key] * chosen.num_rows
-        clusters.append(chosen.column("cluster").to_numpy())
-        hs.append(embeddings(picked))
-        us.append(picked.column("u").to_numpy())
+    candidates = sel.gather_candidates(assignments, read_predictions(storage, keys, ["doc_id", "h", "u"]), start,
+                                       stop)
     alpha, tau = alpha_tau(storage, settings)
     started = time.perf_counter()
-    if doc_ids:
-        order = np.argsort(np.array(doc_ids, dtype=object), kind="stable")  # cluster order by doc_id, not input
-        cluster_arr, h, u = np.concatenate(clusters)[order], np.concatenate(hs)[order], np.concatenate(us)[order]
-        doc_arr, shard_arr = np.array(doc_ids, dtype=object)[order], np.array(shards, dtype=object)[order]
-        result = sel.select_in_clusters(h, u, cluster_arr, budgets, alpha, tau, device=lm.default_device())
-    else:
-        cluster_arr, u = np.zeros(0, np.int64), np.zeros(0)
-        doc_arr, shard_arr = np.zeros(0, object), np.zeros(0, object)
-        result = sel.select_in_clusters(np.zeros((0, 1)), np.zeros(0), cluster_arr, budgets, alpha, tau)
+    result = sel.select_in_clusters(candidates.h, candidates.u, candidates.cluster, budgets, alpha, tau,
+                                    device=lm.default_device())
     seconds = time.perf_counter() - started
-    out = pa.table({
-        "doc_id": pa.array(doc_arr[result.rows].tolist(), pa.string()),
-        "shard": pa.array(shard_arr[result.rows].tolist(), pa.string()),
-        "cluster": pa.array(result.cluster, pa.int64()), "rank": pa.array(result.rank, pa.int64()),
-        "u": pa.array(u[result.rows], pa.float32()), "predicted": pa.array(result.predicted, pa.float32()),
-    })
-    fp = selection_fingerprint(storage, settings)
-    path = f"{layout.SELECTIONS_DIR}/group_mates/{fp}/{context.partition_key}.parquet"
-    info = storage.write_parquet(path, out)
-    per_cluster = np.bincount(result.cluster - start, minlength=stop - start) if stop > start else np.zeros(0)
-    expected = budgets[start:stop]
-    duplicates = out.num_rows - len(set(out.column("doc_id").to_pylist()))
-    budget_ok = bool(np.array_equal(per_cluster, expected)) and duplicates == 0
-    pool_u, picked_u = float(np.mean(u)) if len(u) else 0.0, float(np.mean(u[result.rows])) if len(result) else 0.0
-    # How much u varies inside clusters against across the pool: when it barely does (h-clusters also group
-    # similar u, and a weak model spreads u little), the greedy is driven by diversity and T16 can fail.
-    within_std = float(np.mean([u[cluster_arr == c].std() for c in np.unique(cluster_arr)])) if len(u) else 0.0
+    out = sel.selected_table(candidates, result)
+    info = storage.write_parquet(range_selection_path(selection_fingerprint(storage, settings), context.partition_key),
+                                 out)
+    checks = sel.check_range(candidates, result, budgets, start, stop)
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": out.num_rows, "selected": out.num_rows, "candidates": len(doc_arr),
+            "dagster/row_count": out.num_rows, "selected": out.num_rows, "candidates": len(candidates),
             "clusters": stop - start, "cluster_range": f"[{start}, {stop})", "alpha": alpha, "tau": tau,
             "learned_alpha_tau": settings.learned_alpha_tau, "ratio": settings.ratio,
             "budget_rounding": settings.budget_rounding, "select_seconds": round(seconds, 3),
-            "documents_per_second": round(len(doc_arr) / seconds, 1) if seconds and len(doc_arr) else None,
-            "mean_u_selected": picked_u, "mean_u_candidates": pool_u, "sha256": info.sha256,
+            "documents_per_second": round(len(candidates) / seconds, 1) if seconds and len(candidates) else None,
+            "mean_u_selected": checks.mean_u_selected, "mean_u_candidates": checks.mean_u_candidates,
+            "sha256": info.sha256,
             "cluster_size_histogram": dg.MetadataValue.md(_size_histogram(sizes[start:stop], "cluster sizes"))
             if stop > start else "",
             "path": dg.MetadataValue.path(info.path),
         },
-        check_results=[
-            dg.AssetCheckResult(check_name="budgets_exact", passed=budget_ok, severity=dg.AssetCheckSeverity.ERROR,
-                                metadata={"selected": out.num_rows, "budget": int(expected.sum()),
-                                          "clusters_off_budget": int((per_cluster != expected).sum()),
-                                          "duplicate_ids": duplicates}),
-            dg.AssetCheckResult(check_name="quality_signal", passed=bool(len(result) == 0 or picked_u < pool_u),
-                                severity=dg.AssetCheckSeverity.WARN,
-                                metadata={"mean_u_selected": picked_u, "mean_u_candidates": pool_u,
-                                          "u_std_pool": float(np.std(u)) if len(u) else 0.0,
-                                          "u_std_within_clusters": within_std}),
-        ],
+        check_results=_range_check_results(checks, out.num_rows),
         data_version=dg.DataVersion(info.sha256[:16]),
     )
+
+
+def _range_check_results(checks: sel.RangeChecks, selected: int) -> list[dg.AssetCheckResult]:
+    return [
+        dg.AssetCheckResult(check_name="budgets_exact", passed=checks.budgets_exact,
+                            severity=dg.AssetCheckSeverity.ERROR,
+                            metadata={"selected": selected, "budget": checks.budget,
+                                      "clusters_off_budget": checks.clusters_off_budget,
+                                      "duplicate_ids": checks.duplicate_ids}),
+        dg.AssetCheckResult(check_name="quality_signal", passed=checks.quality_signal,
+                            severity=dg.AssetCheckSeverity.WARN,
+                            metadata={"mean_u_selected": checks.mean_u_selected,
+                                      "mean_u_candidates": checks.mean_u_candidates,
+                                      "u_std_pool": checks.u_std_pool,
+                                      "u_std_within_clusters": checks.u_std_within_clusters}),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ baselines
 
 
-def total_budget(storage: Storage, settings: SelectionProfile, keys: list[str]) -> int:
-    """Group-MATES' total selection size: the baselines select exactly as many documents."""
-    current = layout.current_clusters(storage)
-    sizes = cluster_sizes(read_assignments(storage, keys), current["k"])
-    return int(sel.cluster_budgets(sizes, settings.ratio, settings.budget_rounding).sum())
+def _score_tables(storage: Storage, keys: list[str], method: sel.SelectionMethod) -> dict[str, pa.Table]:
+    """Every shard's doc_id and the baseline's score column, from the asset that holds it."""
+    columns = ["doc_id", method.score_column]
+    if method.score_asset == "filtered_pool_shard":
+        return {k: storage.read_parquet(f"{layout.FILTERED_DIR.format(key=k)}/kept.parquet", columns=columns)
+                for k in keys}
+    return read_predictions(storage, keys, columns)
 
 
-def _baseline(context: dg.AssetExecutionContext, platform: PlatformResource, method: str) -> dg.MaterializeResult:
+def _baseline(platform: PlatformResource, name: str) -> dg.MaterializeResult:
+    """A baseline of the registry at Group-MATES' total budget."""
+    method = sel.SELECTION_METHODS[name]
     storage, settings = platform.storage(), platform.settings().selection
     keys = layout.filtered_shards(storage)
-    budget = total_budget(storage, settings, keys)
-    if method == "fasttext":
-        tables = {k: storage.read_parquet(f"{layout.FILTERED_DIR.format(key=k)}/kept.parquet",
-                                          columns=["doc_id", "quality_score"]) for k in keys}
-        score_column = "quality_score"
-    else:
-        tables = read_predictions(storage, keys, ["doc_id", "u_individual"])
-        score_column = "u_individual"
-    doc_ids = [d for k in keys for d in tables[k].column("doc_id").to_pylist()]
-    shard_of = [k for k in keys for _ in range(tables[k].num_rows)]
-    scores = np.concatenate([tables[k].column(score_column).to_numpy() for k in keys]) if keys else np.zeros(0)
-    order = np.argsort(np.array(doc_ids, dtype=object), kind="stable")  # ties by doc_id, not by input order
-    if method == "random":
-        rows = order[sel.random_subset(len(order), budget, settings.random_seed)]
-    else:
-        rows = order[sel.top_k(scores[order], budget, lowest=method == "mates")]
-    out = pa.table({"doc_id": [doc_ids[i] for i in rows], "shard": [shard_of[i] for i in rows],
-                    "rank": pa.array(np.arange(len(rows)), pa.int64()),
-                    "score": pa.array(scores[rows] if method != "random" else np.zeros(len(rows)), pa.float32())})
-    fp = layout.fingerprint(selection=selection_fingerprint(storage, settings), method=method,
-                            seed=settings.random_seed)
-    info = storage.write_parquet(f"{layout.SELECTIONS_DIR}/{method}/{fp}/selected.parquet", out)
+    k = layout.current_clusters(storage)["k"]
+    sizes = sel.cluster_sizes(list(read_assignments(storage, keys).values()), k)
+    budget = sel.total_budget(sizes, settings.ratio, settings.budget_rounding)
+    pool = sel.scored_pool(_score_tables(storage, keys, method), method.score_column)
+    rows = sel.select_baseline(method, pool, budget, settings.random_seed)
+    out = sel.baseline_table(method, pool, rows)
+    info = storage.write_parquet(baseline_path(selection_fingerprint(storage, settings), name, settings.random_seed),
+                                 out)
+    scores = pool.scores
     return dg.MaterializeResult(
-        metadata={"dagster/row_count": out.num_rows, "selected": out.num_rows, "pool": len(doc_ids),
-                  "budget": budget, "score": score_column if method != "random" else "none (seeded uniform)",
+        metadata={"dagster/row_count": out.num_rows, "selected": out.num_rows, "pool": len(pool.doc_ids),
+                  "budget": budget, "score": method.score_column if method.ranked else "none (seeded uniform)",
                   "mean_score_selected": finite(float(scores[rows].mean())) if len(rows) else None,
                   "mean_score_pool": finite(float(scores.mean())) if len(scores) else None,
                   "sha256": info.sha256, "path": dg.MetadataValue.path(info.path)},
@@ -433,25 +355,22 @@ BASELINE_DEPS = [dg.AssetDep(cluster_assignments, partition_mapping=dg.AllPartit
 
 
 @dg.asset(group_name="selection", code_version="random-selection-v1", kinds={"parquet"}, retry_policy=STEP_RETRY,
-          deps=BASELINE_DEPS, description="Baseline: a seeded uniform sample of the filtered pool, the same number "
-          "of documents as Group-MATES selects.")
+          deps=BASELINE_DEPS, description=sel.SELECTION_METHODS["random"].description)
 def selected_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    return _baseline(context, platform, "random")
+    return _baseline(platform, "random")
 
 
 @dg.asset(group_name="selection", code_version="mates-selection-v1", kinds={"parquet"}, retry_policy=STEP_RETRY,
           deps=[*BASELINE_DEPS, dg.AssetDep(pool_predictions, partition_mapping=dg.AllPartitionMapping())],
-          description="Baseline (MATES): the documents with the most beneficial individual influence "
-          "(lowest u of the individual model), Group-MATES' budget.")
+          description=sel.SELECTION_METHODS["mates"].description)
 def selected_mates(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    return _baseline(context, platform, "mates")
+    return _baseline(platform, "mates")
 
 
 @dg.asset(group_name="selection", code_version="fasttext-selection-v1", kinds={"parquet"}, retry_policy=STEP_RETRY,
-          deps=BASELINE_DEPS, description="Baseline: the documents with the highest fastText quality score, "
-          "Group-MATES' budget.")
+          deps=BASELINE_DEPS, description=sel.SELECTION_METHODS["fasttext"].description)
 def selected_fasttext(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    return _baseline(context, platform, "fasttext")
+    return _baseline(platform, "fasttext")
 
 
 # ------------------------------------------------------------------------------------------- selected corpus
@@ -460,15 +379,14 @@ def selected_fasttext(context: dg.AssetExecutionContext, platform: PlatformResou
 def selection_tables(storage: Storage, settings: SelectionProfile, ranges: int) -> dict[str, pa.Table]:
     """The current selection of every method (Group-MATES: all cluster ranges), each with a doc_id column."""
     fp = selection_fingerprint(storage, settings)
-    paths = {r: f"{layout.SELECTIONS_DIR}/group_mates/{fp}/{r}.parquet" for r in selection_range_keys(ranges)}
+    paths = {r: range_selection_path(fp, r) for r in selection_range_keys(ranges)}
     layout.require_files(storage, paths, "selected_documents")
     out = {"group_mates": pa.concat_tables([storage.read_parquet(p) for p in paths.values()])}
-    for method in METHODS[1:]:
-        path = (f"{layout.SELECTIONS_DIR}/{method}/"
-                f"{layout.fingerprint(selection=fp, method=method, seed=settings.random_seed)}/selected.parquet")
+    for method in sel.baseline_methods():
+        path = baseline_path(fp, method.name, settings.random_seed)
         if not storage.exists(path):
-            raise FileNotFoundError(f"no current selection for {method}; materialize selected_{method} first")
-        out[method] = storage.read_parquet(path)
+            raise FileNotFoundError(f"no current selection for {method.name}; materialize {method.asset} first")
+        out[method.name] = storage.read_parquet(path)
     return out
 
 
@@ -527,22 +445,10 @@ def write_corpus_shard(storage: Storage, settings: SelectionProfile, tables: dic
                              strict=True))
     counts, missing, mismatched, files = {}, 0, 0, {}
     for method, table in tables.items():
-        mine = table.filter(pc.equal(table.column("shard"), key))
-        rows = pc.index_in(mine.column("doc_id"), value_set=kept.column("doc_id"))
-        missing += rows.null_count
-        found = kept.take(pc.drop_null(rows))
-        selection_fields = mine.filter(pc.is_valid(rows)).drop_columns(["doc_id", "shard"]).to_pylist()
-        buffer = io.BytesIO()
-        with zstandard.ZstdCompressor(level=3).stream_writer(buffer, closefd=False) as out:
-            for record, extra in zip(found.to_pylist(), selection_fields, strict=True):
-                if text_hash(record["text"]) != embedded_hash.get(record["doc_id"]) or not record["doc_id"].endswith(
-                        text_hash(record["text"])):
-                    mismatched += 1
-                line = {**json.loads(record["fields"] or "{}"), "text": record["text"], "doc_id": record["doc_id"],
-                        "selection": {"method": method, **finite(extra)}}
-                out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
-        info = storage.write_bytes(f"{layout.SELECTED_CORPUS_DIR}/{method}/{key}.jsonl.zst", buffer.getvalue())
-        counts[method], files[method] = found.num_rows, info.sha256
+        shard = corpus_lib.write_selected_shard(kept, table, method, key, embedded_hash)
+        info = storage.write_bytes(f"{layout.SELECTED_CORPUS_DIR}/{method}/{key}.jsonl.zst", shard.data)
+        counts[method], files[method] = shard.documents, info.sha256
+        missing, mismatched = missing + shard.ids_not_found, mismatched + shard.text_hash_mismatches
     passed = missing == 0 and mismatched == 0
     storage.write_json(f"{layout.SELECTED_CORPUS_DIR}/_stats/{key}.json", {  # completion marker, written last
         "shard": key, "kept": kept.num_rows, "selected": counts, "sha256": files, "ids_not_found": missing,
