@@ -508,13 +508,13 @@ def test_a_hand_added_bad_partition_fails_clearly_and_writes_nothing(tmp_path: P
     message naming it, and nothing is written anywhere outside the storage root (nor inside it). Each asset runs
     once through Dagster; every key is also tried on every asset's body directly (the same code, without the cost
     of a run)."""
-    from groupmates_assets.definitions import STAGES
+    from groupmates_assets.definitions import defs as code_location
     from groupmates_assets.defs.partitions import pool_shards
     from groupmates_assets.defs.resources import PlatformResource
 
     store = tmp_path / "root" / "store"
     platform = PlatformResource(storage_root=str(store), pool_dir=str(small_pool["pool"]))
-    assets = {a.key.path[-1]: a for a in dg.load_assets_from_modules(STAGES) if isinstance(a, dg.AssetsDefinition)}
+    assets = {a.key.path[-1]: a for a in code_location.assets if isinstance(a, dg.AssetsDefinition)}
     defs = dg.Definitions(assets=list(assets.values()), resources={"platform": platform},
                           jobs=[dg.define_asset_job(asset, selection=[asset], partitions_def=pool_shards)
                                 for asset in POOL_SHARD_ASSETS])
@@ -544,7 +544,7 @@ def test_static_partition_keys_cannot_be_forged(tmp_path: Path):
     """Oracle blocks, cluster ranges and selection methods are static: Dagster refuses any other key before the
     asset runs, every defined key is path-safe, and the key parsers reject look-alikes (non-ASCII digits, extra
     path parts) should they ever be reached."""
-    from groupmates_assets.definitions import STAGES
+    from groupmates_assets.definitions import defs as code_location
     from groupmates_assets.defs import partitions
     from groupmates_assets.defs.resources import PlatformResource
     from groupmates_assets.lib.selection import range_bounds
@@ -558,7 +558,7 @@ def test_static_partition_keys_cannot_be_forged(tmp_path: Path):
     static = ["oracle_random", "oracle_bootstrap", "selected_documents", "tokenized_corpus", "pretrain_checkpoints",
               "evaluation"]
     platform = PlatformResource(storage_root=str(tmp_path / "store"))
-    defs = dg.Definitions(assets=dg.load_assets_from_modules(STAGES), resources={"platform": platform},
+    defs = dg.Definitions(assets=code_location.assets, resources={"platform": platform},
                           jobs=[dg.define_asset_job(asset, selection=[asset]) for asset in static])
     (tmp_path / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
