@@ -94,3 +94,8 @@ def _combined_check(check_name: str, results: dict[str, PartitionResult]) -> dg.
                     **({f"{failed[0]}/{k}": v for k, v in results[failed[0]].check_metadata.items()} if failed else {})}
     return dg.AssetCheckResult(check_name=check_name, passed=not failed, metadata=metadata,
                                severity=dg.AssetCheckSeverity.ERROR)
+
+
+def blocking_check(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
+    """A check whose failure stops the asset's downstream assets: the invariants the next stage relies on."""
+    return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)

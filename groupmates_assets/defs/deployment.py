@@ -99,6 +99,16 @@ def gpu_asset_args(partitioned: bool = False, gpus: int = 1,
     return args
 
 
+def gpu_asset(*, partitioned: bool = False, gpus: int = 1, backfill_policy: dg.BackfillPolicy | None = None,
+              **asset_args: Any) -> Callable[[Callable], dg.AssetsDefinition]:
+    """``@dg.asset`` for a step that runs on one leased device: :func:`gpu_asset_args` plus :func:`on_leased_gpu`."""
+
+    def decorate(compute: Callable) -> dg.AssetsDefinition:
+        return dg.asset(**asset_args, **gpu_asset_args(partitioned, gpus, backfill_policy))(on_leased_gpu(compute))
+
+    return decorate
+
+
 def executor_for(target: str | None = None) -> dg.ExecutorDefinition:
     target = target or deployment_target()
     if target == "k8s":

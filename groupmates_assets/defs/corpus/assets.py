@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from groupmates_assets.defs.common import PermanentFailure
+from groupmates_assets.defs.common import PermanentFailure, blocking_check
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import SELECTION_METHODS, selection_methods
 from groupmates_assets.defs.resources import PlatformResource
@@ -37,16 +37,15 @@ def token_budget(platform: PlatformResource) -> int:
     retry_policy=STEP_RETRY,
     deps=[dg.AssetDep("selected_corpus", partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy", "parquet"},
-    check_specs=[dg.AssetCheckSpec(
-        "every_document_every_pass", asset="tokenized_corpus", blocking=True,
-        description="every selected document's tokens are packed exactly once, and every complete data pass "
-        "visits every context exactly once",
-    )],
-    description="One selection method's corpus as training data: its selected documents packed into contexts "
-    "of seq_len + 1 tokens (GPT-NeoX, EOT between documents) with lineage to doc_ids, and one training order per "
-    "seed of seeded passes (repeated when the corpus holds fewer tokens than the budget), cut at the budget.",
+    check_specs=[blocking_check(
+        "every_document_every_pass", "tokenized_corpus",
+        "every selected document's tokens are packed exactly once, and every complete data pass "
+        "visits every context exactly once")],
 )
 def tokenized_corpus(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """One selection method's corpus as training data: its selected documents packed into contexts of seq_len + 1 tokens
+    (GPT-NeoX, EOT between documents) with lineage to doc_ids, and one training order per seed of seeded passes
+    (repeated when the corpus holds fewer tokens than the budget), cut at the budget."""
     storage, settings = platform.storage(), platform.settings()
     method = context.partition_key
     if method not in SELECTION_METHODS:

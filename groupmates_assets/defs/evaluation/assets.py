@@ -9,7 +9,7 @@ import dagster as dg
 import torch
 
 from groupmates_assets.defs.common import finite, missing_is_permanent
-from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
+from groupmates_assets.defs.deployment import gpu_asset
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import evaluation as ev
@@ -36,21 +36,19 @@ def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalPr
             "tasks_markdown": result.to_markdown()}
 
 
-@dg.asset(
+@gpu_asset(
+    partitioned=True,
     partitions_def=selection_methods,
     group_name="evaluation",
     code_version="evaluation-v2",
     deps=["pretrain_checkpoints"],
     kinds={"pytorch"},
-    description="Every checkpoint of every seed trained on one method's corpus (or only the last, with "
-    "evaluation.every_checkpoint off), zero-shot on offline multiple-choice tasks (rank classification by "
-    "per-token log-likelihood; DCLM-core-style centered accuracy (acc - random) / (1 - random), averaged) and on "
-    "held-out text (loss, bits per byte); mean and spread over seeds at the final step. Evaluated checkpoints "
-    "are kept, so a rerun only evaluates new ones.",
-    **gpu_asset_args(partitioned=True),
 )
-@on_leased_gpu
 def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """Every checkpoint of every seed trained on one method's corpus (or only the last, with evaluation.every_checkpoint
+    off), zero-shot on offline multiple-choice tasks (rank classification by per-token log-likelihood; DCLM-core-
+    style centered accuracy (acc - random) / (1 - random), averaged) and on held-out text (loss, bits per byte); mean
+    and spread over seeds at the final step. Evaluated checkpoints are kept, so a rerun only evaluates new ones."""
     storage, settings = platform.storage(), platform.settings()
     method, eval_settings = context.partition_key, settings.evaluation
     torch.set_num_threads(settings.lm.torch_threads)

@@ -10,8 +10,8 @@ import dagster as dg
 import numpy as np
 import torch
 
-from groupmates_assets.defs.common import finite
-from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
+from groupmates_assets.defs.common import blocking_check, finite
+from groupmates_assets.defs.deployment import gpu_asset, gpu_asset_args
 from groupmates_assets.defs.partitions import block_number, oracle_block_keys, oracle_bootstrap_blocks
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import collect_oracle_block
@@ -134,40 +134,34 @@ def bootstrap_block_keys(platform: PlatformResource) -> list[str]:
 # ------------------------------------------------------------------------------------------------- assets
 
 
-@dg.asset(
+@gpu_asset(
     group_name="influence",
     code_version="influence-model-v2",
     deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},
-    description="The initial relational influence model, trained on the random-rollout oracle: encoder -> h, "
-    "u = w.h + b, pred_t = alpha * u_t * mean_{i<t}(1 - <h_i,h_t>/tau); MSE on z-scored marginal labels, best "
-    "validation Spearman kept.",
-    **gpu_asset_args(),
 )
-@on_leased_gpu
 def influence_model_init(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """The initial relational influence model, trained on the random-rollout oracle: encoder -> h, u = w.h + b, pred_t =
+    alpha * u_t * mean_{i<t}(1 - <h_i,h_t>/tau); MSE on z-scored marginal labels, best validation Spearman kept."""
     return train_influence_asset(context, platform, "init", relational=True,
                                  oracle_sources=[(layout.ORACLE_RANDOM_DIR, random_block_keys(platform),
                                                   "oracle_random")],
                                  lineage={"policies": ["random"]})
 
 
-@dg.asset(
+@gpu_asset(
     group_name="influence",
     code_version="bootstrap-trajectories-v1",
     deps=[influence_model_init, "probe_pool"],
     kinds={"pytorch", "parquet"},
-    check_specs=[dg.AssetCheckSpec(
-        "tails_separated", asset="bootstrap_trajectories", blocking=True,
-        description="T18: every beneficial beam's predicted score is below the 1st percentile of random "
-        "trajectories', every harmful one above the 99th, and the tails do not start from the same rows",
-    )],
-    description="Bootstrap trajectories: beam search (width K) over the probe pool with the initial model toward "
-    "the most beneficial and the most harmful tail; step 0 scored by the individual influence u.",
-    **gpu_asset_args(),
+    check_specs=[blocking_check(
+        "tails_separated", "bootstrap_trajectories",
+        "T18: every beneficial beam's predicted score is below the 1st percentile of random "
+        "trajectories', every harmful one above the 99th, and the tails do not start from the same rows")],
 )
-@on_leased_gpu
 def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """Bootstrap trajectories: beam search (width K) over the probe pool with the initial model toward the most
+    beneficial and the most harmful tail; step 0 scored by the individual influence u."""
     storage, settings = platform.storage(), platform.settings(alone=True)
     influence = settings.influence
     torch.set_num_threads(influence.torch_threads)
@@ -225,15 +219,14 @@ def _embed_probe_pool(context: dg.AssetExecutionContext, storage: Storage, model
     code_version="oracle-bootstrap-v1",
     deps=[bootstrap_trajectories],
     kinds={"pytorch", "parquet"},
-    check_specs=[dg.AssetCheckSpec(
-        "labels_consistent", asset="oracle_bootstrap", blocking=True,
-        description="every trajectory complete (T distinct contexts, finite labels) and telescoping",
-    )],
-    description="Oracle data influences of the bootstrap trajectories, collected exactly as for random ones "
-    "(same checkpoint, reference set and collector); the trajectories are split into contiguous blocks.",
+    check_specs=[blocking_check(
+        "labels_consistent", "oracle_bootstrap",
+        "every trajectory complete (T distinct contexts, finite labels) and telescoping")],
     **gpu_asset_args(partitioned=True),
 )
 def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """Oracle data influences of the bootstrap trajectories, collected exactly as for random ones (same checkpoint,
+    reference set and collector); the trajectories are split into contiguous blocks."""
     storage, settings = platform.storage(), platform.settings()
     current = layout.current_bootstrap(storage)
     table = storage.read_parquet(current["path"])
@@ -252,18 +245,16 @@ def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResour
     )
 
 
-@dg.asset(
+@gpu_asset(
     group_name="influence",
     code_version="influence-model-v2",
     deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},
-    description="The final relational influence model: trained fresh from the encoder on the random and the "
-    "bootstrap oracle; the model that scores the pool for selection.",
-    **gpu_asset_args(),
 )
-@on_leased_gpu
 def influence_model_final(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """The final relational influence model: trained fresh from the encoder on the random and the bootstrap oracle; the
+    model that scores the pool for selection."""
     return train_influence_asset(context, platform, "final", relational=True, oracle_sources=oracle_union(platform),
                                  lineage={"policies": ["random", "bootstrap"]})
 
@@ -273,33 +264,29 @@ def oracle_union(platform: PlatformResource) -> list[tuple[str, list[str], str]]
             (layout.ORACLE_BOOTSTRAP_DIR, bootstrap_block_keys(platform), "oracle_bootstrap")]
 
 
-@dg.asset(
+@gpu_asset(
     group_name="influence",
     code_version="individual-model-v2",
     deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},
-    description="MATES' individual-influence model: the same encoder and head without the relational term "
-    "(pred_t = u_t), trained on the same oracle data as the final model; the baseline Group-MATES improves on.",
-    **gpu_asset_args(),
 )
-@on_leased_gpu
 def individual_influence_model(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """MATES' individual-influence model: the same encoder and head without the relational term (pred_t = u_t), trained
+    on the same oracle data as the final model; the baseline Group-MATES improves on."""
     return train_influence_asset(context, platform, "individual", relational=False,
                                  oracle_sources=oracle_union(platform), lineage={"policies": ["random", "bootstrap"]})
 
 
-@dg.asset(
+@gpu_asset(
     group_name="influence",
     code_version="influence-report-v1",
     deps=[influence_model_init, influence_model_final, individual_influence_model],
     kinds={"pytorch"},
-    description="The three influence models side by side on the same held-out trajectories: the random-rollout "
-    "validation set (shared by all three) and the final model's whole validation set.",
-    **gpu_asset_args(),
 )
-@on_leased_gpu
 def influence_model_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """The three influence models side by side on the same held-out trajectories: the random-rollout validation set
+    (shared by all three) and the final model's whole validation set."""
     storage, settings = platform.storage(), platform.settings(alone=True)
     influence = settings.influence
     torch.set_num_threads(influence.torch_threads)

@@ -8,7 +8,7 @@ import dagster as dg
 import torch
 
 from groupmates_assets.defs.common import PermanentFailure
-from groupmates_assets.defs.deployment import gpu_asset_args, on_leased_gpu
+from groupmates_assets.defs.deployment import gpu_asset
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import optim_config, tokenized_pool
 from groupmates_assets.lib import layout, lm, plots
@@ -16,18 +16,15 @@ from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import LMProfile
 
 
-@dg.asset(
+@gpu_asset(
     group_name="lm",
     code_version="probe-checkpoint-v1",
     deps=[dg.AssetDep("tokenized_pool_shard", partition_mapping=dg.AllPartitionMapping())],
     kinds={"pytorch", "safetensors"},
-    description="The proxy LM (open_lm-shaped Llama) pretrained on the tokenized pool for a share of its "
-    "token budget; model weights (safetensors), AdamW state, step and learning rate: the state every oracle "
-    "trajectory starts from.",
-    **gpu_asset_args(),
 )
-@on_leased_gpu
 def probe_checkpoint(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """The proxy LM (open_lm-shaped Llama) pretrained on the tokenized pool for a share of its token budget; model
+    weights (safetensors), AdamW state, step and learning rate: the state every oracle trajectory starts from."""
     storage, profile = platform.storage(), platform.settings(alone=True).lm
     torch.set_num_threads(profile.torch_threads)
     pool, manifests = tokenized_pool(storage, context.instance)

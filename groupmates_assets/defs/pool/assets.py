@@ -26,12 +26,12 @@ class EmbeddedPoolConfig(dg.Config):
     code_version="embedded-pool-v1",
     retry_policy=STEP_RETRY,
     kinds={"jsonl"},
-    description="Real third-party text of mixed quality, built from registry packages into DCLM-format shards, "
-    "plus held-out high-quality positives for the quality classifier.",
 )
 def embedded_pool(
     context: dg.AssetExecutionContext, config: EmbeddedPoolConfig, platform: PlatformResource
 ) -> dg.MaterializeResult:
+    """Real third-party text of mixed quality, built from registry packages into DCLM-format shards, plus held-out high-
+    quality positives for the quality classifier."""
     storage, profile = platform.storage(), platform.settings()
     num_shards = config.num_shards or profile.pool.embedded_shards
     fraction = config.positives_fraction or profile.pool.embedded_positives_fraction
@@ -86,9 +86,9 @@ def resolve_shard(platform: PlatformResource, key: str) -> shard_io.ShardFile:
     code_version="pool-shard-v1",
     retry_policy=STEP_RETRY,
     kinds={"json"},
-    description="One raw pool shard file, registered with its path, format, size and content hash.",
 )
 def pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """One raw pool shard file, registered with its path, format, size and content hash."""
     return materialize_partitions(context, lambda key: register_shard(platform, key))
 
 

@@ -116,14 +116,14 @@ def _curves_png(storage: Storage, specs: list[pt.RunSpec], method: str) -> bytes
     code_version="pretrain-v2",
     deps=["tokenized_corpus", "probe_checkpoint"],
     kinds={"pytorch", "safetensors"},
-    description="The target LM trained on one method's tokenized corpus at the shared token budget, once per seed: "
-    "with S = 2 the probe checkpoint's run continues on the selected data (stage 2), with S = 1 a run starts from "
-    "scratch. Checkpoints (weights, optimizer state, step, tokens) every pretrain.checkpoint_every steps; a killed "
-    "run resumes from its last complete checkpoint and reads exactly the batches it would have read. "
-    "pretrain.gpus_per_run > 1 runs torchrun through Dagster Pipes.",
     **gpu_asset_args(partitioned=True, gpus=pretrain_gpus()),
 )
 def pretrain_checkpoints(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """The target LM trained on one method's tokenized corpus at the shared token budget, once per seed: with S = 2 the
+    probe checkpoint's run continues on the selected data (stage 2), with S = 1 a run starts from scratch.
+    Checkpoints (weights, optimizer state, step, tokens) every pretrain.checkpoint_every steps; a killed run resumes
+    from its last complete checkpoint and reads exactly the batches it would have read. pretrain.gpus_per_run > 1
+    runs torchrun through Dagster Pipes."""
     storage, settings = platform.storage(), platform.settings()
     method = context.partition_key
     run_fp, specs = run_specs(platform, method)

@@ -13,6 +13,7 @@ import numpy as np
 from groupmates_assets.defs.common import (
     PartitionResult,
     PermanentFailure,
+    blocking_check,
     materialize_partitions,
     missing_is_permanent,
     shard_batches,
@@ -73,12 +74,12 @@ def _positives(storage: Storage, quality: QualityProfile, group_field: str | Non
     retry_policy=STEP_RETRY,
     deps=["embedded_pool", dg.AssetDep("pool_shard", partition_mapping=dg.AllPartitionMapping())],
     kinds={"fasttext"},
-    description="DCLM-recipe fastText bigram classifier (high-quality positives vs negatives sampled from the "
-    "pool) or a supplied .bin, with the keep threshold every shard is filtered with.",
 )
 def quality_classifier(
     context: dg.AssetExecutionContext, config: QualityClassifierConfig, platform: PlatformResource
 ) -> dg.MaterializeResult:
+    """DCLM-recipe fastText bigram classifier (high-quality positives vs negatives sampled from the pool) or a supplied
+    .bin, with the keep threshold every shard is filtered with."""
     storage = platform.storage()
     profile = with_overrides(platform.settings(), **config.model_dump())
     quality, group_field = profile.quality, profile.pool.group_field
@@ -191,15 +192,14 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
     retry_policy=STEP_RETRY,
     deps=["pool_shard", quality_classifier],
     kinds={"parquet"},
-    check_specs=[dg.AssetCheckSpec(
-        "counts_reconcile", asset="filtered_pool_shard", blocking=True,
-        description="in = kept + dropped + rejected, from the written files and an independent recount of "
-        "the source shard's records",
-    )],
-    description="One pool shard scored by the quality classifier: kept documents with doc_id and score, the "
-    "dropped ones for inspection, and malformed records with file, line and reason.",
+    check_specs=[blocking_check(
+        "counts_reconcile", "filtered_pool_shard",
+        "in = kept + dropped + rejected, from the written files and an independent recount of "
+        "the source shard's records")],
 )
 def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """One pool shard scored by the quality classifier: kept documents with doc_id and score, the dropped ones for
+    inspection, and malformed records with file, line and reason."""
     storage = platform.storage()
     unregistered = [key for key in shard_keys(context) if layout.registered_shard(storage, key) is None]
     if unregistered:
@@ -279,14 +279,13 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
     retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(filtered_pool_shard, partition_mapping=dg.AllPartitionMapping())],
     kinds={"json"},
-    check_specs=[dg.AssetCheckSpec(
-        "all_shards_reconcile", asset="filtered_pool_summary", blocking=True,
-        description="every filtered shard's in = kept + dropped + rejected, and the totals add up",
-    )],
-    description="The filtered pool as a whole: totals, keep rates by source, the merged score histogram, and a "
-    "manifest of every shard's kept file (what later stages read).",
+    check_specs=[blocking_check(
+        "all_shards_reconcile", "filtered_pool_summary",
+        "every filtered shard's in = kept + dropped + rejected, and the totals add up")],
 )
 def filtered_pool_summary(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """The filtered pool as a whole: totals, keep rates by source, the merged score histogram, and a manifest of every
+    shard's kept file (what later stages read)."""
     storage = platform.storage()
     pool = set(context.instance.get_dynamic_partitions(pool_shards.name))
     filtered = [key for key in storage.list(layout.FILTERED_POOL_DIR) if not key.startswith("_")]

@@ -82,12 +82,12 @@ def step_seconds_partition(instance: dg.DagsterInstance, asset: str, partition: 
     deps=[dg.AssetDep("evaluation", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep("pretrain_checkpoints", partition_mapping=dg.AllPartitionMapping())],
     kinds={"markdown"},
-    description="Group-MATES against random, MATES and fastText-only selection at equal tokens: the evaluation "
-    "table (mean and spread over seeds), per-task scores, loss and score-vs-tokens curves, the tokens each "
-    "method needs to reach random selection's final score, and the selection overhead against pretraining "
-    "time. Markdown with images here and under report/ in the storage root.",
 )
 def selection_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """Group-MATES against random, MATES and fastText-only selection at equal tokens: the evaluation table (mean and
+    spread over seeds), per-task scores, loss and score-vs-tokens curves, the tokens each method needs to reach
+    random selection's final score, and the selection overhead against pretraining time. Markdown with images here
+    and under report/ in the storage root."""
     storage, settings = platform.storage(), platform.settings()
     evaluations, curves, corpora = _report_inputs(storage)
     costs = cost_table(context.instance, settings.pretrain.stages, settings.pretrain.seeds)

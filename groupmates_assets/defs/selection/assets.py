@@ -9,8 +9,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from groupmates_assets.defs.common import PartitionResult, finite, materialize_partitions, shard_batches, shard_keys
-from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset_args, on_leased_gpu
+from groupmates_assets.defs.common import (
+    PartitionResult,
+    blocking_check,
+    finite,
+    materialize_partitions,
+    shard_batches,
+    shard_keys,
+)
+from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset
 from groupmates_assets.defs.partitions import pool_shards, selection_range_keys, selection_ranges
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import clustering, layout, lm, plots
@@ -78,19 +85,18 @@ def _predict(predictor: tuple[torch.nn.Module, object], kind: str, texts: list[s
                               log=lambda line: log(f"{layout.ASSET_OF_KIND[kind]}: {line}"))
 
 
-@dg.asset(
+@gpu_asset(
+    backfill_policy=shard_batches(),
     partitions_def=pool_shards,
     group_name="selection",
     code_version="pool-predictions-v1",
     deps=["filtered_pool_shard", "influence_model_final", "individual_influence_model"],
     kinds={"pytorch", "parquet"},
-    description="Every filtered document of a shard scored by the final relational model (embedding h in "
-    "float16, individual influence u) and by the MATES individual model (u_individual); only the chunks that "
-    "hold text are computed, documents batched by length. The models are loaded once per run.",
-    **gpu_asset_args(backfill_policy=shard_batches()),
 )
-@on_leased_gpu
 def pool_predictions(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """Every filtered document of a shard scored by the final relational model (embedding h in float16, individual
+    influence u) and by the MATES individual model (u_individual); only the chunks that hold text are computed,
+    documents batched by length. The models are loaded once per run."""
     shard_keys(context)
     storage, settings = platform.storage(), platform.settings().selection
     torch.set_num_threads(settings.torch_threads)
@@ -149,10 +155,10 @@ def read_predictions(storage: Storage, keys: list[str], columns: list[str]) -> d
     retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(pool_predictions, partition_mapping=dg.AllPartitionMapping()), "filtered_pool_summary"],
     kinds={"faiss", "numpy"},
-    description="Influence-aware clusters: spherical k-means (faiss) on the final model's embeddings h, trained "
-    "on a seeded sample of max_points_per_centroid x k points; k from the target mean cluster size.",
 )
 def cluster_centroids(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """Influence-aware clusters: spherical k-means (faiss) on the final model's embeddings h, trained on a seeded sample
+    of max_points_per_centroid x k points; k from the target mean cluster size."""
     storage, settings = platform.storage(), platform.settings(alone=True).selection
     keys = layout.filtered_shards(storage)
     paths = {key: predictions_path(storage, key) for key in keys}
@@ -208,10 +214,10 @@ def assignments_path(storage: Storage, key: str) -> str:
     retry_policy=STEP_RETRY,
     deps=[cluster_centroids, pool_predictions],
     kinds={"faiss", "parquet"},
-    description="Each document of a shard assigned to its nearest centroid (largest inner product with the "
-    "unit-norm centroids): doc_id, cluster, similarity.",
 )
 def cluster_assignments(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """Each document of a shard assigned to its nearest centroid (largest inner product with the unit-norm centroids):
+    doc_id, cluster, similarity."""
     shard_keys(context)
     storage = platform.storage()
     current = layout.current_clusters(storage)
@@ -259,11 +265,11 @@ def read_assignments(storage: Storage, keys: list[str]) -> dict[str, pa.Table]:
                           description="T16: mean u of the selected documents is below the pool's (a warning: it "
                           "fails when u barely varies inside clusters, i.e. a weak model, or an inverted sign)"),
     ],
-    description="Group-MATES: inside every cluster of this range, greedily the candidate with the most "
-    "beneficial predicted influence given what the cluster already selected (closed form with the learned alpha "
-    "and tau), up to floor/ceil(r x |C|) documents. Rows: doc_id, shard, cluster, rank, u, predicted influence.",
 )
 def selected_documents(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """Group-MATES: inside every cluster of this range, greedily the candidate with the most beneficial predicted
+    influence given what the cluster already selected (closed form with the learned alpha and tau), up to
+    floor/ceil(r x |C|) documents. Rows: doc_id, shard, cluster, rank, u, predicted influence."""
     storage, settings = platform.storage(), platform.settings().selection
     current, keys = layout.current_clusters(storage), layout.filtered_shards(storage)
     start, stop = sel.range_bounds(context.partition_key, current["k"])
@@ -418,15 +424,14 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
     deps=["filtered_pool_shard", dg.AssetDep(selected_documents, partition_mapping=dg.AllPartitionMapping()),
           selected_random, selected_mates, selected_fasttext],
     kinds={"parquet", "json"},
-    check_specs=[dg.AssetCheckSpec(
-        "index_round_trip", asset="selected_corpus", blocking=True,
-        description="T17: every selected id of this shard was found by doc_id, and the text written hashes to the "
-        "text that was embedded",
-    )],
-    description="The selected documents of a shard for every method, as DCLM-format JSON lines (zstd): the "
-    "original record plus doc_id and the selection fields; joined with the filtered pool by doc_id.",
+    check_specs=[blocking_check(
+        "index_round_trip", "selected_corpus",
+        "T17: every selected id of this shard was found by doc_id, and the text written hashes to the "
+        "text that was embedded")],
 )
 def selected_corpus(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """The selected documents of a shard for every method, as DCLM-format JSON lines (zstd): the original record plus
+    doc_id and the selection fields; joined with the filtered pool by doc_id."""
     shard_keys(context)
     storage, settings = platform.storage(), platform.settings().selection
     tables = selection_tables(storage, settings, settings.cluster_ranges)

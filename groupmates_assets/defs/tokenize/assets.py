@@ -4,7 +4,13 @@ import time
 
 import dagster as dg
 
-from groupmates_assets.defs.common import PartitionResult, PermanentFailure, materialize_partitions, shard_batches
+from groupmates_assets.defs.common import (
+    PartitionResult,
+    PermanentFailure,
+    blocking_check,
+    materialize_partitions,
+    shard_batches,
+)
 from groupmates_assets.defs.deployment import STEP_RETRY
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import PlatformResource
@@ -24,16 +30,15 @@ TOKENIZE_VERSION = "tokenize-v1"
     retry_policy=STEP_RETRY,
     deps=["filtered_pool_shard"],
     kinds={"numpy", "parquet"},
-    check_specs=[dg.AssetCheckSpec(
-        "every_token_once", asset="tokenized_pool_shard", blocking=True,
-        description="packed tokens = document tokens + one end-of-text per document (+ tail padding), and every "
-        "kept document appears in the lineage",
-    )],
-    description="A filtered shard tokenized (GPT-NeoX-20B by default), documents joined with end-of-text and "
-    "packed into contexts of seq_len + 1 tokens, shuffled in two stages as DCLM's tokshuf; lineage maps every "
-    "context back to the doc_ids it holds.",
+    check_specs=[blocking_check(
+        "every_token_once", "tokenized_pool_shard",
+        "packed tokens = document tokens + one end-of-text per document (+ tail padding), and every "
+        "kept document appears in the lineage")],
 )
 def tokenized_pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    """A filtered shard tokenized (GPT-NeoX-20B by default), documents joined with end-of-text and packed into contexts
+    of seq_len + 1 tokens, shuffled in two stages as DCLM's tokshuf; lineage maps every context back to the doc_ids
+    it holds."""
     return materialize_partitions(context, lambda key: tokenize_shard(context, platform, key),
                                   check_name="every_token_once")
 
