@@ -64,6 +64,9 @@ def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
     live = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
                                                      dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]))
     assert not live, [r.run_id for r in live]  # nothing left running or queued after Ctrl-C
+    retried = [r.run_id for r in instance.get_runs()
+               if instance.all_logs(r.run_id, of_type=dg.DagsterEventType.STEP_RESTARTED)]
+    assert not retried, retried  # a cancelled run's step stops; no retry attempt (deployment.stop_on_termination)
     before = _materializations(instance)
     assert before[("filtered_pool_summary", None)] == 1 and before[("selection_report", None)] == 0
 

@@ -51,9 +51,33 @@ def test_every_asset_retries_under_the_step_policy():
     assert not missing, f"assets without STEP_RETRY: {missing}"
     assert isinstance(STEP_RETRY, dg.RetryPolicy) and STEP_RETRY.max_retries == 2
     assert STEP_RETRY.backoff is dg.Backoff.EXPONENTIAL and STEP_RETRY.jitter is dg.Jitter.PLUS_MINUS
+    not_stopping = sorted(a.key.to_user_string() for a in assets
+                          if not getattr(a.op.compute_fn.decorated_fn, "stops_on_termination", False))
+    assert not not_stopping, f"assets a terminated run would retry: {not_stopping}"
     assert STEP_RETRY.delay == 0.1  # GROUPMATES_RETRY_DELAY_SECONDS from conftest
     assert all(0 <= STEP_RETRY.calculate_delay(1) <= 0.2 for _ in range(20))
     assert all(0.2 <= STEP_RETRY.calculate_delay(2) <= 0.4 for _ in range(20))  # (2^2 - 1) x delay, +/- delay
+
+
+def _interrupted_asset(calls: list[int], decorator):
+    @decorator
+    def interrupted(context) -> None:
+        calls.append(1)
+        raise dg.DagsterExecutionInterruptedError()  # how a run's termination reaches its step
+
+    return interrupted
+
+
+@pytest.mark.parametrize("decorator, attempts", [
+    (deployment.step_asset(), 1),  # ours: the step stops
+    (dg.asset(retry_policy=STEP_RETRY), 3),  # Dagster's own: the retry policy applies to interrupts too
+])
+def test_a_terminated_run_stops_its_step_without_a_retry(tmp_path, decorator, attempts):
+    calls: list[int] = []
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = dg.materialize([_interrupted_asset(calls, decorator)], instance=instance, raise_on_error=False)
+    assert not result.success and len(calls) == attempts
+    assert len(_events(result, RETRY)) == attempts - 1
 
 
 def test_retry_delay_comes_from_the_environment(monkeypatch):

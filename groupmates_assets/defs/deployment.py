@@ -99,12 +99,39 @@ def gpu_asset_args(partitioned: bool = False, gpus: int = 1,
     return args
 
 
-def gpu_asset(*, partitioned: bool = False, gpus: int = 1, backfill_policy: dg.BackfillPolicy | None = None,
-              **asset_args: Any) -> Callable[[Callable], dg.AssetsDefinition]:
-    """``@dg.asset`` for a step that runs on one leased device: :func:`gpu_asset_args` plus :func:`on_leased_gpu`."""
+def stop_on_termination(compute: Callable) -> Callable:
+    """A terminated run's step fails at once instead of starting another attempt. Dagster applies a step's retry
+    policy to interrupts too (the run's termination arrives in the step as ``DagsterExecutionInterruptedError``), so a
+    cancelled backfill's runs would each run their step once more before stopping. A run whose worker died is retried
+    by the run retries of dagster.yaml, not by the step's policy."""
+
+    @functools.wraps(compute)
+    def wrapper(context: dg.AssetExecutionContext, *args, **kwargs):
+        try:
+            return compute(context, *args, **kwargs)
+        except dg.DagsterExecutionInterruptedError as interrupt:
+            raise dg.Failure("the run was terminated; the step stops without a retry", allow_retries=False) \
+                from interrupt
+
+    wrapper.stops_on_termination = True  # type: ignore[attr-defined]  # what the tests look for
+    return wrapper
+
+
+def step_asset(**asset_args: Any) -> Callable[[Callable], dg.AssetsDefinition]:
+    """``@dg.asset`` with ``STEP_RETRY`` for failures and :func:`stop_on_termination` for terminated runs."""
 
     def decorate(compute: Callable) -> dg.AssetsDefinition:
-        return dg.asset(**asset_args, **gpu_asset_args(partitioned, gpus, backfill_policy))(on_leased_gpu(compute))
+        return dg.asset(**{"retry_policy": STEP_RETRY, **asset_args})(stop_on_termination(compute))
+
+    return decorate
+
+
+def gpu_asset(*, partitioned: bool = False, gpus: int = 1, backfill_policy: dg.BackfillPolicy | None = None,
+              **asset_args: Any) -> Callable[[Callable], dg.AssetsDefinition]:
+    """A :func:`step_asset` that runs on one leased device: :func:`gpu_asset_args` plus :func:`on_leased_gpu`."""
+
+    def decorate(compute: Callable) -> dg.AssetsDefinition:
+        return step_asset(**asset_args, **gpu_asset_args(partitioned, gpus, backfill_policy))(on_leased_gpu(compute))
 
     return decorate
 

@@ -5,7 +5,7 @@ import time
 import dagster as dg
 
 from groupmates_assets.defs.common import PermanentFailure, blocking_check
-from groupmates_assets.defs.deployment import STEP_RETRY
+from groupmates_assets.defs.deployment import step_asset
 from groupmates_assets.defs.partitions import SELECTION_METHODS, selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import context_len
@@ -28,13 +28,12 @@ def token_budget(platform: PlatformResource) -> int:
     return steps * settings.lm.batch_size * shape.seq_len
 
 
-@dg.asset(
+@step_asset(
     partitions_def=selection_methods,
     # one method per run, as pretraining: a backfill puts a method's tokenizing, training and evaluation in one run
     backfill_policy=dg.BackfillPolicy.multi_run(1),
     group_name="corpus",
     code_version="tokenized-corpus-v2",
-    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep("selected_corpus", partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy", "parquet"},
     check_specs=[blocking_check(

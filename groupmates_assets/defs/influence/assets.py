@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from groupmates_assets.defs.common import blocking_check, finite
-from groupmates_assets.defs.deployment import gpu_asset, gpu_asset_args
+from groupmates_assets.defs.deployment import gpu_asset, gpu_asset_args, step_asset
 from groupmates_assets.defs.partitions import block_number, oracle_block_keys, oracle_bootstrap_blocks
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import collect_oracle_block
@@ -213,7 +213,7 @@ def _embed_probe_pool(context: dg.AssetExecutionContext, storage: Storage, model
     return h, u, alpha, tau, seconds
 
 
-@dg.asset(
+@step_asset(
     partitions_def=oracle_bootstrap_blocks,
     group_name="oracle",
     code_version="oracle-bootstrap-v1",

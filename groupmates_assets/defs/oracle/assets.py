@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from groupmates_assets.defs.common import blocking_check
-from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset_args
+from groupmates_assets.defs.deployment import gpu_asset_args, step_asset
 from groupmates_assets.defs.partitions import block_number, oracle_random_blocks
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import collect_oracle_block, tokenized_pool
@@ -20,10 +20,9 @@ from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import METHOD
 
 
-@dg.asset(
+@step_asset(
     group_name="oracle",
     code_version="reference-set-v1",
-    retry_policy=STEP_RETRY,
     kinds={"json"},
 )
 def reference_set(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
@@ -50,10 +49,9 @@ def reference_set(context: dg.AssetExecutionContext, platform: PlatformResource)
     )
 
 
-@dg.asset(
+@step_asset(
     group_name="oracle",
     code_version="probe-pool-v1",
-    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep("tokenized_pool_shard", partition_mapping=dg.AllPartitionMapping())],
     kinds={"numpy"},
 )
@@ -80,7 +78,7 @@ def probe_pool(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     )
 
 
-@dg.asset(
+@step_asset(
     partitions_def=oracle_random_blocks,
     group_name="oracle",
     code_version="oracle-random-v1",

@@ -7,7 +7,7 @@ import tempfile
 import dagster as dg
 
 from groupmates_assets.defs.common import PartitionResult, PermanentFailure, materialize_partitions, shard_batches
-from groupmates_assets.defs.deployment import STEP_RETRY
+from groupmates_assets.defs.deployment import step_asset
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import layout
@@ -21,10 +21,9 @@ class EmbeddedPoolConfig(dg.Config):
     positives_fraction: float | None = None
 
 
-@dg.asset(
+@step_asset(
     group_name="pool",
     code_version="embedded-pool-v1",
-    retry_policy=STEP_RETRY,
     kinds={"jsonl"},
 )
 def embedded_pool(
@@ -79,12 +78,11 @@ def resolve_shard(platform: PlatformResource, key: str) -> shard_io.ShardFile:
     raise PermanentFailure(f"no shard file for partition {key!r} under {root} (was it moved or deleted?)")
 
 
-@dg.asset(
+@step_asset(
     partitions_def=pool_shards,
     backfill_policy=shard_batches(),
     group_name="pool",
     code_version="pool-shard-v1",
-    retry_policy=STEP_RETRY,
     kinds={"json"},
 )
 def pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:

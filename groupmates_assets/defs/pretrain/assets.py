@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from groupmates_assets.defs.common import PermanentFailure
-from groupmates_assets.defs.deployment import gpu_asset_args, leased_gpus, pretrain_gpus
+from groupmates_assets.defs.deployment import gpu_asset_args, leased_gpus, pretrain_gpus, step_asset
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import optim_config
@@ -110,7 +110,7 @@ def _curves_png(storage: Storage, specs: list[pt.RunSpec], method: str) -> bytes
     return plots.lines_png(series, f"{method}: training loss", "step", "loss (CE + z-loss)")
 
 
-@dg.asset(
+@step_asset(
     partitions_def=selection_methods,
     group_name="pretrain",
     code_version="pretrain-v2",

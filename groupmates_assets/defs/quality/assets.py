@@ -19,7 +19,7 @@ from groupmates_assets.defs.common import (
     shard_batches,
     shard_keys,
 )
-from groupmates_assets.defs.deployment import STEP_RETRY
+from groupmates_assets.defs.deployment import step_asset
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import current_shard_keys
@@ -68,10 +68,9 @@ def _positives(storage: Storage, quality: QualityProfile, group_field: str | Non
     return sample_shards(fs, [source], quality.max_positives, quality.recipe.seed, group_field)
 
 
-@dg.asset(
+@step_asset(
     group_name="quality",
     code_version="quality-classifier-v1",
-    retry_policy=STEP_RETRY,
     deps=["embedded_pool", dg.AssetDep("pool_shard", partition_mapping=dg.AllPartitionMapping())],
     kinds={"fasttext"},
 )
@@ -184,12 +183,11 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
     return metadata
 
 
-@dg.asset(
+@step_asset(
     partitions_def=pool_shards,
     backfill_policy=shard_batches(),
     group_name="quality",
     code_version=filtering.FILTER_VERSION,
-    retry_policy=STEP_RETRY,
     deps=["pool_shard", quality_classifier],
     kinds={"parquet"},
     check_specs=[blocking_check(
@@ -273,10 +271,9 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-@dg.asset(
+@step_asset(
     group_name="quality",
     code_version="filtered-pool-summary-v1",
-    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(filtered_pool_shard, partition_mapping=dg.AllPartitionMapping())],
     kinds={"json"},
     check_specs=[blocking_check(

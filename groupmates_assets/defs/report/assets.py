@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 
 from groupmates_assets.defs.common import PermanentFailure
-from groupmates_assets.defs.deployment import STEP_RETRY
+from groupmates_assets.defs.deployment import step_asset
 from groupmates_assets.defs.partitions import SELECTION_METHODS
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import layout, plots
@@ -75,10 +75,9 @@ def step_seconds_partition(instance: dg.DagsterInstance, asset: str, partition: 
         record.run_id, step_keys=[record.event_log_entry.step_key]) if s.start_time and s.end_time)
 
 
-@dg.asset(
+@step_asset(
     group_name="report",
     code_version="selection-report-v1",
-    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep("evaluation", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep("pretrain_checkpoints", partition_mapping=dg.AllPartitionMapping())],
     kinds={"markdown"},

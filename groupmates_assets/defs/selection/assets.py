@@ -17,7 +17,7 @@ from groupmates_assets.defs.common import (
     shard_batches,
     shard_keys,
 )
-from groupmates_assets.defs.deployment import STEP_RETRY, gpu_asset
+from groupmates_assets.defs.deployment import gpu_asset, step_asset
 from groupmates_assets.defs.partitions import pool_shards, selection_range_keys, selection_ranges
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import clustering, layout, lm, plots
@@ -149,10 +149,9 @@ def read_predictions(storage: Storage, keys: list[str], columns: list[str]) -> d
 # ----------------------------------------------------------------------------------------------- clustering
 
 
-@dg.asset(
+@step_asset(
     group_name="selection",
     code_version="cluster-centroids-v1",
-    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(pool_predictions, partition_mapping=dg.AllPartitionMapping()), "filtered_pool_summary"],
     kinds={"faiss", "numpy"},
 )
@@ -206,12 +205,11 @@ def assignments_path(storage: Storage, key: str) -> str:
     return f"{layout.CLUSTERS_DIR}/{layout.current_clusters(storage)['fingerprint']}/assignments/{key}.parquet"
 
 
-@dg.asset(
+@step_asset(
     partitions_def=pool_shards,
     backfill_policy=shard_batches(),
     group_name="selection",
     code_version="cluster-assignments-v1",
-    retry_policy=STEP_RETRY,
     deps=[cluster_centroids, pool_predictions],
     kinds={"faiss", "parquet"},
 )
@@ -251,11 +249,10 @@ def read_assignments(storage: Storage, keys: list[str]) -> dict[str, pa.Table]:
 # ------------------------------------------------------------------------------------------------ selection
 
 
-@dg.asset(
+@step_asset(
     partitions_def=selection_ranges,
     group_name="selection",
     code_version="group-mates-selection-v1",
-    retry_policy=STEP_RETRY,
     deps=[dg.AssetDep(cluster_assignments, partition_mapping=dg.AllPartitionMapping())],
     kinds={"pytorch", "parquet"},
     check_specs=[
@@ -360,20 +357,20 @@ def _baseline(platform: PlatformResource, name: str) -> dg.MaterializeResult:
 BASELINE_DEPS = [dg.AssetDep(cluster_assignments, partition_mapping=dg.AllPartitionMapping())]
 
 
-@dg.asset(group_name="selection", code_version="random-selection-v1", kinds={"parquet"}, retry_policy=STEP_RETRY,
+@step_asset(group_name="selection", code_version="random-selection-v1", kinds={"parquet"},
           deps=BASELINE_DEPS, description=sel.SELECTION_METHODS["random"].description)
 def selected_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     return _baseline(platform, "random")
 
 
-@dg.asset(group_name="selection", code_version="mates-selection-v1", kinds={"parquet"}, retry_policy=STEP_RETRY,
+@step_asset(group_name="selection", code_version="mates-selection-v1", kinds={"parquet"},
           deps=[*BASELINE_DEPS, dg.AssetDep(pool_predictions, partition_mapping=dg.AllPartitionMapping())],
           description=sel.SELECTION_METHODS["mates"].description)
 def selected_mates(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     return _baseline(platform, "mates")
 
 
-@dg.asset(group_name="selection", code_version="fasttext-selection-v1", kinds={"parquet"}, retry_policy=STEP_RETRY,
+@step_asset(group_name="selection", code_version="fasttext-selection-v1", kinds={"parquet"},
           deps=BASELINE_DEPS, description=sel.SELECTION_METHODS["fasttext"].description)
 def selected_fasttext(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     return _baseline(platform, "fasttext")
@@ -415,12 +412,11 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
     }
 
 
-@dg.asset(
+@step_asset(
     partitions_def=pool_shards,
     backfill_policy=shard_batches(),
     group_name="selection",
     code_version="selected-corpus-v1",
-    retry_policy=STEP_RETRY,
     deps=["filtered_pool_shard", dg.AssetDep(selected_documents, partition_mapping=dg.AllPartitionMapping()),
           selected_random, selected_mates, selected_fasttext],
     kinds={"parquet", "json"},

@@ -11,7 +11,7 @@ from groupmates_assets.defs.common import (
     materialize_partitions,
     shard_batches,
 )
-from groupmates_assets.defs.deployment import STEP_RETRY
+from groupmates_assets.defs.deployment import step_asset
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import context_len
@@ -22,12 +22,11 @@ from groupmates_assets.lib.shards import validate_shard_key
 TOKENIZE_VERSION = "tokenize-v1"
 
 
-@dg.asset(
+@step_asset(
     partitions_def=pool_shards,
     backfill_policy=shard_batches(),
     group_name="tokenize",
     code_version=TOKENIZE_VERSION,
-    retry_policy=STEP_RETRY,
     deps=["filtered_pool_shard"],
     kinds={"numpy", "parquet"},
     check_specs=[blocking_check(
