@@ -8,7 +8,6 @@ from typing import Any
 
 import dagster as dg
 
-from groupmates_assets.lib.jsonsafe import finite as finite  # stages import it from here
 from groupmates_assets.lib.layout import MissingArtifactError
 
 

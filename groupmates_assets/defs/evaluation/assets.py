@@ -8,13 +8,14 @@ from typing import Any
 import dagster as dg
 import torch
 
-from groupmates_assets.defs.common import finite, missing_is_permanent
+from groupmates_assets.defs.common import missing_is_permanent
 from groupmates_assets.defs.deployment import gpu_asset
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import evaluation as ev
 from groupmates_assets.lib import layout, lm
 from groupmates_assets.lib import tokenization as tk
+from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.pretraining import load_weights_from
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import EvalProfile

@@ -10,7 +10,7 @@ import dagster as dg
 import numpy as np
 import torch
 
-from groupmates_assets.defs.common import blocking_check, finite
+from groupmates_assets.defs.common import blocking_check
 from groupmates_assets.defs.deployment import gpu_asset, gpu_asset_args, step_asset
 from groupmates_assets.defs.partitions import block_number, oracle_block_keys, oracle_bootstrap_blocks
 from groupmates_assets.defs.resources import PlatformResource
@@ -21,6 +21,7 @@ from groupmates_assets.lib.influence import bootstrap as boot
 from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
 from groupmates_assets.lib.influence import training as tr
+from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.oracle import read_oracle_blocks
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import METHOD, InfluenceProfile, Profile

@@ -12,7 +12,6 @@ import torch
 from groupmates_assets.defs.common import (
     PartitionResult,
     blocking_check,
-    finite,
     materialize_partitions,
     shard_batches,
     shard_keys,
@@ -25,6 +24,7 @@ from groupmates_assets.lib import corpus as corpus_lib
 from groupmates_assets.lib import selection as sel
 from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
+from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.shards import text_hash, validate_shard_key
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import SelectionProfile
