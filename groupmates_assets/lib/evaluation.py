@@ -43,6 +43,7 @@ from tokenizers import Tokenizer
 from groupmates_assets.lib import layout
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.lm.model import autocast_for, model_device
+from groupmates_assets.lib.report import mean_std
 from groupmates_assets.lib.storage import Storage
 
 NORMALIZATIONS = ("token", "char", "none")
@@ -696,10 +697,8 @@ POINT_FIELDS = ("step", "tokens_seen", "core_centered", "bits_per_byte", "heldou
 
 def seed_summary(values: list[float | None]) -> dict[str, Any]:
     """Mean and (population) standard deviation over seeds, with the values; None where nothing is finite."""
-    finite_values = [float(v) for v in values if v is not None and np.isfinite(v)]
-    if not finite_values:
-        return {"mean": None, "std": None, "values": values}
-    return {"mean": float(np.mean(finite_values)), "std": float(np.std(finite_values)), "values": values}
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "values": values}
 
 
 def method_report(method: str, pretrain: dict[str, Any], evaluation_fingerprint: str, heldout: str | None,

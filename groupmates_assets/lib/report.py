@@ -16,7 +16,8 @@ from groupmates_assets.lib import plots
 HIGHER_IS_BETTER = {"core_centered": True, "bits_per_byte": False}
 
 
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and (population) standard deviation of the finite values; (None, None) where there are none."""
     finite = [float(v) for v in values if v is not None and np.isfinite(v)]
     return (float(np.mean(finite)), float(np.std(finite))) if finite else (None, None)
 
@@ -34,7 +35,7 @@ def mean_points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         point = {"step": step, "tokens_seen": int(group[0]["tokens_seen"] or 0)}
         for metric in HIGHER_IS_BETTER:
-            point[metric], point[f"{metric}_std"] = _mean_std([p.get(metric) for p in group])
+            point[metric], point[f"{metric}_std"] = mean_std([p.get(metric) for p in group])
         points.append(point)
     return points
 
@@ -82,7 +83,7 @@ def build_report(evaluations: dict[str, dict], curves: dict[str, list[list[dict]
     for method, evaluation in evaluations.items():
         final = evaluation["final"]
         final_losses = [c[-1]["loss"] for c in curves[method] if c]
-        loss_mean, loss_std = _mean_std(final_losses)
+        loss_mean, loss_std = mean_std(final_losses)
         methods[method] = {
             "core_centered": final["core_centered"], "bits_per_byte": final["bits_per_byte"],
             "heldout_loss": final["heldout_loss"], "train_loss": {"mean": loss_mean, "std": loss_std},
