@@ -502,9 +502,15 @@ def centered_accuracy(accuracy: float, random_baseline: float) -> float:
     return (accuracy - random_baseline) / (1 - random_baseline)
 
 
+def _hits(stats: Sequence[Sequence[ChoiceStats]], golds: Sequence[int], normalize: str) -> list[int]:
+    """1 where the example's best-scoring choice is gold, else 0; ties go to the first choice (np.argmax)."""
+    return [int(int(np.argmax([c.score(normalize) for c in row])) == gold)
+            for row, gold in zip(stats, golds, strict=True)]
+
+
 def _accuracy(stats: Sequence[Sequence[ChoiceStats]], golds: Sequence[int], normalize: str) -> float:
-    """Fraction of examples whose best-scoring choice is gold; ties go to the first choice (np.argmax)."""
-    hits = [int(np.argmax([c.score(normalize) for c in row])) == gold for row, gold in zip(stats, golds, strict=True)]
+    """Fraction of examples whose best-scoring choice is gold."""
+    hits = _hits(stats, golds, normalize)
     return float(np.mean(hits)) if hits else float("nan")
 
 
@@ -519,6 +525,8 @@ class TaskResult:
     acc_char: float  # per-character-normalised (lm-eval "acc_norm")
     random_baseline: float
     centered: float
+    item_correct: list[int] = dataclasses.field(default_factory=list)  # primary convention, one per example in order
+    item_rows: list[int] = dataclasses.field(default_factory=list)  # each example's source row (pairs items across models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -566,7 +574,8 @@ def evaluate_examples(
         raise ValueError(f"task {name!r} has no examples")
     stats = choice_stats(model, tokenizer, examples, max_tokens_per_batch, device, max_length)
     golds = [e.gold for e in examples]
-    accuracy = _accuracy(stats, golds, PRIMARY_NORMALIZATION)
+    hits = _hits(stats, golds, PRIMARY_NORMALIZATION)
+    accuracy = float(np.mean(hits))
     return TaskResult(
         task=name,
         n_examples=len(examples),
@@ -575,6 +584,8 @@ def evaluate_examples(
         acc_char=_accuracy(stats, golds, "char"),
         random_baseline=random_baseline,
         centered=centered_accuracy(accuracy, random_baseline),
+        item_correct=hits,
+        item_rows=[e.row for e in examples],
     )
 
 
@@ -625,6 +636,67 @@ def evaluate_tasks(
 # ---------------------------------------------------------------------------------------------- bits per byte
 
 
+@dataclasses.dataclass(frozen=True)
+class DocumentLosses:
+    """Per held-out document: summed token NLL in nats, tokens predicted and UTF-8 bytes (paired comparisons
+    between models resample these documents)."""
+
+    nll: list[float]
+    tokens: list[int]
+    bytes: list[int]
+
+    @property
+    def loss(self) -> float:
+        """Mean token loss in nats over all documents."""
+        return sum(self.nll) / sum(self.tokens)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return sum(self.nll) / (math.log(2) * sum(self.bytes))
+
+
+def document_losses(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    seq_len: int | None = None,
+    max_tokens_per_batch: int = 4096,
+    device: torch.device | str | None = None,
+) -> DocumentLosses:
+    """Summed NLL, predicted tokens and bytes of each held-out text (in order; texts that encode to no tokens get
+    zeros and count for nothing).
+
+    Each text is encoded on its own as `[EOT] + ids` (EOT stands in for the document boundary the LM sees in packed
+    training) and cut into non-overlapping windows of `seq_len + 1` tokens (`seq_len` inputs; default the model's
+    `max_position_embeddings`); the context resets at every window. Every text token is predicted exactly once and
+    the EOT never is, so the predicted tokens cover the whole text. Bytes are counted on the texts as given (a
+    tokenizer normaliser such as NeoX's NFC may change a few).
+    """
+    window = _max_length(model, seq_len)
+    eot = tk.eot_token_id(tokenizer)
+    rows: list[tuple[list[int], int]] = []
+    owners: list[int] = []
+    tokens = [0] * len(texts)
+    n_bytes = [0] * len(texts)
+    for index, (encoding, text) in enumerate(
+            zip(tokenizer.encode_batch(list(texts), add_special_tokens=False), texts, strict=True)):
+        ids = encoding.ids
+        if not ids:
+            continue
+        n_bytes[index], tokens[index] = len(text.encode("utf-8")), len(ids)
+        stream = [eot, *ids]
+        for start in range(0, len(ids), window):
+            piece = stream[start : start + window + 1]
+            rows.append((piece, len(piece) - 1))
+            owners.append(index)
+    if not rows:
+        raise ValueError("no text tokens to score")
+    nll = [0.0] * len(texts)
+    for owner, logprob in zip(owners, _score_rows(model, rows, max_tokens_per_batch, device), strict=True):
+        nll[owner] -= logprob
+    return DocumentLosses(nll, tokens, n_bytes)
+
+
 def bits_per_byte(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -633,35 +705,12 @@ def bits_per_byte(
     max_tokens_per_batch: int = 4096,
     device: torch.device | str | None = None,
 ) -> tuple[float, float]:
-    """(mean token loss in nats, bits per byte) of held-out texts.
-
-    Each text is encoded on its own as `[EOT] + ids` (EOT stands in for the document boundary the LM sees in packed
-    training) and cut into non-overlapping windows of `seq_len + 1` tokens (`seq_len` inputs; default the model's
-    `max_position_embeddings`); the context resets at every window. Every text token is predicted exactly once and
-    the EOT never is, so the predicted tokens cover the whole text:
+    """(mean token loss in nats, bits per byte) of held-out texts, pooled over documents (see `document_losses`):
         mean loss = total NLL / number of text tokens,
         bits per byte = total NLL / (ln 2 * total UTF-8 bytes of the texts).
-    Bytes are counted on the texts as given (a tokenizer normaliser such as NeoX's NFC may change a few).
-    Texts that encode to no tokens (empty strings) contribute nothing.
     """
-    window = _max_length(model, seq_len)
-    eot = tk.eot_token_id(tokenizer)
-    rows: list[tuple[list[int], int]] = []
-    total_bytes = 0
-    for encoding, text in zip(tokenizer.encode_batch(list(texts), add_special_tokens=False), texts, strict=True):
-        ids = encoding.ids
-        if not ids:
-            continue
-        total_bytes += len(text.encode("utf-8"))
-        stream = [eot, *ids]
-        for start in range(0, len(ids), window):
-            piece = stream[start : start + window + 1]
-            rows.append((piece, len(piece) - 1))
-    if not rows:
-        raise ValueError("no text tokens to score")
-    nll = -sum(_score_rows(model, rows, max_tokens_per_batch, device))
-    n_tokens = sum(n for _, n in rows)
-    return nll / n_tokens, nll / (math.log(2) * total_bytes)
+    losses = document_losses(model, tokenizer, texts, seq_len, max_tokens_per_batch, device)
+    return losses.loss, losses.bits_per_byte
 
 
 # ------------------------------------------------------------------------------------------------ held-out text

@@ -21,6 +21,10 @@ from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import EvalProfile
 
 
+# What a stored point holds; part of the cache fingerprint, so points of an older layout are recomputed.
+POINT_VERSION = "evaluation-v3"
+
+
 def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalProfile, tokenizer, texts: list[str],
                         device) -> dict[str, Any]:
     """Tasks and held-out text for one stored checkpoint."""
@@ -30,10 +34,12 @@ def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalPr
     result = ev.evaluate_tasks(model, tokenizer, list(eval_settings.tasks) if eval_settings.tasks else None,
                                limit_per_task=eval_settings.limit_per_task, seed=eval_settings.seed, device=device,
                                max_tokens_per_batch=batch_tokens)
-    loss, bpb = ev.bits_per_byte(model, tokenizer, texts, device=device, max_tokens_per_batch=batch_tokens) \
-        if texts else (None, None)
+    losses = ev.document_losses(model, tokenizer, texts, device=device, max_tokens_per_batch=batch_tokens) \
+        if texts else None
     return {"checkpoint": checkpoint, "step": state["step"], "tokens_seen": state["extra"].get("tokens_seen"),
-            **result.to_dict(), "heldout_loss": loss, "bits_per_byte": bpb,
+            **result.to_dict(), "heldout_loss": losses.loss if losses else None,
+            "bits_per_byte": losses.bits_per_byte if losses else None,
+            "heldout_documents": dataclasses.asdict(losses) if losses else None,
             "tasks_markdown": result.to_markdown()}
 
 
@@ -41,7 +47,7 @@ def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalPr
     partitioned=True,
     partitions_def=selection_methods,
     group_name="evaluation",
-    code_version="evaluation-v2",
+    code_version=POINT_VERSION,
     deps=["pretrain_checkpoints"],
     kinds={"pytorch"},
 )
@@ -59,7 +65,7 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
     texts, heldout = ev.heldout_texts(storage, eval_settings.heldout_path, eval_settings.heldout_documents,
                                       eval_settings.seed)
-    eval_fp = layout.fingerprint(settings=dataclasses.asdict(eval_settings), heldout=heldout,
+    eval_fp = layout.fingerprint(version=POINT_VERSION, settings=dataclasses.asdict(eval_settings), heldout=heldout,
                                  heldout_sha=storage.info(heldout).sha256 if heldout else None)
     started = time.perf_counter()
     runs, evaluated = _evaluated_runs(
