@@ -526,7 +526,7 @@ class TaskResult:
     random_baseline: float
     centered: float
     item_correct: list[int] = dataclasses.field(default_factory=list)  # primary convention, one per example in order
-    item_rows: list[int] = dataclasses.field(default_factory=list)  # each example's source row (pairs items across models)
+    item_rows: list[int] = dataclasses.field(default_factory=list)  # source rows: pair items across models
 
 
 @dataclasses.dataclass(frozen=True)

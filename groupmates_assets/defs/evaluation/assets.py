@@ -20,7 +20,6 @@ from groupmates_assets.lib.pretraining import load_weights_from
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import EvalProfile
 
-
 # What a stored point holds; part of the cache fingerprint, so points of an older layout are recomputed.
 POINT_VERSION = "evaluation-v3"
 
