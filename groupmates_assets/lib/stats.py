@@ -20,6 +20,24 @@ RESAMPLES = 2000
 
 
 @dataclasses.dataclass(frozen=True)
+class BootstrapSpec:
+    """How intervals are drawn: resamples, confidence level and the resampling seed (recorded with the figures)."""
+
+    resamples: int = RESAMPLES
+    confidence: float = CONFIDENCE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.resamples, int) or self.resamples < 100:
+            raise ValueError(f"bootstrap resamples must be a whole number >= 100, got {self.resamples!r}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence!r}")
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class Interval:
     """An estimate with its two-sided interval; ``method`` and ``n`` say what it was computed over."""
 
