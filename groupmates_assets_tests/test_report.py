@@ -196,3 +196,30 @@ def test_report_compares_methods_with_the_baseline_at_equal_tokens():
     assert focus["tokens_to_reach_baseline"]["core_centered"] == {"tokens": 480, "exact": True}
     assert report["overhead_share"] == pytest.approx(0.1)
     assert "480 (75%)" in rp.headline_markdown(report)
+
+
+def test_final_difference_needs_the_same_evaluation_settings():
+    a = _evaluation([[(5, _model(10, 0.04)), (10, _model(30, 0.03, offset=2))]])
+    b = _evaluation([[(5, _model(10, 0.04)), (10, _model(20, 0.03))]])
+    final = rp.final_difference(a, b, ("a", "b"), SPEC)
+    assert final["step"] == 10 and final == rp.compare_runs(a["runs"], b["runs"], ("a", "b"), SPEC)[-1]
+    assert rp.final_difference(a, {**b, "evaluation_fingerprint": "other"}, ("a", "b"), SPEC) is None
+    assert set(rp.difference_metadata("a", "b", final)) == {
+        f"a_minus_b_{metric}{suffix}" for metric in ("core_centered", "bits_per_byte")
+        for suffix in ("", "_low", "_high")}
+
+
+def test_evaluation_metadata_gives_the_difference_from_random_once_random_is_stored(tmp_path):
+    from groupmates_assets.defs.evaluation.assets import _vs_random
+    from groupmates_assets.lib.storage import Storage
+
+    storage = Storage(str(tmp_path / "store"))
+    focus = _evaluation([[(10, _model(36, 0.02, offset=1))]])
+    assert _vs_random(storage, "group_mates", focus) == {}  # random not evaluated yet
+    storage.write_json("evaluation/random.json", _evaluation([[(10, _model(20, 0.03))]]))
+    metadata = _vs_random(storage, "group_mates", focus)
+    assert metadata["group_mates_minus_random_core_centered_low"] > 0
+    assert metadata["group_mates_minus_random_bits_per_byte_high"] < 0
+    assert "core centered accuracy" in metadata["verdict_vs_random"].value and ": better" in metadata[
+        "verdict_vs_random"].value
+    assert _vs_random(storage, "random", focus) == {}

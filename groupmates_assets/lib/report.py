@@ -413,7 +413,7 @@ def tasks_markdown(report: dict[str, Any]) -> list[str]:
     header = " | ".join(f"{m} | {m} (1/n)" for m in methods)
     return ["## Per-task centered accuracy (final checkpoint, mean over seeds)", "",
             "Centered with DCLM's random baselines (BoolQ 0.62) and, beside each, with 1/number of choices.", "",
-            f"| task | random (DCLM) | random (1/n) | {header} |", "|---|---:|---:|" + "---:|" * (2 * len(methods)),
+            f"| task | chance (DCLM) | chance (1/n) | {header} |", "|---|---:|---:|" + "---:|" * (2 * len(methods)),
             *[f"| {t} | {baselines[t]['dclm']:.4f} | {baselines[t]['uniform']:.4f} | "
               + " | ".join(f"{cell(m['tasks'].get(t))} | {cell(m['tasks_uniform'].get(t))}" for m in methods.values())
               + " |" for t in sorted(first["tasks"])], ""]
