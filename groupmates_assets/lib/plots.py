@@ -61,9 +61,11 @@ PALETTE = (BLUE, RED, "#2e933c", "#f4a259", "#7b2cbf", "#555555")
 
 
 def lines_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str,
-              bands: dict[str, Sequence[float]] | None = None, hline: tuple[float, str] | None = None) -> bytes:
-    """Several labelled lines on one axes (one per method or seed); ``bands`` adds a +-spread around a line;
-    ``hline`` draws a dashed reference level with its label."""
+              bands: dict[str, Sequence[float]] | None = None, hline: tuple[float, str] | None = None,
+              ranges: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> bytes:
+    """Several labelled lines on one axes (one per method or seed); ``bands`` adds a +-spread around a line,
+    ``ranges`` a (lows, highs) band (an interval need not be symmetric); ``hline`` draws a dashed reference level
+    with its label."""
     out: list[bytes] = []
     with _figure(title, xlabel, ylabel, out) as ax:
         for (label, (xs, ys)), color in zip(series.items(), itertools.cycle(PALETTE)):
@@ -73,6 +75,11 @@ def lines_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
                 spread = bands[label]
                 ax.fill_between(xs, [y - s for y, s in zip(ys, spread, strict=True)],
                                 [y + s for y, s in zip(ys, spread, strict=True)], color=color, alpha=0.15)
+            if ranges and label in ranges:
+                lows, highs = ranges[label]
+                if not len(lows) == len(highs) == len(xs):
+                    raise ValueError(f"{label}: {len(lows)} lows and {len(highs)} highs for {len(xs)} points")
+                ax.fill_between(xs, lows, highs, color=color, alpha=0.15)
         if hline is not None:
             ax.axhline(hline[0], color="#999999", linestyle="--", linewidth=1, label=hline[1])
         ax.grid(alpha=0.3)

@@ -17,6 +17,25 @@ from scipy import stats as sps
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
+BOOTSTRAP_VALUES = 8_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class BootstrapSpec:
+    """How intervals are drawn: resamples, confidence level and the resampling seed (recorded with the figures)."""
+
+    resamples: int = RESAMPLES
+    confidence: float = CONFIDENCE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.resamples, int) or self.resamples < 100:
+            raise ValueError(f"bootstrap resamples must be a whole number >= 100, got {self.resamples!r}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence!r}")
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +66,10 @@ def _percentile_bootstrap(data: tuple[np.ndarray, ...], statistic, paired: bool,
     if all(np.all(d == d.flat[0]) for d in data) and paired:  # every resample equals the sample
         value = float(statistic(*data))
         return value, value
-    result = sps.bootstrap(data, statistic, paired=paired, vectorized=True, n_resamples=resamples,
+    # Resamples drawn per vectorised call: bounds memory to ~BOOTSTRAP_VALUES resampled values (full validation
+    # splits are ~20k items), without changing small problems, which run in one batch.
+    batch = max(1, min(resamples, BOOTSTRAP_VALUES // max(1, sum(d.size for d in data))))
+    result = sps.bootstrap(data, statistic, paired=paired, vectorized=True, n_resamples=resamples, batch=batch,
                            confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 

@@ -14,14 +14,15 @@ from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import evaluation as ev
 from groupmates_assets.lib import layout, lm
+from groupmates_assets.lib import report as rp
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.pretraining import load_weights_from
 from groupmates_assets.lib.storage import Storage
-from groupmates_assets.settings import EvalProfile
+from groupmates_assets.settings import METHOD, EvalProfile
 
 # What a stored point holds; part of the cache fingerprint, so points of an older layout are recomputed.
-POINT_VERSION = "evaluation-v3"
+POINT_VERSION = "evaluation-v4"
 
 
 def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalProfile, tokenizer, texts: list[str],
@@ -53,8 +54,10 @@ def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalPr
 def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     """Every checkpoint of every seed trained on one method's corpus (or only the last, with evaluation.every_checkpoint
     off), zero-shot on offline multiple-choice tasks (rank classification by per-token log-likelihood; DCLM-core-
-    style centered accuracy (acc - random) / (1 - random), averaged) and on held-out text (loss, bits per byte); mean
-    and spread over seeds at the final step. Evaluated checkpoints are kept, so a rerun only evaluates new ones."""
+    style centered accuracy (acc - random) / (1 - random) with DCLM's random baselines, and with 1/num_choices beside
+    it, averaged) and on held-out text (loss, bits per byte); mean, sample standard deviation and t interval over
+    seeds at the final step, and the paired difference from random with its interval when random's evaluation with
+    the same settings is stored. Evaluated checkpoints are kept, so a rerun only evaluates new ones."""
     storage, settings = platform.storage(), platform.settings()
     method, eval_settings = context.partition_key, settings.evaluation
     torch.set_num_threads(settings.lm.torch_threads)
@@ -74,11 +77,14 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     report = ev.method_report(method, current, eval_fp, heldout, len(texts), runs)
     info = storage.write_json(f"{layout.EVALUATION_DIR}/{method}.json", finite(report))
     final = report["final"]
+    spread = final["core_centered"]["std"]
     context.log.info(f"{method}: core centered accuracy {final['core_centered']['mean']:.4f} "
-                     f"(± {final['core_centered']['std']:.4f} over {len(runs)} seed(s))")
+                     + (f"(sd {spread:.4f} over {len(runs)} seeds)" if spread is not None else "(one seed)"))
     return dg.MaterializeResult(metadata={
         "core_centered": finite(final["core_centered"]["mean"]),
         "core_centered_std": finite(final["core_centered"]["std"]),
+        "core_centered_uniform": finite(final["core_centered_uniform"]["mean"]),
+        **_seed_interval_metadata(final), **_vs_random(storage, method, report),
         "bits_per_byte": finite(final["bits_per_byte"]["mean"]),
         "bits_per_byte_std": finite(final["bits_per_byte"]["std"]),
         "heldout_loss": finite(final["heldout_loss"]["mean"]), "heldout_documents": len(texts),
@@ -89,6 +95,31 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
         "seconds": round(time.perf_counter() - started, 1), "device": str(device),
         "path": dg.MetadataValue.path(info.path),
     })
+
+
+def _seed_interval_metadata(final: dict[str, Any]) -> dict[str, float | None]:
+    """The Student t interval over seeds of the final core and bits-per-byte figures (two or more seeds)."""
+    out = {}
+    for metric in ("core_centered", "bits_per_byte"):
+        interval = final[metric]["interval"]
+        if interval is not None:
+            out[f"{metric}_t_low"], out[f"{metric}_t_high"] = finite(interval["low"]), finite(interval["high"])
+    return out
+
+
+def _vs_random(storage: Storage, method: str, report: dict[str, Any]) -> dict[str, Any]:
+    """The final paired difference from random with its intervals and verdict, when random's evaluation with the same
+    evaluation settings is already stored (the report computes it for every method in any case)."""
+    path = f"{layout.EVALUATION_DIR}/random.json"
+    if method == "random" or not storage.exists(path):
+        return {}
+    comparison = rp.final_difference(report, storage.read_json(path), (method, "random"), METHOD.intervals())
+    if comparison is None:
+        return {}
+    lines = [line for metric in rp.HIGHER_IS_BETTER
+             if (line := rp.verdict_line(method, "random", comparison, metric)) is not None]
+    return {**{k: finite(v) for k, v in rp.difference_metadata(method, "random", comparison).items()},
+            "verdict_vs_random": dg.MetadataValue.md("\n".join(f"- {line}" for line in lines))}
 
 
 def _evaluated_runs(context: dg.AssetExecutionContext, storage: Storage, runs: list[dict[str, Any]], cache_dir: str,

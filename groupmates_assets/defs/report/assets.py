@@ -15,7 +15,9 @@ from groupmates_assets.defs.partitions import SELECTION_METHODS
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import layout, plots
 from groupmates_assets.lib import report as rp
+from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.storage import Storage
+from groupmates_assets.settings import METHOD
 
 # Stages whose wall time is the cost of selecting data (the paper's cost table), by component.
 OVERHEAD_STAGES: dict[str, tuple[str, ...]] = {
@@ -77,20 +79,22 @@ def step_seconds_partition(instance: dg.DagsterInstance, asset: str, partition: 
 
 @step_asset(
     group_name="report",
-    code_version="selection-report-v1",
+    code_version="selection-report-v2",
     deps=[dg.AssetDep("evaluation", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep("pretrain_checkpoints", partition_mapping=dg.AllPartitionMapping())],
     kinds={"markdown"},
 )
 def selection_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     """Group-MATES against random, MATES and fastText-only selection at equal tokens: the evaluation table (mean and
-    spread over seeds), per-task scores, loss and score-vs-tokens curves, the tokens each method needs to reach
+    spread over seeds), each method's paired difference from random with its 95% interval at every checkpoint and
+    the verdict it supports, per-task scores, loss and score-vs-tokens curves, the tokens each method needs to reach
     random selection's final score, and the selection overhead against pretraining time. Markdown with images here
     and under report/ in the storage root."""
     storage, settings = platform.storage(), platform.settings()
     evaluations, curves, corpora = _report_inputs(storage)
     costs = cost_table(context.instance, settings.pretrain.stages, settings.pretrain.seeds)
-    report = rp.build_report(evaluations, curves, corpora, costs, baseline="random", focus="group_mates")
+    report = rp.build_report(evaluations, curves, corpora, costs, baseline="random", focus="group_mates",
+                             spec=METHOD.intervals())
     pngs = rp.figures(report)
     markdown = rp.to_markdown(report, settings.name, {name: name for name in pngs})
     for name, png in pngs.items():
@@ -108,6 +112,9 @@ def selection_report(context: dg.AssetExecutionContext, platform: PlatformResour
         "random_core_centered": report["methods"]["random"]["core_centered"]["mean"],
         "group_mates_bits_per_byte": focus["bits_per_byte"]["mean"],
         "random_bits_per_byte": report["methods"]["random"]["bits_per_byte"]["mean"],
+        **{key: finite(value) for key, value in rp.report_metadata(report).items()},
+        "verdict": dg.MetadataValue.md("\n".join(f"- {line}" for line in report["verdict"])),
+        "intervals": report["intervals"],
         "selection_overhead_share": round(report["overhead_share"], 4),
         "seeds": settings.pretrain.seeds, "stages": settings.pretrain.stages,
         "path": dg.MetadataValue.path(info.path),
