@@ -702,6 +702,7 @@ COUNTS = [  # (section class, section name, field, smallest valid value)
     (settings_module.PoolProfile, "pool", "embedded_shards", 1),
     (settings_module.PretrainProfile, "pretrain", "seeds", 1),
     (settings_module.EvalProfile, "evaluation", "heldout_documents", 1),
+    (settings_module.EvalProfile, "evaluation", "heldout_min_per_source", 0),
 ]
 
 
@@ -740,6 +741,8 @@ def test_counts_out_of_range_fail_naming_the_field(case, value):
     (lambda: settings_module.QualityProfile(heldout_fraction=0), "quality.heldout_fraction"),
     (lambda: settings_module.QualityProfile(recipe=quality.FastTextRecipe(epoch=0)), "quality.recipe.epoch"),
     (lambda: settings_module.PoolProfile(embedded_positives_fraction=1), "pool.embedded_positives_fraction"),
+    (lambda: settings_module.PoolProfile(heldout_fraction=0.5), "pool.heldout_fraction must be in [0, 0.5)"),
+    (lambda: settings_module.PoolProfile(heldout_fraction=-0.1), "pool.heldout_fraction"),
     (lambda: settings_module.CorpusProfile(token_budget=0), "corpus.token_budget"),
     (lambda: settings_module.EvalProfile(tasks=()), "evaluation.tasks"),
     (lambda: settings_module.EvalProfile(limit_per_task=0), "evaluation.limit_per_task"),
