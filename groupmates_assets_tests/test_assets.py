@@ -73,6 +73,10 @@ def test_classifier_then_filter_every_shard(setup):
     metadata = summary.asset_materializations_for_node("filtered_pool_summary")[0].metadata
     assert metadata["kept"].value == totals["kept"] and metadata["shards"].value == 3
     assert "spam" in metadata["keep_rate_by_group"].value
+    held = [row for k in KEYS for row in setup["platform"].storage().read_parquet(
+        f"filtered_pool/{k}/heldout.parquet").to_pylist()]
+    assert len(held) == totals["heldout"] == metadata["heldout"].value == sum(
+        metadata["heldout_by_group"].value.values()) > 0
     stats = [setup["platform"].storage().read_json(f"filtered_pool/{k}/stats.json") for k in KEYS]
     keep_rate = {g: sum(s["by_group"][g]["kept"] for s in stats) / sum(s["by_group"][g]["in"] for s in stats)
                  for g in ("prose", "spam")}

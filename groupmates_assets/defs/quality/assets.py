@@ -322,6 +322,7 @@ def _summary_metadata(summary: filtering.PoolSummary, gone: list[str], manifest_
                                                + "\n\n" + plots.histogram_table(edges, counts)),
         "keep_rate_by_group": dg.MetadataValue.md(filtering.keep_rate_table(summary.by_group))
         if summary.by_group else "",
+        "heldout_by_group": dg.MetadataValue.json({g: c["heldout"] for g, c in sorted(summary.by_group.items())}),
         "manifest": dg.MetadataValue.path(manifest_path),
         "shards_no_longer_in_pool": len(gone), "left_out_shards": _names(gone),
     }
