@@ -231,6 +231,10 @@ def test_pretraining_resumes_to_the_same_weights(corpus_setup, monkeypatch):
     assert final["step"] == 10
     again = dg.materialize(assets, selection=["evaluation"], **run)  # evaluated checkpoints are not redone
     assert again.asset_materializations_for_node("evaluation")[0].metadata["checkpoints_evaluated_now"].value == 0
+    storage.remove("filtered_pool/web-b/stats.json")  # web-b's filtering is incomplete: another held-out set
+    changed = dg.materialize(assets, selection=["evaluation"], **run)
+    assert changed.asset_materializations_for_node("evaluation")[0].metadata["checkpoints_evaluated_now"].value == 6
+    assert storage.read_json("evaluation/random.json")["heldout"]["available"] == 7
 
 
 def _pool_heldout_slice(storage: Storage, instance: dg.DagsterInstance) -> set[str]:

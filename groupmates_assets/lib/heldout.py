@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,13 +63,15 @@ def pool_heldout(storage: Storage, shard_keys: list[str]) -> list[HeldoutDoc]:
     return docs
 
 
-def user_heldout(storage: Storage, path: str, group_field: str | None = "source") -> list[HeldoutDoc]:
+def user_heldout(storage: Storage, path: str, group_field: str | None = "source",
+                 fs_options: Callable[[str], dict] | None = None) -> list[HeldoutDoc]:
     """Every record of the user's held-out shards (a file or a folder; relative paths are inside the storage root,
-    or an fsspec URL), with the record's ``group_field`` as its source, else the file's name. A malformed record
-    raises ValueError naming the file and line."""
+    or an fsspec URL opened with ``fs_options(url)``, e.g. the platform's S3 endpoint), with the record's
+    ``group_field`` as its source, else the file's name. A malformed record raises ValueError naming the file and
+    line."""
     if "://" not in path and not os.path.isabs(path):
         path = storage.url(path)
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = fsspec.core.url_to_fs(path, **(fs_options(path) if fs_options else {}))
     if not fs.exists(root):
         raise ValueError(f"evaluation.heldout_path {path} does not exist")
     if fs.isdir(root):

@@ -109,7 +109,8 @@ def _heldout_set(context: dg.AssetExecutionContext, platform: PlatformResource,
     storage, settings = platform.storage(), platform.settings()
     if eval_settings.heldout_path:
         try:
-            available = heldout_lib.user_heldout(storage, eval_settings.heldout_path, settings.pool.group_field)
+            available = heldout_lib.user_heldout(storage, eval_settings.heldout_path, settings.pool.group_field,
+                                                 platform.fs_options)
         except (ValueError, shard_io.ShardReadError) as exc:
             raise PermanentFailure(str(exc)) from None
     else:
