@@ -355,7 +355,8 @@ def print_results(storage, until: str, shards: list[str], started: float) -> Non
     order = STAGE_ORDER.index(until)
     summary = storage.read_json(layout.FILTERED_MANIFEST)
     say(f"filtered pool: {summary['rows_in']:,} documents in, {summary['kept']:,} kept, {summary['dropped']:,} "
-        f"dropped, {summary['rejected']:,} rejected ({storage.url(layout.FILTERED_POOL_DIR)})")
+        f"dropped, {summary['rejected']:,} rejected, {summary.get('heldout', 0):,} held out for evaluation "
+        f"({storage.url(layout.FILTERED_POOL_DIR)})")
     if order >= STAGE_ORDER.index("oracle"):
         current = layout.current_oracle(storage, layout.ORACLE_RANDOM_DIR, "oracle_random")
         say(f"oracle labels: {storage.url(layout.ORACLE_RANDOM_DIR + '/' + current['fingerprint'])}")

@@ -99,9 +99,13 @@ class PoolProfile:
     embedded_positives_fraction: float = 0.4  # share of Wikipedia summaries held out as classifier positives
     group_field: str | None = "source"  # record field reported per group (keep rates by source)
     shards_per_run: int = 8  # shards one backfill run of a per-shard stage handles (fewer process and model loads)
+    # share of every source set aside before filtering for held-out bits per byte (lib.heldout; 0: none). The
+    # embedded pool's 42,662 documents give about 850.
+    heldout_fraction: float = 0.02
 
     def __post_init__(self) -> None:
         _at_least("pool", 1, embedded_shards=self.embedded_shards, shards_per_run=self.shards_per_run)
+        _in_range("pool.heldout_fraction", self.heldout_fraction, 0, 0.5, "left")
         _in_range("pool.embedded_positives_fraction", self.embedded_positives_fraction, 0, 1, "neither")
 
 
@@ -334,9 +338,10 @@ class EvalProfile:
     tasks: tuple[str, ...] | None = None  # None: the DCLM core tasks available offline (lib.evaluation.CORE_TASKS)
     limit_per_task: int | None = 200  # seeded subset per task (None: the whole validation split)
     seed: int = 0
-    heldout_path: str | None = None  # JSON lines with "text" (.jsonl or .jsonl.zst, in the storage root); None:
-    # the embedded pool's held-out Wikipedia summaries, which never enter the pool
-    heldout_documents: int = 200
+    heldout_path: str | None = None  # the user's held-out shards (a file or folder, any pool shard format; in the
+    # storage root or a URL); None: the pool's held-out slice (pool.heldout_fraction), which never enters the pool
+    heldout_documents: int = 200  # sampled with `seed`, stratified by source
+    heldout_min_per_source: int = 3  # at least this many from every source that has them
     every_checkpoint: bool = True  # evaluate each saved checkpoint (score-vs-tokens curves), not only the last
     # shots per built-in task: "dclm" (DCLM core's count per task, lib.fewshot.DCLM_NUM_FEWSHOT) or one count for all
     num_fewshot: int | str = "dclm"
@@ -352,6 +357,7 @@ class EvalProfile:
             raise ValueError(f"evaluation.icl_tasks: task names must be unique, got {names}")
         _optional_at_least("evaluation", 1, limit_per_task=self.limit_per_task)
         _at_least("evaluation", 1, heldout_documents=self.heldout_documents)
+        _at_least("evaluation", 0, heldout_min_per_source=self.heldout_min_per_source)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def test_classifier_then_filter_every_shard(setup):
     assert trained["heldout_auc"].value > 0.7  # positives vs a pool that is half prose
     assert trained["positives_train"].value > 0 and trained["negatives_train"].value > 0
     assert "data:image/png;base64" in trained["heldout_score_histogram"].value
-    totals = {"rows_in": 0, "kept": 0, "dropped": 0, "rejected": 0}
+    totals = {"rows_in": 0, "kept": 0, "dropped": 0, "rejected": 0, "heldout": 0}
     for key in KEYS:
         result = _materialize(setup, ["filtered_pool_shard"], key)
         metadata = result.asset_materializations_for_node("filtered_pool_shard")[0].metadata
@@ -64,13 +64,19 @@ def test_classifier_then_filter_every_shard(setup):
         for name in totals:
             totals[name] += metadata[name].value
         assert metadata["classifier_version"].value == trained["classifier_version"].value
-    assert totals == {"rows_in": 342, "kept": totals["kept"], "dropped": totals["dropped"], "rejected": 2}
+    assert totals == {"rows_in": 342, "kept": totals["kept"], "dropped": totals["dropped"], "rejected": 2,
+                      "heldout": totals["heldout"]}
+    assert totals["kept"] + totals["dropped"] + totals["heldout"] == 340
     assert 0 < totals["kept"] < 340
     summary = _materialize(setup, ["filtered_pool_summary"])
     assert summary.get_asset_check_evaluations()[0].passed
     metadata = summary.asset_materializations_for_node("filtered_pool_summary")[0].metadata
     assert metadata["kept"].value == totals["kept"] and metadata["shards"].value == 3
     assert "spam" in metadata["keep_rate_by_group"].value
+    held = [row for k in KEYS for row in setup["platform"].storage().read_parquet(
+        f"filtered_pool/{k}/heldout.parquet").to_pylist()]
+    assert len(held) == totals["heldout"] == metadata["heldout"].value == sum(
+        metadata["heldout_by_group"].value.values()) > 0
     stats = [setup["platform"].storage().read_json(f"filtered_pool/{k}/stats.json") for k in KEYS]
     keep_rate = {g: sum(s["by_group"][g]["kept"] for s in stats) / sum(s["by_group"][g]["in"] for s in stats)
                  for g in ("prose", "spam")}

@@ -507,13 +507,14 @@ def classifier(classifier_file) -> quality.QualityClassifier:
 @examples(25)
 @given(shard=jsonl_shards(max_lines=30), fmt=st.sampled_from(FORMATS))
 def test_filter_stage_reconciles_on_any_mixture(classifier, shard, fmt):
-    """in = kept + dropped + rejected for every mixture, the rejects file holds each bad line with the file,
-    line and reason, and kept + dropped are exactly the parsed lines, with unique doc ids."""
+    """in = kept + dropped + rejected + held out for every mixture, the rejects file holds each bad line with the
+    file, line and reason, and kept + dropped + held out are exactly the parsed lines, with unique doc ids."""
     with tempfile.TemporaryDirectory() as tmp:
         source = _write(tmp, f"f-0.{fmt}", _compress(shard.data, fmt, []))
         storage = Storage(str(Path(tmp) / "store"))
-        stats = filtering.filter_shard(source, FS, classifier, 0.5, storage, "out", batch_size=5)
-        assert stats["rows_in"] == stats["kept"] + stats["dropped"] + stats["rejected"] == len(shard.expected)
+        stats = filtering.filter_shard(source, FS, classifier, 0.5, storage, "out", batch_size=5, heldout_fraction=0.3)
+        assert stats["rows_in"] == stats["kept"] + stats["dropped"] + stats["rejected"] + stats["heldout"] == len(
+            shard.expected)
         bad = [(i, reason) for i, (text, reason, _) in enumerate(shard.expected, start=1) if text is None]
         rejects = storage.read_parquet("out/rejects.parquet").to_pylist()
         assert [r["line"] for r in rejects] == [i for i, _ in bad]
@@ -522,9 +523,12 @@ def test_filter_stage_reconciles_on_any_mixture(classifier, shard, fmt):
         assert sum(stats["reject_reasons"].values()) == stats["rejected"]
         kept = storage.read_parquet("out/kept.parquet")
         dropped = storage.read_parquet("out/dropped.parquet")
-        lines = sorted(kept.column("line").to_pylist() + dropped.column("line").to_pylist())
+        held = storage.read_parquet("out/heldout.parquet")
+        lines = sorted(kept.column("line").to_pylist() + dropped.column("line").to_pylist()
+                       + held.column("line").to_pylist())
         assert lines == [i for i, (text, _, _) in enumerate(shard.expected, start=1) if text is not None]
-        ids = kept.column("doc_id").to_pylist() + dropped.column("doc_id").to_pylist()
+        ids = kept.column("doc_id").to_pylist() + dropped.column("doc_id").to_pylist() + held.column(
+            "doc_id").to_pylist()
         assert len(set(ids)) == len(ids)
         scores = np.concatenate([kept.column("quality_score").to_numpy(), dropped.column("quality_score").to_numpy()])
         assert np.all((scores >= 0) & (scores <= 1))
@@ -537,7 +541,7 @@ def test_filter_stage_on_an_empty_shard(classifier, tmp_path):
     for fmt in FORMATS:
         source = _write(str(tmp_path), f"e.{fmt}", b"")
         stats = filtering.filter_shard(source, FS, classifier, 0.5, storage, f"out/{fmt}")
-        assert (stats["rows_in"], stats["kept"], stats["dropped"], stats["rejected"]) == (0, 0, 0, 0)
+        assert (stats["rows_in"], stats["kept"], stats["dropped"], stats["rejected"], stats["heldout"]) == (0,) * 5
         assert filtering.verify_filtered_shard(storage, f"out/{fmt}", 0)[0]
 
 
@@ -617,7 +621,7 @@ def test_filter_asset_counts_every_bad_class_and_writes_the_rejects(classifier_f
         assert check.check_name == "counts_reconcile" and check.passed
         documents = 40 + sum(reason is None for _, reason in every_bad_class) + 3
         assert metadata["rows_in"].value == lines_in_body + 1 == documents + len(expected_rejects)
-        assert metadata["kept"].value + metadata["dropped"].value == documents
+        assert metadata["kept"].value + metadata["dropped"].value + metadata["heldout"].value == documents
         assert metadata["rejected"].value == len(expected_rejects)
         assert metadata["reject_reasons"].value == {filtering.reason_category(r): 1 for _, r in expected_rejects}
         out = "filtered_pool/bad-all"
@@ -625,10 +629,12 @@ def test_filter_asset_counts_every_bad_class_and_writes_the_rejects(classifier_f
         assert [(r["line"], filtering.reason_category(r["reason"])) for r in rejects] == expected_rejects
         assert {r["file"] for r in rejects} == {str(pool / "bad-all.jsonl.zst")}
         stats = storage.read_json(f"{out}/stats.json")
-        assert stats["rows_in"] == stats["kept"] + stats["dropped"] + stats["rejected"]
+        assert stats["rows_in"] == stats["kept"] + stats["dropped"] + stats["rejected"] + stats["heldout"]
         assert {"ja", "ru", "bin", "long", "crlf"} <= set(stats["by_group"])
         kept, dropped = storage.read_parquet(f"{out}/kept.parquet"), storage.read_parquet(f"{out}/dropped.parquet")
-        doc_ids = kept.column("doc_id").to_pylist() + dropped.column("doc_id").to_pylist()
+        held = storage.read_parquet(f"{out}/heldout.parquet")
+        doc_ids = [*kept.column("doc_id").to_pylist(), *dropped.column("doc_id").to_pylist(),
+                   *held.column("doc_id").to_pylist()]
         assert len(set(doc_ids)) == documents  # the three duplicates are three documents
         assert 1 in kept.column("line").to_pylist() + dropped.column("line").to_pylist()  # opens with a BOM
 
@@ -696,6 +702,7 @@ COUNTS = [  # (section class, section name, field, smallest valid value)
     (settings_module.PoolProfile, "pool", "embedded_shards", 1),
     (settings_module.PretrainProfile, "pretrain", "seeds", 1),
     (settings_module.EvalProfile, "evaluation", "heldout_documents", 1),
+    (settings_module.EvalProfile, "evaluation", "heldout_min_per_source", 0),
 ]
 
 
@@ -734,6 +741,8 @@ def test_counts_out_of_range_fail_naming_the_field(case, value):
     (lambda: settings_module.QualityProfile(heldout_fraction=0), "quality.heldout_fraction"),
     (lambda: settings_module.QualityProfile(recipe=quality.FastTextRecipe(epoch=0)), "quality.recipe.epoch"),
     (lambda: settings_module.PoolProfile(embedded_positives_fraction=1), "pool.embedded_positives_fraction"),
+    (lambda: settings_module.PoolProfile(heldout_fraction=0.5), "pool.heldout_fraction must be in [0, 0.5)"),
+    (lambda: settings_module.PoolProfile(heldout_fraction=-0.1), "pool.heldout_fraction"),
     (lambda: settings_module.CorpusProfile(token_budget=0), "corpus.token_budget"),
     (lambda: settings_module.EvalProfile(tasks=()), "evaluation.tasks"),
     (lambda: settings_module.EvalProfile(limit_per_task=0), "evaluation.limit_per_task"),

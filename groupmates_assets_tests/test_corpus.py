@@ -206,9 +206,9 @@ def test_pretraining_resumes_to_the_same_weights(corpus_setup, monkeypatch):
     assert storage.read_bytes(f"{run_dir}/step-000010/model.safetensors") == final
     assert [r["step"] for r in storage.read_json(f"{run_dir}/curve.json")] == list(range(1, 11))
 
-    # Every checkpoint of both seeds evaluated: every configured task scored, centered accuracy, bits per byte.
-    heldout = [{"text": f"Held-out article {i}: rivers carry water to the sea."} for i in range(12)]
-    storage.write_bytes("embedded_pool/positives/wikipedia-summaries-hq.jsonl.zst", _shard(heldout))
+    # Every checkpoint of both seeds evaluated: every configured task scored, centered accuracy, bits per byte
+    # on the current pool's held-out slice, per source and pooled.
+    sampled = _pool_heldout_slice(storage, corpus_setup["instance"])
     evaluated = dg.materialize(assets, selection=["evaluation"], **run)
     metadata = evaluated.asset_materializations_for_node("evaluation")[0].metadata
     report = storage.read_json("evaluation/random.json")
@@ -223,9 +223,39 @@ def test_pretraining_resumes_to_the_same_weights(corpus_setup, monkeypatch):
         "core_centered_t_high"].value  # the Student t interval over the two seeds
     assert "core_centered_uniform" in metadata and "random_minus_random_core_centered" not in metadata
     assert report["heldout"]["documents"] == 10 and 0 < metadata["bits_per_byte"].value < 20
+    assert report["heldout"]["path"] is None and report["heldout"]["available"] == 14  # the pool's slice
+    assert report["heldout"]["by_source"] == {"wiki": 6, "code": 4}  # 8:6 in proportion, at least 3 each
+    point_dir = f"evaluation/random/{report['evaluation_fingerprint']}/{runs[0]['path'].rsplit('/', 2)[-2]}"
+    docs = storage.read_json(f"{point_dir}/seed-0/step-000010.json")["heldout_documents"]
+    assert set(docs["doc_id"]) <= sampled and len(docs["doc_id"]) == len(docs["nll"]) == 10
+    assert set(final["bits_per_byte_by_source"]) == {"wiki", "code", "all"}
+    assert final["bits_per_byte_by_source"]["all"]["values"] == pytest.approx(final["bits_per_byte"]["values"])
+    assert "| wiki | 6 |" in metadata["bits_per_byte_by_source"].value
     assert final["step"] == 10
     again = dg.materialize(assets, selection=["evaluation"], **run)  # evaluated checkpoints are not redone
     assert again.asset_materializations_for_node("evaluation")[0].metadata["checkpoints_evaluated_now"].value == 0
+    storage.remove("filtered_pool/web-b/stats.json")  # web-b's filtering is incomplete: another held-out set
+    changed = dg.materialize(assets, selection=["evaluation"], **run)
+    assert changed.asset_materializations_for_node("evaluation")[0].metadata["checkpoints_evaluated_now"].value == 6
+    assert storage.read_json("evaluation/random.json")["heldout"]["available"] == 7
+
+
+def _pool_heldout_slice(storage: Storage, instance: dg.DagsterInstance) -> set[str]:
+    """The pool's held-out slice as the filter step leaves it (heldout.parquet and the stats.json completion marker)
+    in both registered shards, 8 wiki and 6 code documents; returns their doc ids."""
+    instance.add_dynamic_partitions("pool_shards", KEYS)
+    ids = set()
+    for k, key in enumerate(KEYS):
+        storage.write_bytes(f"{layout.EMBEDDED_SHARDS_DIR}/{key}.jsonl.zst", _shard([{"text": "x"}]))
+        texts = [(f"Held-out article {k}-{i}: rivers carry water to the sea.", "wiki") for i in range(4)] + [
+            (f"def held_out_{k}_{i}(x):\n    return x + {i}", "code") for i in range(3)]
+        doc_ids = [make_doc_id(key, i + 1, t) for i, (t, _) in enumerate(texts)]
+        storage.write_parquet(f"filtered_pool/{key}/heldout.parquet", pa.table(
+            {"doc_id": doc_ids, "line": list(range(1, 8)), "text": pa.array([t for t, _ in texts], pa.large_string()),
+             "source": [s for _, s in texts]}))
+        storage.write_json(f"filtered_pool/{key}/stats.json", {"heldout": len(texts)})
+        ids |= set(doc_ids)
+    return ids
 
 
 def test_stage_two_continues_the_probe_run(corpus_setup, monkeypatch):

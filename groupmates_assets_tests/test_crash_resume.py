@@ -56,7 +56,8 @@ class StepKind:
 STEPS = [
     StepKind("per-shard filtering", "filter_shards_job", "crawl-b", ("filtered_pool/crawl-b/*",),
              (("filtered_pool/crawl-b/kept.parquet", ("doc_id",)), ("filtered_pool/crawl-b/dropped.parquet",
-                                                                   ("doc_id",)))),
+                                                                   ("doc_id",)),
+              ("filtered_pool/crawl-b/heldout.parquet", ("doc_id",)))),
     StepKind("an oracle block", "oracle_random_job", "block-001", ("oracle/random/*/block-001/*",),
              (("oracle/random/*/block-001/*.parquet", ("trajectory_id",)),)),
     StepKind("per-shard prediction", "pool_predictions_job", "crawl-a", ("selection/predictions/*/crawl-a.parquet",),

@@ -280,3 +280,22 @@ def test_provenance_matches_files(builds: tuple[EmbeddedPoolResult, EmbeddedPool
         assert source["documents_in_pool"] == result.by_source[source["name"]]
         assert source["documents_read"] >= source["documents_after_cap"] >= source["documents_in_pool"]
     assert "/tmp" not in Path(result.provenance_path).read_text()  # no machine-specific paths
+
+
+def test_heldout_slice_takes_every_source_and_no_positive(
+    builds: tuple[EmbeddedPoolResult, EmbeddedPoolResult],
+) -> None:
+    """At the default pool.heldout_fraction the embedded pool's held-out slice holds a few hundred documents, every
+    source with at least 2 / fraction documents contributes about its share, and no classifier positive is in it."""
+    from groupmates_assets.lib.heldout import is_heldout
+    from groupmates_assets.settings import PoolProfile
+
+    fraction, result = PoolProfile().heldout_fraction, builds[0]
+    held = [r for p in result.shard_paths for r in _records(p) if is_heldout(r["text"], fraction)]
+    assert len(held) >= 300
+    counts = {source: sum(r["source"] == source for r in held) for source in result.by_source}
+    for source, documents in result.by_source.items():
+        if documents >= 2 / fraction:
+            spread = 4 * (documents * fraction * (1 - fraction)) ** 0.5 + 1
+            assert counts[source] >= 1 and abs(counts[source] - documents * fraction) <= spread, source
+    assert not {r["text"] for r in _records(result.positives_path)} & {r["text"] for r in held}

@@ -104,7 +104,8 @@ def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
     metadata = summary.asset_materialization.metadata
     assert metadata["rows_in"].value >= 20_000
     assert metadata["rows_in"].value == metadata["kept"].value + metadata["dropped"].value + metadata[
-        "rejected"].value
+        "rejected"].value + metadata["heldout"].value
+    assert metadata["heldout"].value >= 300  # the pool's held-out slice, about 2% of every source
     assert 0.3 < metadata["keep_rate"].value < 0.7  # the profile keeps about half
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key([
         dg.AssetCheckKey(dg.AssetKey("filtered_pool_summary"), "all_shards_reconcile"),

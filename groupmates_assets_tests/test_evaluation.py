@@ -321,25 +321,16 @@ def test_bits_per_byte_matches_formula(model, tok) -> None:
         ev.bits_per_byte(model, tok, [""], seq_len=seq_len)
 
 
-def test_heldout_texts_are_a_seeded_sample_of_json_lines(tmp_path: Path) -> None:
-    import json
-
-    import zstandard
-
-    from groupmates_assets.lib.storage import Storage
-
-    storage = Storage(str(tmp_path / "store"))
-    assert ev.heldout_texts(storage, None, 5, 0) == ([], None)
-    lines = b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(20))
-    storage.write_bytes("held/out.jsonl.zst", zstandard.ZstdCompressor().compress(lines))
-    texts, path = ev.heldout_texts(storage, "held/out.jsonl.zst", 5, 3)
-    assert path == "held/out.jsonl.zst" and len(texts) == 5 and len(set(texts)) == 5
-    assert texts == ev.heldout_texts(storage, "held/out.jsonl.zst", 5, 3)[0]
-    assert [int(t.split()[1]) for t in texts] == sorted(int(t.split()[1]) for t in texts)  # file order
-    assert len(ev.heldout_texts(storage, "held/out.jsonl.zst", 50, 3)[0]) == 20
-    storage.write_bytes("held/bad.jsonl", b'{"text": "a"}\n{"url": "x"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: not a JSON record with a text field"):
-        ev.heldout_texts(storage, "held/bad.jsonl", 5, 0)
+def test_bits_per_byte_by_source_pools_nll_over_bytes_per_source() -> None:
+    docs = {"nll": [2.0, 4.0, 3.0], "tokens": [1, 2, 1], "bytes": [10, 30, 20], "doc_id": ["a", "b", "c"],
+            "source": ["wiki", "code", "wiki"]}
+    by_source = ev.bits_per_byte_by_source(docs)
+    assert list(by_source) == ["code", "wiki", "all"]
+    assert by_source["wiki"] == pytest.approx(5.0 / (math.log(2) * 30))
+    assert by_source["code"] == pytest.approx(4.0 / (math.log(2) * 30))
+    assert by_source["all"] == pytest.approx(9.0 / (math.log(2) * 60))  # pooled, not the mean of the sources
+    table = ev.bits_per_byte_table(by_source, {"wiki": 2, "code": 1})
+    assert "| wiki | 2 | " in table and "| **all** | 3 | " in table
 
 
 def test_seed_summary_skips_non_finite_values() -> None:
@@ -356,18 +347,25 @@ def test_seed_summary_skips_non_finite_values() -> None:
 
 def test_method_report_summarizes_final_points_over_seeds() -> None:
     def point(step: int, core: float) -> dict:
+        docs = {"nll": [core + 1.0, 2.0], "tokens": [1, 1], "bytes": [1, 1], "doc_id": ["a", "b"],
+                "source": ["wiki", "code"]}
         task = {"random_baseline": 0.5, "random_baseline_uniform": 0.5, "centered": core, "centered_uniform": core,
                 "item_correct": [1, 0], "item_rows": [4, 9], "accuracy": 0.5}
         return {"step": step, "tokens_seen": 64 * step, "core_centered": core, "core_centered_uniform": core,
                 "bits_per_byte": 1.0, "heldout_loss": 2.0, "tasks": {"piqa": task}, "checkpoint": "x",
-                "tasks_markdown": "t", "heldout_documents": {"nll": [1.0], "tokens": [2], "bytes": [3]}}
+                "tasks_markdown": "t", "heldout_documents": docs}
 
     runs = [{"seed": 0, "points": [point(1, 0.0), point(2, 0.2)]}, {"seed": 1, "points": [point(2, 0.4)]}]
-    report = ev.method_report("random", {"fingerprint": "fp", "stages": 1}, "efp", "held.jsonl", 7, runs)
+    heldout = {"path": "held.jsonl", "documents": 2, "by_source": {"wiki": 1, "code": 1}}
+    report = ev.method_report("random", {"fingerprint": "fp", "stages": 1}, "efp", heldout, runs)
     assert list(report) == ["method", "pretrain_fingerprint", "evaluation_fingerprint", "stages", "heldout", "final",
                             "runs"]
-    assert report["heldout"] == {"path": "held.jsonl", "documents": 7}
+    assert report["heldout"] == heldout
     final = report["final"]
+    per_source = final["bits_per_byte_by_source"]
+    assert set(per_source) == {"wiki", "code", "all"}
+    assert per_source["wiki"]["values"] == pytest.approx([1.2 / math.log(2), 1.4 / math.log(2)])
+    assert per_source["code"]["mean"] == pytest.approx(2.0 / math.log(2))
     assert final["step"] == 2 and final["tokens_seen"] == 128
     assert final["core_centered"]["mean"] == pytest.approx(0.3) and final["core_centered"]["values"] == [0.2, 0.4]
     assert final["tasks"]["piqa"]["std"] == pytest.approx(0.1 * math.sqrt(2))
@@ -375,6 +373,7 @@ def test_method_report_summarizes_final_points_over_seeds() -> None:
     assert final["random_baselines"] == {"piqa": {"dclm": 0.5, "uniform": 0.5}}
     assert report["runs"][0]["points"][0] == {
         "step": 1, "tokens_seen": 64, "core_centered": 0.0, "core_centered_uniform": 0.0, "bits_per_byte": 1.0,
-        "heldout_loss": 2.0, "heldout_documents": {"nll": [1.0], "tokens": [2], "bytes": [3]},
+        "heldout_loss": 2.0, "heldout_documents": {"nll": [1.0, 2.0], "tokens": [1, 1], "bytes": [1, 1],
+                                                   "doc_id": ["a", "b"], "source": ["wiki", "code"]},
         "tasks": {"piqa": {"random_baseline": 0.5, "random_baseline_uniform": 0.5, "centered": 0.0,
                            "centered_uniform": 0.0, "item_correct": [1, 0], "item_rows": [4, 9]}}}

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -42,16 +41,13 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 import torch.nn.functional as F
-import zstandard
 from tokenizers import Tokenizer
 
 from groupmates_assets.lib import fewshot as fs
-from groupmates_assets.lib import layout
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.lm.model import autocast_for, model_device
 from groupmates_assets.lib.report import mean_std
 from groupmates_assets.lib.stats import CONFIDENCE, t_interval
-from groupmates_assets.lib.storage import Storage
 
 NORMALIZATIONS = ("token", "char", "none")
 PRIMARY_NORMALIZATION = "token"
@@ -810,28 +806,28 @@ def bits_per_byte(
 
 # ------------------------------------------------------------------------------------------------ held-out text
 
-DEFAULT_HELDOUT = layout.EMBEDDED_POSITIVES  # never in the pool, so in no selection
+
+def bits_per_byte_by_source(heldout_documents: dict[str, list[Any]]) -> dict[str, float]:
+    """Bits per byte per source and pooled (key "all") from a point's per-document losses (``nll``, ``bytes`` and
+    ``source`` lists in one order): each source's total NLL over its total bytes."""
+    nll: dict[str, float] = {}
+    n_bytes: dict[str, int] = {}
+    for loss, size, source in zip(heldout_documents["nll"], heldout_documents["bytes"], heldout_documents["source"],
+                                  strict=True):
+        nll[source] = nll.get(source, 0.0) + loss
+        n_bytes[source] = n_bytes.get(source, 0) + size
+    by_source = {s: nll[s] / (math.log(2) * n_bytes[s]) for s in sorted(nll) if n_bytes[s]}
+    total = sum(n_bytes.values())
+    return {**by_source, "all": sum(nll.values()) / (math.log(2) * total)} if total else by_source
 
 
-def heldout_texts(storage: Storage, path: str | None, documents: int, seed: int) -> tuple[list[str], str | None]:
-    """A seeded sample of ``documents`` held-out texts from JSON lines in storage (``path`` None: the embedded
-    pool's held-out summaries, never in the pool, so in no selection); ([], None) if the file does not exist."""
-    path = path or DEFAULT_HELDOUT
-    if not storage.exists(path):
-        return [], None
-    data = storage.read_bytes(path)
-    if path.endswith((".zst", ".zstd")):
-        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
-    texts = []
-    for number, line in enumerate(data.splitlines(), 1):
-        try:
-            texts.append(str(json.loads(line)["text"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{storage.url(path)}, line {number}: not a JSON record with a text field "
-                             f"({exc})") from exc
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(texts), size=min(documents, len(texts)), replace=False))
-    return [texts[i] for i in chosen], path
+def bits_per_byte_table(by_source: dict[str, float], documents: dict[str, int]) -> str:
+    """Markdown table of held-out bits per byte per source and pooled, with the documents behind each."""
+    rows = ["| source | documents | bits per byte |", "|---|---:|---:|"]
+    rows += [f"| {s} | {documents.get(s, 0)} | {v:.4f} |" for s, v in by_source.items() if s != "all"]
+    if "all" in by_source:
+        rows.append(f"| **all** | {sum(documents.values())} | {by_source['all']:.4f} |")
+    return "\n".join(rows)
 
 
 # ------------------------------------------------------------------------------------------------ method report
@@ -857,17 +853,20 @@ def _run_point(point: dict[str, Any]) -> dict[str, Any]:
             "heldout_documents": point.get("heldout_documents")}
 
 
-def method_report(method: str, pretrain: dict[str, Any], evaluation_fingerprint: str, heldout: str | None,
-                  heldout_documents: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One method's evaluation: the final step summarized over seeds (overall and per task, under both random
-    baselines), and every seed's points (checkpoint by checkpoint, with per-item scores and per-document losses)
-    for the score-vs-tokens curves and the paired intervals of the report. ``runs``: [{"seed", "points"}] with the
-    points of each run in step order; ``pretrain``: the pretraining pointer the runs came from."""
+def method_report(method: str, pretrain: dict[str, Any], evaluation_fingerprint: str, heldout: dict[str, Any],
+                  runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's evaluation: the final step summarized over seeds (overall, per task under both random baselines,
+    and per held-out source), and every seed's points (checkpoint by checkpoint, with per-item scores and
+    per-document losses) for the score-vs-tokens curves and the paired intervals of the report. ``runs``: [{"seed",
+    "points"}] with the points of each run in step order; ``pretrain``: the pretraining pointer the runs came from;
+    ``heldout``: where the held-out set came from and its documents per source."""
     finals = [r["points"][-1] for r in runs]
     tasks = sorted(finals[0]["tasks"])
+    by_source = [bits_per_byte_by_source(p["heldout_documents"]) if p.get("heldout_documents") else {}
+                 for p in finals]
     return {"method": method, "pretrain_fingerprint": pretrain["fingerprint"],
             "evaluation_fingerprint": evaluation_fingerprint, "stages": pretrain.get("stages"),
-            "heldout": {"path": heldout, "documents": heldout_documents},
+            "heldout": heldout,
             "final": {"step": finals[0]["step"], "tokens_seen": finals[0]["tokens_seen"],
                       "core_centered": seed_summary([p["core_centered"] for p in finals]),
                       "core_centered_uniform": seed_summary([p["core_centered_uniform"] for p in finals]),
@@ -878,5 +877,7 @@ def method_report(method: str, pretrain: dict[str, Any], evaluation_fingerprint:
                                         for t in tasks},
                       "random_baselines": {t: {"dclm": finals[0]["tasks"][t]["random_baseline"],
                                                "uniform": finals[0]["tasks"][t]["random_baseline_uniform"]}
-                                           for t in tasks}},
+                                           for t in tasks},
+                      "bits_per_byte_by_source": {s: seed_summary([b.get(s) for b in by_source])
+                                                  for s in sorted(set().union(*by_source))}},
             "runs": [{"seed": r["seed"], "points": [_run_point(p) for p in r["points"]]} for r in runs]}

@@ -22,7 +22,7 @@ from groupmates_assets.lib.storage import ArtifactInfo, Storage
 EMBEDDED_POOL_DIR = "embedded_pool"
 EMBEDDED_SHARDS_DIR = f"{EMBEDDED_POOL_DIR}/shards"
 EMBEDDED_PROVENANCE = f"{EMBEDDED_POOL_DIR}/provenance.json"
-EMBEDDED_POSITIVES = f"{EMBEDDED_POOL_DIR}/positives/wikipedia-summaries-hq.jsonl.zst"  # also the held-out text
+EMBEDDED_POSITIVES = f"{EMBEDDED_POOL_DIR}/positives/wikipedia-summaries-hq.jsonl.zst"  # positives, not in the pool
 SHARD_MANIFEST = "pool/shards/{key}/manifest.json"
 
 # quality

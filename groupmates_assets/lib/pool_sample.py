@@ -42,8 +42,10 @@ def sample_shards(
     seed: int = 1234,
     group_field: str | None = "source",
     on_unreadable: Callable[[shard_io.ShardReadError], None] | None = None,
+    exclude: Callable[[str], bool] | None = None,
 ) -> list[SampledDoc]:
-    """About ``total`` documents, an equal quota per shard, each quota the bottom-k of a seeded hash.
+    """About ``total`` documents, an equal quota per shard, each quota the bottom-k of a seeded hash; texts for
+    which ``exclude`` is true (the pool's held-out slice) are never drawn.
 
     A shard that cannot be read is passed to ``on_unreadable`` and left out (one broken file should not stop
     a sample), or raises when no handler is given.
@@ -57,6 +59,8 @@ def sample_shards(
         try:
             for batch in shard_io.read_shard(fs, shard, group_field=group_field):
                 for line, text, group in zip(batch.lines, batch.texts, batch.groups, strict=True):
+                    if exclude is not None and exclude(text):
+                        continue
                     doc_id = shard_io.make_doc_id(shard.key, line, text)
                     rank = _rank(doc_id, seed)
                     if len(heap) < quota:

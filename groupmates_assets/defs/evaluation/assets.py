@@ -12,10 +12,13 @@ from groupmates_assets.defs.common import PermanentFailure, missing_is_permanent
 from groupmates_assets.defs.deployment import gpu_asset
 from groupmates_assets.defs.partitions import selection_methods
 from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.defs.shared import current_shard_keys
 from groupmates_assets.lib import evaluation as ev
+from groupmates_assets.lib import heldout as heldout_lib
 from groupmates_assets.lib import icl_tasks as icl
 from groupmates_assets.lib import layout, lm
 from groupmates_assets.lib import report as rp
+from groupmates_assets.lib import shards as shard_io
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.pretraining import load_weights_from
@@ -23,7 +26,7 @@ from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import METHOD, EvalProfile
 
 # What a stored point holds; part of the cache fingerprint, so points of an older layout are recomputed.
-POINT_VERSION = "evaluation-v4"
+POINT_VERSION = "evaluation-v4"  # v4: per-item scores, the pool's held-out slice with doc ids and sources
 
 
 def load_icl_tasks(storage: Storage, eval_settings: EvalProfile) -> list[icl.IclTaskData]:
@@ -35,9 +38,12 @@ def load_icl_tasks(storage: Storage, eval_settings: EvalProfile) -> list[icl.Icl
         raise PermanentFailure(str(error)) from None
 
 
-def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalProfile, tokenizer, texts: list[str],
-                        device, icl_tasks: list[icl.IclTaskData] | None = None) -> dict[str, Any]:
-    """Tasks (built-in and the user's files) and held-out text for one stored checkpoint."""
+def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalProfile, tokenizer,
+                        heldout: list[heldout_lib.HeldoutDoc], device,
+                        icl_tasks: list[icl.IclTaskData] | None = None) -> dict[str, Any]:
+    """Tasks (built-in and the user's files) and held-out text for one stored checkpoint; per-document losses keep
+    each document's id and source (per-source bits per byte, paired comparisons between methods)."""
+    texts = [doc.text for doc in heldout]
     model, state = load_weights_from(storage, checkpoint, device)
     model.eval()
     batch_tokens = 65_536 if torch.device(device).type == "cuda" else 4096  # tokens per forward pass
@@ -49,7 +55,8 @@ def evaluate_checkpoint(storage: Storage, checkpoint: str, eval_settings: EvalPr
     return {"checkpoint": checkpoint, "step": state["step"], "tokens_seen": state["extra"].get("tokens_seen"),
             **result.to_dict(), "heldout_loss": losses.loss if losses else None,
             "bits_per_byte": losses.bits_per_byte if losses else None,
-            "heldout_documents": dataclasses.asdict(losses) if losses else None,
+            "heldout_documents": {**dataclasses.asdict(losses), "doc_id": [d.doc_id for d in heldout],
+                                  "source": [d.source for d in heldout]} if losses else None,
             "tasks_markdown": result.to_markdown()}
 
 
@@ -68,7 +75,9 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     style centered accuracy (acc - random) / (1 - random) with DCLM's random baselines, and with 1/num_choices beside
     it, averaged) and on held-out text (loss, bits per byte); mean, sample standard deviation and t interval over
     seeds at the final step, and the paired difference from random with its interval when random's evaluation with
-    the same settings is stored. Evaluated checkpoints are kept, so a rerun only evaluates new ones."""
+    the same settings is stored. Held-out text is a seeded sample, stratified by source, of the pool's held-out
+    slice (never filtered, selected nor trained on) or of the user's evaluation.heldout_path; bits per byte is
+    reported per source and pooled. Evaluated checkpoints are kept, so a rerun only evaluates new ones."""
     storage, settings = platform.storage(), platform.settings()
     method, eval_settings = context.partition_key, settings.evaluation
     torch.set_num_threads(settings.lm.torch_threads)
@@ -76,18 +85,16 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
         current = layout.current_pretrain(storage, method)
     device = lm.default_device()
     tokenizer = tk.load_tokenizer(settings.tokenize.tokenizer)
-    texts, heldout = ev.heldout_texts(storage, eval_settings.heldout_path, eval_settings.heldout_documents,
-                                      eval_settings.seed)
+    docs, heldout = _heldout_set(context, platform, eval_settings)
     icl_tasks = load_icl_tasks(storage, eval_settings)
-    eval_fp = layout.fingerprint(version=POINT_VERSION, settings=dataclasses.asdict(eval_settings), heldout=heldout,
-                                 heldout_sha=storage.info(heldout).sha256 if heldout else None,
-                                 icl_sha={task.name: task.sha256 for task in icl_tasks})
+    eval_fp = layout.fingerprint(version=POINT_VERSION, settings=dataclasses.asdict(eval_settings),
+                                 heldout=heldout["sample_sha"], icl_sha={task.name: task.sha256 for task in icl_tasks})
     started = time.perf_counter()
     runs, evaluated = _evaluated_runs(
         context, storage, current["runs"], f"{layout.EVALUATION_DIR}/{method}/{eval_fp}",
         eval_settings.every_checkpoint,
-        lambda checkpoint: evaluate_checkpoint(storage, checkpoint, eval_settings, tokenizer, texts, device, icl_tasks))
-    report = ev.method_report(method, current, eval_fp, heldout, len(texts), runs)
+        lambda checkpoint: evaluate_checkpoint(storage, checkpoint, eval_settings, tokenizer, docs, device, icl_tasks))
+    report = ev.method_report(method, current, eval_fp, heldout, runs)
     info = storage.write_json(f"{layout.EVALUATION_DIR}/{method}.json", finite(report))
     final = report["final"]
     spread = final["core_centered"]["std"]
@@ -100,7 +107,11 @@ def evaluation(context: dg.AssetExecutionContext, platform: PlatformResource) ->
         **_seed_interval_metadata(final), **_vs_random(storage, method, report),
         "bits_per_byte": finite(final["bits_per_byte"]["mean"]),
         "bits_per_byte_std": finite(final["bits_per_byte"]["std"]),
-        "heldout_loss": finite(final["heldout_loss"]["mean"]), "heldout_documents": len(texts),
+        "heldout_loss": finite(final["heldout_loss"]["mean"]), "heldout_documents": len(docs),
+        "heldout_source": heldout["path"] or "pool held-out slice",
+        "bits_per_byte_by_source": dg.MetadataValue.md(ev.bits_per_byte_table(
+            {s: v["mean"] for s, v in final["bits_per_byte_by_source"].items() if v["mean"] is not None},
+            heldout["by_source"]) + f"\n\n(mean over {len(runs)} seed(s), final step)"),
         "seeds": len(runs), "checkpoints_evaluated_now": evaluated,
         "tasks": dg.MetadataValue.md(runs[0]["points"][-1]["tasks_markdown"]
                                      + f"\n\n(seed {runs[0]['seed']}, final step)"),
@@ -133,6 +144,31 @@ def _vs_random(storage: Storage, method: str, report: dict[str, Any]) -> dict[st
              if (line := rp.verdict_line(method, "random", comparison, metric)) is not None]
     return {**{k: finite(v) for k, v in rp.difference_metadata(method, "random", comparison).items()},
             "verdict_vs_random": dg.MetadataValue.md("\n".join(f"- {line}" for line in lines))}
+
+
+def _heldout_set(context: dg.AssetExecutionContext, platform: PlatformResource,
+                 eval_settings: EvalProfile) -> tuple[list[heldout_lib.HeldoutDoc], dict[str, Any]]:
+    """The sampled held-out documents and their description: path (None: the pool's slice), documents per source,
+    and a hash of the sampled doc ids (part of the cache fingerprint)."""
+    storage, settings = platform.storage(), platform.settings()
+    if eval_settings.heldout_path:
+        try:
+            available = heldout_lib.user_heldout(storage, eval_settings.heldout_path, settings.pool.group_field,
+                                                 platform.fs_options)
+        except (ValueError, shard_io.ShardReadError) as exc:
+            raise PermanentFailure(str(exc)) from None
+    else:
+        available = heldout_lib.pool_heldout(storage, current_shard_keys(context.instance, platform))
+    if not available:
+        context.log.warning("no held-out documents (pool.heldout_fraction 0 and no evaluation.heldout_path?): "
+                            "bits per byte is not measured")
+    docs = heldout_lib.stratified_sample(available, eval_settings.heldout_documents, eval_settings.seed,
+                                         eval_settings.heldout_min_per_source)
+    by_source: dict[str, int] = {}
+    for doc in docs:
+        by_source[doc.source] = by_source.get(doc.source, 0) + 1
+    return docs, {"path": eval_settings.heldout_path, "documents": len(docs), "available": len(available),
+                  "by_source": by_source, "sample_sha": heldout_lib.sample_fingerprint(docs)}
 
 
 def _evaluated_runs(context: dg.AssetExecutionContext, storage: Storage, runs: list[dict[str, Any]], cache_dir: str,

@@ -25,6 +25,7 @@ from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.shared import current_shard_keys
 from groupmates_assets.lib import filtering, layout, plots
 from groupmates_assets.lib import shards as shard_io
+from groupmates_assets.lib.heldout import is_heldout
 from groupmates_assets.lib.pool_sample import SampledDoc, sample_shards, spread
 from groupmates_assets.lib.quality import (
     HQ_LABEL,
@@ -70,7 +71,7 @@ def _positives(storage: Storage, quality: QualityProfile, group_field: str | Non
 
 @step_asset(
     group_name="quality",
-    code_version="quality-classifier-v1",
+    code_version="quality-classifier-v2",  # v2: pool negatives exclude the held-out slice
     deps=["embedded_pool", dg.AssetDep("pool_shard", partition_mapping=dg.AllPartitionMapping())],
     kinds={"fasttext"},
 )
@@ -81,7 +82,7 @@ def quality_classifier(
     .bin, with the keep threshold every shard is filtered with."""
     storage = platform.storage()
     profile = with_overrides(platform.settings(), **config.model_dump())
-    quality, group_field = profile.quality, profile.pool.group_field
+    quality, group_field, heldout_fraction = profile.quality, profile.pool.group_field, profile.pool.heldout_fraction
     shards = layout.registered_shards(storage, current_shard_keys(context.instance, platform))
     if not shards:
         raise PermanentFailure("no registered pool shards: materialize pool_shard partitions first")
@@ -94,7 +95,8 @@ def quality_classifier(
         unreadable.append(error.path)
 
     def sample_pool(wanted: int) -> list[SampledDoc]:
-        return sample_shards(fs, sample_from, wanted, quality.recipe.seed, group_field, on_unreadable=skip_unreadable)
+        return sample_shards(fs, sample_from, wanted, quality.recipe.seed, group_field, on_unreadable=skip_unreadable,
+                             exclude=lambda text: is_heldout(text, heldout_fraction))
     with tempfile.TemporaryDirectory(prefix="groupmates-classifier-") as tmp:
         model_file = os.path.join(tmp, "model.bin")
         if quality.model_path:
@@ -192,12 +194,12 @@ def _classifier_metadata(manifest: dict, report, model_path: str) -> dict[str, A
     kinds={"parquet"},
     check_specs=[blocking_check(
         "counts_reconcile", "filtered_pool_shard",
-        "in = kept + dropped + rejected, from the written files and an independent recount of "
+        "in = kept + dropped + rejected + held out, from the written files and an independent recount of "
         "the source shard's records")],
 )
 def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     """One pool shard scored by the quality classifier: kept documents with doc_id and score, the dropped ones for
-    inspection, and malformed records with file, line and reason."""
+    inspection, malformed records with file, line and reason, and the held-out slice set aside before scoring."""
     storage = platform.storage()
     unregistered = [key for key in shard_keys(context) if layout.registered_shard(storage, key) is None]
     if unregistered:
@@ -229,9 +231,10 @@ def filter_one_shard(context: dg.AssetExecutionContext, platform: PlatformResour
         stats = filtering.filter_shard(
             shard, fs, classifier, current["threshold"], storage, out_dir,
             batch_size=profile.quality.batch_size, group_field=profile.pool.group_field,
+            heldout_fraction=profile.pool.heldout_fraction,
             progress=lambda p: context.log.info(
                 f"{key}: {p['rows_in']:,} records in {p['seconds']} s (kept {p['kept']:,}, dropped "
-                f"{p['dropped']:,}, rejected {p['rejected']:,})"),
+                f"{p['dropped']:,}, rejected {p['rejected']:,}, held out {p['heldout']:,})"),
             extra_stats={"classifier_version": current["version"], "classifier_sha256": current["model_sha256"]},
         )
         source_records = filtering.count_source_records(fs, shard)
@@ -252,7 +255,7 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "dagster/row_count": stats["kept"],
         "rows_in": stats["rows_in"], "kept": stats["kept"], "dropped": stats["dropped"],
-        "rejected": stats["rejected"],
+        "rejected": stats["rejected"], "heldout": stats["heldout"],
         "keep_rate": filtering.keep_rate(stats["kept"], stats["dropped"]),
         "threshold": stats["threshold"],
         "classifier_version": stats["classifier_version"],
@@ -261,6 +264,7 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
         "kept_path": dg.MetadataValue.path(stats["files"]["kept"]["path"]),
         "dropped_path": dg.MetadataValue.path(stats["files"]["dropped"]["path"]),
         "rejects_path": dg.MetadataValue.path(stats["files"]["rejects"]["path"]),
+        "heldout_path": dg.MetadataValue.path(stats["files"]["heldout"]["path"]),
         "kept_sha256": stats["files"]["kept"]["sha256"],
         "source_path": dg.MetadataValue.path(stats["source_path"]),
     }
@@ -273,16 +277,16 @@ def _filtered_metadata(stats: dict[str, Any]) -> dict[str, Any]:
 
 @step_asset(
     group_name="quality",
-    code_version="filtered-pool-summary-v1",
+    code_version="filtered-pool-summary-v2",
     deps=[dg.AssetDep(filtered_pool_shard, partition_mapping=dg.AllPartitionMapping())],
     kinds={"json"},
     check_specs=[blocking_check(
         "all_shards_reconcile", "filtered_pool_summary",
-        "every filtered shard's in = kept + dropped + rejected, and the totals add up")],
+        "every filtered shard's in = kept + dropped + rejected + held out, and the totals add up")],
 )
 def filtered_pool_summary(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    """The filtered pool as a whole: totals, keep rates by source, the merged score histogram, and a manifest of every
-    shard's kept file (what later stages read)."""
+    """The filtered pool as a whole: totals, keep rates and held-out counts by source, the merged score histogram,
+    and a manifest of every shard's kept file (what later stages read)."""
     storage = platform.storage()
     pool = set(context.instance.get_dynamic_partitions(pool_shards.name))
     filtered = [key for key in storage.list(layout.FILTERED_POOL_DIR) if not key.startswith("_")]
@@ -318,6 +322,7 @@ def _summary_metadata(summary: filtering.PoolSummary, gone: list[str], manifest_
                                                + "\n\n" + plots.histogram_table(edges, counts)),
         "keep_rate_by_group": dg.MetadataValue.md(filtering.keep_rate_table(summary.by_group))
         if summary.by_group else "",
+        "heldout_by_group": dg.MetadataValue.json({g: c["heldout"] for g, c in sorted(summary.by_group.items())}),
         "manifest": dg.MetadataValue.path(manifest_path),
         "shards_no_longer_in_pool": len(gone), "left_out_shards": _names(gone),
     }
