@@ -7,8 +7,9 @@ reference loss L_r is measured; the stored labels are
 
     cumulative c_t = L_r(M_{t+1}) - L_r(M_1)        marginal I_t = c_t - c_{t-1}  (I_1 = c_1)
 
-so sum_t I_t = L_r(M_{T+1}) - L_r(M_1) (invariant T8). The probe step uses the learning rate, betas and
-moments stored in the checkpoint's optimizer state, as the research code does.
+so sum_t I_t = L_r(M_{T+1}) - L_r(M_1) (invariant T8) holds by construction; ``replay_final_losses`` measures it
+instead, replaying stored trajectories from the checkpoint on disk. The probe step uses the learning rate, betas
+and moments stored in the checkpoint's optimizer state, as the research code does.
 
 Work is split into blocks of trajectories (one Dagster partition each). Inside a block, results are written
 in parts of a fixed number of trajectories; a killed block resumes at the first missing part and, because
