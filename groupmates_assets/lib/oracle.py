@@ -154,7 +154,7 @@ def check_labels(table: pa.Table, length: int, expected_rows: int, tolerance: fl
 
 def replay_rows(n_rows: int, sample: int, seed: int, block: int) -> np.ndarray:
     """Rows of a block to replay for the direct T8 check: ``sample`` of them, seeded by (seed, block) alone."""
-    rng = np.random.default_rng([seed, block, 8])
+    rng = np.random.default_rng([seed, block, 8])  # a stream of its own, apart from the plan's (seed, block)
     return np.sort(rng.choice(n_rows, size=min(max(sample, 0), n_rows), replace=False)).astype(np.int64)
 
 
