@@ -1,4 +1,5 @@
-"""Training the influence model: splits, statistics, metrics, and learning a planted relational signal."""
+"""Training the influence model: splits, statistics, metrics, learning a planted relational signal, and T6 (alpha and
+tau trained by the trainer's own optimizer)."""
 
 import itertools
 
@@ -88,6 +89,27 @@ def test_trained_model_beats_a_constant_predictor_on_held_out_trajectories(plant
     assert result.best_metrics["mse"] < 0.8 * result.best_metrics["mse_constant"]
     assert result.best_metrics == tr.evaluate(model, docs, data, val)  # the best weights are the ones kept
     assert len(result.history) == 8 and result.trajectories_per_second > 0
+
+
+def _alpha_tau_trained(source, docs, data) -> tuple[bool, bool]:
+    """T6 as two verdicts on a short run of the trainer itself: (alpha and tau are parameters of the optimizer
+    train_model built, both left their initial 1.0 at every evaluation and at the end)."""
+    model = im.build_model(source, im.InfluenceModelConfig(chunk_len=16, chunks=2, encoder_layers=1), seed=0)
+    result = tr.train_model(model, docs, data, np.arange(len(data)), np.array([], dtype=np.int64), tr.TrainSettings(
+        lr=1e-2, epochs=1, trajectories_per_step=20, warmup_steps=1, seed=0))
+    held = {"alpha", "tau"} <= set(result.optimized_parameters)
+    moved = bool(result.history) and all(e["alpha"] != 1.0 and e["tau"] != 1.0 for e in result.history) \
+        and 1.0 not in model.alpha_tau()
+    return held, moved
+
+
+def test_t6_the_trainers_optimizer_holds_alpha_and_tau_and_moves_them(planted, monkeypatch):
+    source, docs, data = planted
+    assert _alpha_tau_trained(source, docs, data) == (True, True)
+    # an optimizer that leaves them out: the same verdicts must then fail
+    monkeypatch.setattr(tr, "_optimizer", lambda model, settings: torch.optim.AdamW(
+        [p for name, p in model.named_parameters() if name not in ("alpha", "tau")], lr=settings.lr))
+    assert _alpha_tau_trained(source, docs, data) == (False, False)
 
 
 def test_empty_training_split_is_a_clear_error(planted):

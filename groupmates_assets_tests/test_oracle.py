@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -32,7 +33,17 @@ def checkpoint():
         ids = rng.integers(0, vocab, size=20).tolist()
         examples.append((ids, [-100] * 14 + ids[14:]))
     return {"model": model, "optimizer": optimizer, "pool": pool, "cfg": cfg,
-            "reference": lm.ReferenceBatch(examples)}
+            "reference": lm.ReferenceBatch(examples), "snapshot": lm.snapshot(model, optimizer)}
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(checkpoint, tmp_path_factory) -> str:
+    """The fixture's checkpoint as the oracle assets read it: on disk, loaded afresh by each reader."""
+    lm.restore(checkpoint["model"], checkpoint["optimizer"], checkpoint["snapshot"])  # undo earlier trajectories
+    directory = tmp_path_factory.mktemp("probe") / "ckpt"
+    lm.save_checkpoint(directory, checkpoint["model"], checkpoint["optimizer"], lm.get_shape("tiny"),
+                       checkpoint["cfg"], step=6)
+    return str(directory)
 
 
 def _collector(c, fresh_optimizer: bool = False) -> oracle_lib.OracleCollector:
@@ -71,9 +82,19 @@ def test_state_carries_over_within_a_trajectory(checkpoint):  # T10
     assert pair.marginal[1] != pytest.approx(alone.marginal[0], abs=1e-7)
 
 
-def test_checkpoint_optimizer_state_is_used_not_a_fresh_one(checkpoint):  # T11
-    restored = _collector(checkpoint).run(0, [6, 10])
-    fresh = _collector(checkpoint, fresh_optimizer=True).run(0, [6, 10])
+def test_checkpoint_optimizer_state_is_used_not_a_fresh_one(checkpoint, saved_checkpoint):  # T11
+    restored_model, restored_optimizer, state = lm.load_checkpoint(saved_checkpoint, "cpu")
+    fresh_model, _, _ = lm.load_checkpoint(saved_checkpoint, "cpu")
+    fresh_optimizer = lm.make_optimizer(fresh_model, state["optim_config"])
+    lm.set_lr(fresh_optimizer, state["lr"])  # the same learning rate: only the moments differ
+    assert all(torch.equal(a, b) for a, b in zip(restored_model.state_dict().values(),
+                                                  fresh_model.state_dict().values(), strict=True))
+    assert restored_optimizer.state and not fresh_optimizer.state
+    args = (checkpoint["reference"], checkpoint["pool"], state["optim_config"])
+    restored_collector = oracle_lib.OracleCollector(restored_model, restored_optimizer, *args)
+    fresh_collector = oracle_lib.OracleCollector(fresh_model, fresh_optimizer, *args)
+    assert restored_collector.base_loss == fresh_collector.base_loss  # both start from the same weights
+    restored, fresh = restored_collector.run(0, [6, 10]), fresh_collector.run(0, [6, 10])
     assert restored.cumulative[0] != pytest.approx(fresh.cumulative[0], abs=1e-7)
 
 
@@ -100,6 +121,39 @@ def test_check_labels_flags_broken_blocks(checkpoint):
                                       "random", ids)
     passed, details = oracle_lib.check_labels(broken, 3, 1)
     assert not passed and "not 3 distinct" in details["problems"]
+
+
+def test_replay_recomputes_final_losses_and_fires_on_labels_the_checkpoint_does_not_give(checkpoint,
+                                                                                         saved_checkpoint):  # T8
+    model, optimizer, state = lm.load_checkpoint(saved_checkpoint, "cpu")
+    collector = oracle_lib.OracleCollector(model, optimizer, checkpoint["reference"], checkpoint["pool"],
+                                           state["optim_config"])
+    plan = oracle_lib.random_plan(len(checkpoint["pool"]), 3, 4, seed=0, block=2)
+    table = oracle_lib.results_table(list(collector.run_many([0, 1, 2], plan)), 2, "random",
+                                     [f"s:{i}" for i in range(len(checkpoint["pool"]))])
+    rows = oracle_lib.replay_rows(table.num_rows, 2, seed=0, block=2)
+    assert len(rows) == 2 and np.array_equal(rows, oracle_lib.replay_rows(3, 2, seed=0, block=2))
+
+    def replay(labels):
+        return oracle_lib.replay_final_losses(labels, rows, saved_checkpoint, checkpoint["pool"],
+                                              checkpoint["reference"], tolerance=1e-4, device="cpu")
+
+    passed, details = replay(table)
+    assert passed and details["replay_max_abs_difference"] < 1e-6, details
+    assert [r["recomputed_final_loss"] for r in details["replayed"]] == \
+        [r["stored_final_loss"] for r in details["replayed"]]
+    # labels shifted consistently (final loss, last cumulative and marginal): they still telescope, so only the
+    # replay can tell they are not what the checkpoint gives
+    tampered = table.to_pylist()
+    victim = tampered[rows[0]]
+    victim["final_loss"] += 1e-3
+    victim["cumulative"][-1] += 1e-3
+    victim["marginal"][-1] += 1e-3
+    tampered = pa.Table.from_pylist(tampered, schema=oracle_lib.ORACLE_SCHEMA)
+    assert oracle_lib.check_labels(tampered, 4, 3)[0]
+    passed, details = replay(tampered)
+    assert not passed and f"trajectory {victim['trajectory_id']}: stored final_loss" in details["replay_problems"]
+    assert details["replay_max_abs_difference"] == pytest.approx(1e-3, rel=1e-2)
 
 
 def test_block_runs_the_same_in_one_process_or_in_replica_workers(checkpoint, tmp_path):
@@ -135,3 +189,56 @@ def test_replicas_spread_over_gpus_only_when_the_device_is_left_open():
     assert oracle_lib.replica_device(None, 3, 1) is None  # one GPU (or none): lm.default_device()
     assert oracle_lib.replica_device(None, 3, 0) is None
     assert oracle_lib.replica_device("cpu", 3, 4) == "cpu"  # an explicit device wins
+
+
+def test_labels_consistent_replays_the_block_and_fails_on_stored_labels_the_checkpoint_does_not_give(
+        checkpoint, saved_checkpoint, tmp_path, monkeypatch):  # T8, as the oracle assets check it
+    import dagster as dg
+
+    from groupmates_assets import settings as settings_module
+    from groupmates_assets.defs.resources import PlatformResource
+    from groupmates_assets.defs.shared import collect_oracle_block
+    from groupmates_assets.lib import layout
+    from groupmates_assets.lib import reference_set as ref_lib
+    from groupmates_assets.lib.storage import Storage
+    from groupmates_assets_tests.conftest import use_profile
+
+    name = use_profile(monkeypatch, settings_module.Profile(
+        name="oracle-replay-test", description="the oracle block check on a tiny LM",
+        lm=settings_module.LMProfile(torch_threads=1), oracle=settings_module.OracleProfile(replay_per_block=2)))
+    storage = Storage(str(tmp_path / "store"))
+    storage.put_dir(saved_checkpoint, layout.PROBE_CHECKPOINT_DIR, layout.PROBE_CHECKPOINT_FILES)
+    pool = checkpoint["pool"]
+    storage.write_numpy(f"{layout.PROBE_POOL_DIR}/contexts.npy", pool)
+    storage.write_parquet(f"{layout.PROBE_POOL_DIR}/contexts.parquet",
+                          pa.table({"context_id": [f"s:{i}" for i in range(len(pool))]}))
+    examples = checkpoint["reference"].examples
+    ref_lib.save_reference_set(ref_lib.ReferenceSet(examples, {}, ref_lib.reference_set_hash(examples)),
+                               storage.path(layout.REFERENCE_FILE))
+    platform = PlatformResource(storage_root=storage.root, profile=name)
+
+    def collect() -> dg.AssetCheckResult:
+        with dg.build_asset_context(partition_key="block-000") as context:
+            result = collect_oracle_block(context, platform, root_dir=layout.ORACLE_RANDOM_DIR,
+                                          plan=oracle_lib.random_plan(len(pool), 3, 3, seed=0, block=0),
+                                          trajectory_ids=np.arange(3), policy="random",
+                                          fingerprint_parts={"seed": 0, "per_block": 3})
+        return result.check_results[0]
+
+    check = collect()
+    replayed = check.metadata["replayed"].value
+    assert check.passed and len(replayed) == 2, check.metadata
+    assert all(r["recomputed_final_loss"] == r["stored_final_loss"] for r in replayed)
+    # a stored part rewritten with labels shifted consistently: they still telescope, the replay does not agree
+    fingerprint = storage.read_json(f"{layout.ORACLE_RANDOM_DIR}/current.json")["fingerprint"]
+    parts = storage.read_json(f"{layout.ORACLE_RANDOM_DIR}/{fingerprint}/block-000/_SUCCESS.json")["parts"]
+    part = next(p for p in parts if storage.read_parquet(p)["trajectory_id"][0].as_py() == replayed[0]["trajectory_id"])
+    rows = storage.read_parquet(part).to_pylist()
+    victim = rows[0]
+    victim["final_loss"] += 1e-3
+    victim["cumulative"][-1] += 1e-3
+    victim["marginal"][-1] += 1e-3
+    storage.write_parquet(part, pa.Table.from_pylist(rows, schema=oracle_lib.ORACLE_SCHEMA))
+    check = collect()  # every part exists: nothing is recomputed, the stored labels are checked
+    assert not check.passed
+    assert f"trajectory {victim['trajectory_id']}: stored final_loss" in check.metadata["replay_problems"].value

@@ -1,4 +1,5 @@
-"""Cluster-based greedy group selection: invariants T3, T4, T12-T16 and the baselines."""
+"""Cluster-based greedy group selection: invariants T3, T4, T12-T16 (the quality_signal check shown to fire) and the
+baselines."""
 
 import itertools
 
@@ -7,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from groupmates_assets.defs.partitions import SELECTION_METHODS, selection_methods, selection_range_keys
+from groupmates_assets.defs.selection.assets import _range_check_results
 from groupmates_assets.lib import clustering
 from groupmates_assets.lib import selection as sel
 from groupmates_assets.lib.shards import make_doc_id, text_hash
@@ -96,6 +98,24 @@ def test_t16_selected_documents_have_lower_mean_u():
     h, u, clusters = _pool()
     picked = sel.select_in_clusters(h, u, clusters, sel.cluster_budgets(np.bincount(clusters), 0.5), 1.0, 1.0)
     assert u[picked.rows].mean() < u.mean()
+
+
+def test_t16_quality_signal_check_fires_when_the_sign_convention_is_inverted():
+    """The check the selected_documents asset reports, fed a selection made with u's sign flipped (beneficial read
+    as harmful): it must fail there and pass on the right one."""
+    h, u, clusters = _pool()
+    budgets = sel.cluster_budgets(np.bincount(clusters), 0.5)
+    candidates = sel.Candidates(doc_id=np.array([f"s:{i:04d}" for i in range(len(u))], dtype=object),
+                                shard=np.array(["s"] * len(u), dtype=object), cluster=clusters, h=h, u=u)
+
+    def quality_signal(selection: sel.ClusterSelection):
+        checks = sel.check_range(candidates, selection, budgets, 0, len(budgets))
+        return next(r for r in _range_check_results(checks, len(selection)) if r.check_name == "quality_signal")
+
+    assert quality_signal(sel.select_in_clusters(h, u, clusters, budgets, 1.0, 1.0)).passed
+    inverted = quality_signal(sel.select_in_clusters(h, -u, clusters, budgets, 1.0, 1.0))
+    assert not inverted.passed
+    assert inverted.metadata["mean_u_selected"].value > inverted.metadata["mean_u_candidates"].value
 
 
 def test_determinism_and_empty_input():

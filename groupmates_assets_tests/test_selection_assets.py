@@ -18,7 +18,7 @@ from groupmates_assets.defs.partitions import pool_shards, selection_range_keys
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.selection import assets as sa
 from groupmates_assets.lib.selection import SELECTION_METHODS
-from groupmates_assets.lib.shards import make_doc_id
+from groupmates_assets.lib.shards import make_doc_id, text_hash
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.testing.pool_to_selection import save_influence_models, seed_influence_models
 from groupmates_assets_tests.conftest import use_profile
@@ -113,3 +113,26 @@ def test_selection_stage_end_to_end(setup):
 def test_missing_predictions_are_named(setup):
     with pytest.raises(Exception, match="pool_predictions is missing for shards web-a, web-b, web-empty"):
         _materialize(setup, "cluster_centroids")
+
+
+def test_t17_index_round_trip_fires_on_misaligned_embeddings_and_missing_ids(setup):
+    """The selected_corpus check, fed what T17 guards against: predictions embedded under the wrong doc_ids (a
+    listing misaligned with the texts) and a selected id the shard does not hold."""
+    storage = setup["storage"]
+    settings = setup["platform"].settings().selection
+    kept = storage.read_parquet("filtered_pool/web-a/kept.parquet")
+    ids, texts = kept.column("doc_id").to_pylist(), kept.column("text").to_pylist()
+    hashes = [text_hash(t) for t in texts]
+
+    def round_trip(embedded_hashes: list[str], selected: list[str]) -> tuple[bool | None, dict]:
+        storage.write_parquet(sa.predictions_path(storage, "web-a"),
+                              pa.table({"doc_id": ids, "text_hash": embedded_hashes}))
+        table = pa.table({"doc_id": selected, "shard": ["web-a"] * len(selected), "rank": range(len(selected))})
+        result = sa.write_corpus_shard(storage, settings, dict.fromkeys(SELECTION_METHODS, table), {}, "web-a")
+        return result.check_passed, result.check_metadata
+
+    assert round_trip(hashes, ids[:5]) == (True, {"ids_not_found": 0, "text_hash_mismatches": 0})
+    passed, found = round_trip(hashes[1:] + hashes[:1], ids[:5])  # each text embedded under its neighbour's id
+    assert not passed and found["text_hash_mismatches"] == 5 * len(SELECTION_METHODS)
+    passed, found = round_trip(hashes, [*ids[:4], make_doc_id("web-a", 999, "never in the pool")])
+    assert not passed and found == {"ids_not_found": len(SELECTION_METHODS), "text_hash_mismatches": 0}

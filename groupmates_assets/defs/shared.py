@@ -109,12 +109,20 @@ def collect_oracle_block(context: dg.AssetExecutionContext, platform: PlatformRe
         oracle_lib.run_block(job, pending, workers, progress=lambda done, total: context.log.info(
             f"{block_key}: {done}/{total} trajectories "
             f"({done * length / (time.perf_counter() - started) * 3600:,.0f} probes/hour)"))
-    seconds = time.perf_counter() - started
-    parts = [job.part_path(n) for n in range(job.parts)]
+        seconds = time.perf_counter() - started
+        parts = [job.part_path(n) for n in range(job.parts)]
+        table = pa.concat_tables([storage.read_parquet(p) for p in parts])
+        passed, details = oracle_lib.check_labels(table, length, per_block)
+        sample = oracle_lib.replay_rows(table.num_rows, oracle_settings.replay_per_block, oracle_settings.seed, block)
+        replayed, replay_details = oracle_lib.replay_final_losses(
+            table, sample, checkpoint_dir, np.load(pool_path, mmap_mode="r", allow_pickle=False),
+            lm.ReferenceBatch(reference.examples), oracle_settings.replay_tolerance, device=job.device,
+            torch_threads=job.torch_threads)
+        context.log.info(f"{block_key}: replayed {len(replay_details['replayed'])} trajectories from the checkpoint, "
+                         f"max |difference| {replay_details['replay_max_abs_difference']:.3g}")
+    passed, details = passed and replayed, {**details, **replay_details}
     resumed = job.parts - len(pending)
     computed = sum(job.part_rows(n).stop - job.part_rows(n).start for n in pending)
-    table = pa.concat_tables([storage.read_parquet(p) for p in parts])
-    passed, details = oracle_lib.check_labels(table, length, per_block)
     storage.write_json(f"{out}/_SUCCESS.json", {"block": block_key, "fingerprint": fingerprint, "parts": parts,
                                                 "trajectories": table.num_rows, **details})
     layout.write_pointer(storage, root_dir, {"fingerprint": fingerprint, "checkpoint_sha256": checkpoint_sha,

@@ -7,8 +7,9 @@ reference loss L_r is measured; the stored labels are
 
     cumulative c_t = L_r(M_{t+1}) - L_r(M_1)        marginal I_t = c_t - c_{t-1}  (I_1 = c_1)
 
-so sum_t I_t = L_r(M_{T+1}) - L_r(M_1) (invariant T8). The probe step uses the learning rate, betas and
-moments stored in the checkpoint's optimizer state, as the research code does.
+so sum_t I_t = L_r(M_{T+1}) - L_r(M_1) (invariant T8) holds by construction; ``replay_final_losses`` measures it
+instead, replaying stored trajectories from the checkpoint on disk. The probe step uses the learning rate, betas
+and moments stored in the checkpoint's optimizer state, as the research code does.
 
 Work is split into blocks of trajectories (one Dagster partition each). Inside a block, results are written
 in parts of a fixed number of trajectories; a killed block resumes at the first missing part and, because
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +150,59 @@ def check_labels(table: pa.Table, length: int, expected_rows: int, tolerance: fl
     passed = not problems and duplicates == 0 and table.num_rows == expected_rows
     return passed, {"rows": table.num_rows, "expected_rows": expected_rows, "duplicate_ids": duplicates,
                     "problems": "; ".join(problems[:5]) or "none"}
+
+
+def replay_rows(n_rows: int, sample: int, seed: int, block: int) -> np.ndarray:
+    """Rows of a block to replay for the direct T8 check: ``sample`` of them, seeded by (seed, block) alone."""
+    rng = np.random.default_rng([seed, block, 8])  # a stream of its own, apart from the plan's (seed, block)
+    return np.sort(rng.choice(n_rows, size=min(max(sample, 0), n_rows), replace=False)).astype(np.int64)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def replay_final_losses(table: pa.Table, rows: Sequence[int], checkpoint_dir: str, pool: np.ndarray,
+                        reference: lm.ReferenceBatch, tolerance: float, device: str | None = None,
+                        torch_threads: int | None = None) -> tuple[bool, dict]:
+    """T8 measured, not derived: replay stored trajectories from the probe checkpoint and compare.
+
+    For each of ``rows`` the checkpoint is loaded afresh from disk (not the collector's in-memory snapshot), the
+    trajectory's contexts are applied one AdamW step each, and L_r(M_1) and L_r(M_{T+1}) are measured on the
+    reference set. The check fails when the stored ``final_loss`` or ``base_loss`` differs from the measured one,
+    or the stored marginals do not sum to the measured change, by more than ``tolerance`` (nats). The stored
+    labels are only consistent with each other by construction; this is what ties them to the checkpoint.
+    ``device`` and ``torch_threads`` should be the block's own, so the replay takes the same kernels.
+    """
+    stored = table.to_pydict()
+    replayed, problems, worst = [], [], 0.0
+    with _torch_threads(torch_threads):
+        for row in (int(r) for r in rows):
+            model, optimizer, state = lm.load_checkpoint(checkpoint_dir, device)
+            base = lm.reference_loss(model, reference)
+            for context in stored["context_index"][row]:
+                tokens = torch.from_numpy(np.asarray(pool[int(context)], dtype=np.int64)).unsqueeze(0)
+                lm.train_step(model, optimizer, tokens.to(next(model.parameters()).device), state["optim_config"])
+            final = lm.reference_loss(model, reference)
+            trajectory = stored["trajectory_id"][row]
+            gaps = {"final_loss": abs(final - stored["final_loss"][row]),
+                    "base_loss": abs(base - stored["base_loss"][row]),
+                    "sum of marginals": abs(sum(stored["marginal"][row]) - (final - base))}
+            worst = max(worst, *gaps.values())
+            problems += [f"trajectory {trajectory}: stored {name} off the replay by {gap:.3g}"
+                         for name, gap in gaps.items() if not gap <= tolerance]
+            replayed.append({"trajectory_id": trajectory, "recomputed_final_loss": round(final, 7),
+                             "stored_final_loss": round(stored["final_loss"][row], 7),
+                             "recomputed_base_loss": round(base, 7)})
+    return not problems, {"replayed": replayed, "replay_max_abs_difference": worst, "replay_tolerance": tolerance,
+                          "replay_problems": "; ".join(problems[:5]) or "none"}
 
 
 # -- running a block, in this process or in several replica processes ----------------------------------------

@@ -222,7 +222,8 @@ def _embed_probe_pool(context: dg.AssetExecutionContext, storage: Storage, model
     kinds={"pytorch", "parquet"},
     check_specs=[blocking_check(
         "labels_consistent", "oracle_bootstrap",
-        "every trajectory complete (T distinct contexts, finite labels) and telescoping")],
+        "every trajectory complete (T distinct contexts, finite labels) and telescoping, with L_r(M_T+1) "
+        "recomputed for oracle.replay_per_block trajectories replayed from the checkpoint")],
     **gpu_asset_args(partitioned=True),
 )
 def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:

@@ -87,7 +87,8 @@ def probe_pool(context: dg.AssetExecutionContext, platform: PlatformResource) ->
     check_specs=[blocking_check(
         "labels_consistent", "oracle_random",
         "every trajectory complete (T distinct contexts, finite labels) and telescoping: "
-        "sum of marginal labels = L_r(M_T+1) - L_r(M_1)")],
+        "sum of marginal labels = L_r(M_T+1) - L_r(M_1), with L_r(M_T+1) recomputed on the reference set for "
+        "oracle.replay_per_block trajectories replayed from the checkpoint")],
     **gpu_asset_args(partitioned=True),
 )
 def oracle_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:

@@ -145,6 +145,7 @@ class TrainingResult:
     steps: int = 0
     seconds: float = 0.0
     trajectories_seen: int = 0
+    optimized_parameters: list[str] = field(default_factory=list)  # names of what the trainer's optimizer updates
 
     @property
     def trajectories_per_second(self) -> float:
@@ -197,6 +198,8 @@ def train_model(model: InfluenceModel, docs: ChunkedDocuments, data: Trajectorie
     optimizer = _optimizer(model, settings)
     rng = np.random.default_rng(settings.seed)
     result = TrainingResult(mean, std, best_step=0, best_metrics={})
+    names = {id(p): name for name, p in model.named_parameters()}
+    result.optimized_parameters = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     best_state, best_score, losses = None, -math.inf, []
     started, step = time.perf_counter(), 0
     model.train()
