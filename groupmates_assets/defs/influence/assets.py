@@ -324,7 +324,10 @@ def influence_model_report(context: dg.AssetExecutionContext, platform: Platform
         "random_heldout_trajectories": len(random_val), "all_heldout_trajectories": len(val_rows),
         **finite({f"{kind}_spearman_random_heldout": summary[kind]["random_val"].get("spearman") for kind in summary}),
         **finite({f"{kind}_spearman_all_heldout": summary[kind]["all_val"].get("spearman") for kind in summary}),
-        "learning_curves": dg.MetadataValue.md(curve_png + "\n\n" + curve_table),
+        "learning_curves": dg.MetadataValue.md(
+            f"{curve_png}\n\nEvery point scored on the same {len(val_rows)} held-out trajectories ({len(random_val)} "
+            f"random); below 100% a fresh model on a nested, seeded share of the training trajectories.\n\n"
+            + curve_table),
         "learning_curve_fractions": dg.MetadataValue.json([p["fraction"] for p in curves["influence_model_final"]]),
         "learning_curve_seconds": round(curve_seconds, 1),
     })
