@@ -113,3 +113,14 @@ def test_selection_stage_end_to_end(setup):
 def test_missing_predictions_are_named(setup):
     with pytest.raises(Exception, match="pool_predictions is missing for shards web-a, web-b, web-empty"):
         _materialize(setup, "cluster_centroids")
+
+
+def test_mates_temperature_samples_only_the_mates_baseline_and_versions_its_path():
+    settings = settings_module.SelectionProfile(mates_temperature=0.5)
+    mates, random = SELECTION_METHODS["mates"], SELECTION_METHODS["random"]
+    assert sa.baseline_temperature(mates, settings) == 0.5 and sa.baseline_temperature(random, settings) == 0.0
+    assert sa.baseline_temperature(mates, settings_module.SelectionProfile()) == 0.0  # default: top-k
+    assert sa.baseline_path("fp", "mates", 0, 0.5) != sa.baseline_path("fp", "mates", 0, 0.0)
+    assert sa.baseline_path("fp", "mates", 0, 0.0) == sa.baseline_path("fp", "mates", 0)  # top-k paths unchanged
+    with pytest.raises(ValueError, match=r"selection\.mates_temperature"):
+        settings_module.SelectionProfile(mates_temperature=-0.1)
