@@ -35,6 +35,8 @@ def test_split_holds_out_whole_trajectories_of_every_policy_and_random_split_is_
     assert np.array_equal(val[val < 20], val_random_only)  # the random held-out set ignores the bootstrap data
     assert not np.array_equal(val_random_only, tr.split_by_group(only_random, 0.25, seed=8)[1])  # seeded
     assert len(tr.split_by_group(both, 0.0, seed=7)[1]) == 0
+    assert tr.split_fingerprint(only_random) == {}  # a random-only model keeps its fingerprint
+    assert tr.split_fingerprint(both) == {"bootstrap_split": tr.BOOTSTRAP_SPLIT}
 
 
 def test_learning_curve_subsets_are_nested_seeded_and_keep_every_policy():

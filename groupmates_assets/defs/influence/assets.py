@@ -86,7 +86,8 @@ def train_influence_asset(context: dg.AssetExecutionContext, platform: PlatformR
     train_rows, val_rows = tr.split_by_group(data, influence.val_fraction, influence.seed)
     config = model_config(influence, source, relational)
     model_fp = layout.fingerprint(kind=kind, oracle=oracle_fingerprints, pool=pool_sha, config=asdict(config),
-                                  train=asdict(train_settings(influence)), val_fraction=influence.val_fraction)
+                                  train=asdict(train_settings(influence)), val_fraction=influence.val_fraction,
+                                  **tr.split_fingerprint(data))
     device = str(lm.default_device())
     context.log.info(f"{kind}: {len(train_rows)} training and {len(val_rows)} validation trajectories "
                      f"({', '.join(sorted(set(data.policy)))}); encoder {source.name} on {device}")
@@ -249,7 +250,7 @@ def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResour
 
 @gpu_asset(
     group_name="influence",
-    code_version="influence-model-v2",
+    code_version="influence-model-v3",
     deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},
@@ -268,7 +269,7 @@ def oracle_union(platform: PlatformResource) -> list[tuple[str, list[str], str]]
 
 @gpu_asset(
     group_name="influence",
-    code_version="individual-model-v2",
+    code_version="individual-model-v3",
     deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},

@@ -65,6 +65,16 @@ def hash_order(rows: np.ndarray, keys: Sequence[str], seed: int) -> np.ndarray:
     return rows[sorted(range(len(rows)), key=digests.__getitem__)]
 
 
+# Bootstrap trajectories were once split by beam root; random ones are split as they always were.
+BOOTSTRAP_SPLIT = "whole-trajectories-per-tail"
+
+
+def split_fingerprint(data: Trajectories) -> dict[str, str]:
+    """What a model's fingerprint records of the split: the bootstrap split scheme when there are bootstrap
+    trajectories, nothing otherwise (so a random-only model keeps its fingerprint)."""
+    return {"bootstrap_split": BOOTSTRAP_SPLIT} if (data.family() == "bootstrap").any() else {}
+
+
 def split_by_group(data: Trajectories, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, validation rows): per rollout policy (random, bootstrap-beneficial, bootstrap-harmful), a
     ``val_fraction`` share of its whole trajectories (at least one, never all) in a seeded hash order of the
