@@ -224,13 +224,16 @@ class InfluenceProfile:
     epochs: int = 10  # reference: 5
     trajectories_per_step: int = 4  # reference: 32, paper: 128
     evals_per_epoch: int = 1
-    val_fraction: float = 0.2  # share of trajectory groups held out per rollout family (paper: 1,000 of 20,000)
+    val_fraction: float = 0.2  # share of trajectories held out per rollout policy (paper: 1,000 of 20,000)
     seed: int = 1234
     max_tokens: int = 8192  # encoder tokens per forward pass
     torch_threads: int = 2
     bootstrap_per_tail: int = 5  # beams kept per tail (paper: 10,000)
     bootstrap_width: int = 5  # METHOD.bootstrap_width
     tail_check_trajectories: int = 2000  # random trajectories the T18 check compares the tails with
+    # influence_model_report's learning curve: shares of the training trajectories it trains extra final and
+    # individual models on (the 100% point is the trained model itself); () reports the 100% point alone
+    learning_curve_fractions: tuple[float, ...] = (0.25, 0.5)
 
     def __post_init__(self) -> None:
         _optional_at_least("influence", 1, encoder_layers=self.encoder_layers)
@@ -245,6 +248,10 @@ class InfluenceProfile:
         _in_range("influence.val_fraction", self.val_fraction, 0, 1, "left")
         _positive("influence", lr=self.lr)
         _non_negative("influence", weight_decay=self.weight_decay)
+        for fraction in self.learning_curve_fractions:
+            _in_range("influence.learning_curve_fractions", fraction, 0, 1, "neither")
+        if len(set(self.learning_curve_fractions)) != len(self.learning_curve_fractions):
+            raise ValueError(f"influence.learning_curve_fractions repeat: {self.learning_curve_fractions}")
 
 
 @dataclass(frozen=True)
@@ -260,12 +267,15 @@ class SelectionProfile:
     max_points_per_centroid: int = 256  # k-means trains on at most this many points per centroid
     cluster_ranges: int = 1  # partitions of the selection; each selects a contiguous range of cluster ids
     predict_batch_docs: int = 256  # documents per embedding batch (tokens per forward: influence.max_tokens)
-    random_seed: int = 0  # the random-selection baseline
+    random_seed: int = 0  # the random-selection baseline (and the Gumbel noise of MATES' sampling)
+    mates_temperature: float = 0.0  # MATES baseline: 0 deterministic top-k; > 0 MATES' Gumbel-top-k at this
+    # temperature (pred / temperature + Gumbel noise, the k smallest)
     torch_threads: int = 2
 
     def __post_init__(self) -> None:
         _in_range("selection.ratio", self.ratio, 0, 1)
         _one_of("selection.budget_rounding", self.budget_rounding, ("floor", "ceil"))
+        _non_negative("selection", mates_temperature=self.mates_temperature)
         _at_least("selection", 1, mean_cluster_size=self.mean_cluster_size, kmeans_iterations=self.kmeans_iterations,
                   max_points_per_centroid=self.max_points_per_centroid, cluster_ranges=self.cluster_ranges,
                   predict_batch_docs=self.predict_batch_docs, torch_threads=self.torch_threads)
@@ -426,7 +436,8 @@ PROFILES: dict[str, Profile] = {
         oracle=OracleProfile(reference_size=16, probe_pool_size=64, blocks=2, trajectories_per_block=3, workers=2,
                              bootstrap_blocks=2),
         influence=InfluenceProfile(chunk_len=16, chunks=2, encoder_layers=2, epochs=2, trajectories_per_step=2,
-                                   val_fraction=0.34, bootstrap_per_tail=2, tail_check_trajectories=200),
+                                   val_fraction=0.34, bootstrap_per_tail=2, tail_check_trajectories=200,
+                                   learning_curve_fractions=(0.5,)),
         selection=SelectionProfile(mean_cluster_size=200, kmeans_iterations=10, cluster_ranges=2),
         pretrain=PretrainProfile(seeds=2, checkpoint_every=5),
         evaluation=EvalProfile(tasks=("arc_easy", "arc_challenge", "copa", "openbookqa"), limit_per_task=4,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from groupmates_assets.lib.influence import bootstrap as boot
+from groupmates_assets.lib.influence import training as tr
 
 pytestmark = pytest.mark.unit
 
@@ -116,3 +117,23 @@ def test_random_score_histogram_spans_the_beams_and_counts_every_trajectory():
     assert edges[0] <= scores.min() and edges[-1] >= scores.max()
     assert sum(c > 0 for c in counts) > 1, "the random trajectories must be different samples, not one repeated"
     assert boot.random_score_histogram(h, u, 0.5, 2.0, beams, length=4, seed=7) == (edges, counts)  # seeded
+
+
+def test_validation_split_holds_out_whole_bootstrap_trajectories_from_both_tails():
+    """method.md 3.5: the split is over trajectories. The tails' beams share their roots, so a split by root held
+    out one root's beams: one tail only. Per tail, a share of whole trajectories goes to validation instead."""
+    h, u = _pool()
+    beams = boot.search_tails(h, u, 1.0, 1.0, length=6, width=5, keep=10)
+    table = boot.trajectories_table(beams, 10, [f"c{i}" for i in range(len(u))])
+    assert all(len(set(beams[tail].indices[:, 0])) <= 2 for tail in boot.TAILS)  # ten beams, at most two roots
+    data = tr.Trajectories(np.array(table.column("context_index").to_pylist()), np.zeros((20, 6)),
+                           np.array(table.column("policy").to_pylist(), dtype=object),
+                           np.array(table.column("row").to_pylist()))
+    train, val = tr.split_by_group(data, 0.3, seed=5)
+    assert sorted(data.policy[val]) == ["bootstrap-beneficial"] * 3 + ["bootstrap-harmful"] * 3
+    assert set(data.policy[train]) == {"bootstrap-beneficial", "bootstrap-harmful"}
+    assert set(train).isdisjoint(val) and sorted([*train, *val]) == list(range(20))
+    assert all(np.array_equal(a, b) for a, b in zip((train, val), tr.split_by_group(data, 0.3, seed=5), strict=True))
+    reversed_rows = np.arange(20)[::-1]
+    _, val_reversed = tr.split_by_group(data.subset(reversed_rows), 0.3, seed=5)
+    assert sorted(reversed_rows[val_reversed]) == val.tolist()  # the same trajectories, whatever the row order

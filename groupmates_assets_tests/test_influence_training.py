@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from groupmates_assets.lib.influence import encoder as enc
+from groupmates_assets.lib.influence import learning_curve as lc
 from groupmates_assets.lib.influence import model as im
 from groupmates_assets.lib.influence import training as tr
 
@@ -20,23 +21,42 @@ def _trajectories(policies, contexts, labels=None):
     return tr.Trajectories(contexts, labels, np.array(policies, dtype=object), np.arange(len(contexts)))
 
 
-def test_bootstrap_beams_sharing_a_root_stay_on_one_side_and_random_split_is_stable():
+def test_split_holds_out_whole_trajectories_of_every_policy_and_random_split_is_stable():
     rng = np.random.default_rng(0)
     random_rows = [rng.choice(100, 10, replace=False) for _ in range(20)]
-    roots = [5, 5, 5, 9, 9, 17, 17, 17, 23, 23]
-    bootstrap_rows = [[r, *rng.choice(np.setdiff1d(np.arange(100), [r]), 9, replace=False)] for r in roots]
+    bootstrap_rows = [[r, *rng.choice(np.setdiff1d(np.arange(100), [r]), 9, replace=False)] for r in [5] * 5 + [9] * 5]
     only_random = _trajectories(["random"] * 20, random_rows)
     both = _trajectories(["random"] * 20 + ["bootstrap-beneficial"] * 5 + ["bootstrap-harmful"] * 5,
                          random_rows + bootstrap_rows)
     train, val = tr.split_by_group(both, 0.25, seed=7)
     assert set(train).isdisjoint(val) and len(train) + len(val) == len(both)
-    side = {}
-    for row in range(20, 30):
-        root = both.contexts[row, 0]
-        assert side.setdefault(root, row in val) == (row in val)
+    assert [int((both.policy[val] == p).sum()) for p in ("random", "bootstrap-beneficial", "bootstrap-harmful")] \
+        == [5, 1, 1]  # round(0.25 x 20) and at least one of each tail
     _, val_random_only = tr.split_by_group(only_random, 0.25, seed=7)
-    assert np.array_equal(val[val < 20], val_random_only)
-    assert 0 < len(val_random_only) < 20
+    assert np.array_equal(val[val < 20], val_random_only)  # the random held-out set ignores the bootstrap data
+    assert not np.array_equal(val_random_only, tr.split_by_group(only_random, 0.25, seed=8)[1])  # seeded
+    assert len(tr.split_by_group(both, 0.0, seed=7)[1]) == 0
+    assert tr.split_fingerprint(only_random) == {}  # a random-only model keeps its fingerprint
+    assert tr.split_fingerprint(both) == {"bootstrap_split": tr.BOOTSTRAP_SPLIT}
+
+
+def test_learning_curve_subsets_are_nested_seeded_and_keep_every_policy():
+    data = _trajectories(["random"] * 40 + ["bootstrap-beneficial"] * 8 + ["bootstrap-harmful"] * 8,
+                         np.zeros((56, 3), dtype=np.int64))
+    train, val = tr.split_by_group(data, 0.25, seed=0)
+    subsets = lc.nested_subsets(data, train, [0.5, 0.25], seed=3)
+    assert list(subsets) == [0.25, 0.5]
+    assert set(subsets[0.25]) < set(subsets[0.5]) < set(train) and set(subsets[0.5]).isdisjoint(val)
+    for fraction, rows in subsets.items():
+        for policy in set(data.policy):
+            in_train = int((data.policy[train] == policy).sum())
+            assert int((data.policy[rows] == policy).sum()) == max(1, round(fraction * in_train))
+    again = lc.nested_subsets(data, train[::-1], [0.25, 0.5], seed=3)
+    assert all(np.array_equal(subsets[f], again[f]) for f in subsets)  # seeded, independent of the row order
+    assert not np.array_equal(subsets[0.5], lc.nested_subsets(data, train, [0.5], seed=4)[0.5])
+    for bad in ([1.0], [0.0], [0.5, 0.5]):
+        with pytest.raises(ValueError, match="learning-curve fractions"):
+            lc.nested_subsets(data, train, bad, seed=3)
 
 
 def test_spearman_and_pearson_match_known_values():
@@ -110,6 +130,32 @@ def test_t6_the_trainers_optimizer_holds_alpha_and_tau_and_moves_them(planted, m
     monkeypatch.setattr(tr, "_optimizer", lambda model, settings: torch.optim.AdamW(
         [p for name, p in model.named_parameters() if name not in ("alpha", "tau")], lr=settings.lr))
     assert _alpha_tau_trained(source, docs, data) == (False, False)
+
+
+def test_learning_curve_trains_fresh_models_on_subsets_and_reuses_the_trained_one_at_full(planted):
+    source, docs, data = planted
+    train, val = tr.split_by_group(data, 0.25, seed=0)
+    settings = tr.TrainSettings(lr=1e-3, epochs=2, trajectories_per_step=8, warmup_steps=1, seed=0)
+    built = []
+
+    def new_model():
+        built.append(im.build_model(source, im.InfluenceModelConfig(chunk_len=16, chunks=2, encoder_layers=1), seed=0))
+        return built[-1]
+
+    trained = {"all_val": {"spearman": 0.125, "mse": 0.5}, "random_val": {"spearman": 0.25}}
+    points = lc.learning_curve(new_model, docs, data, train, val, [0.5, 0.25], settings, trained)
+    assert [p["fraction"] for p in points] == [0.25, 0.5, 1.0] and len(built) == 2  # nothing trained at 100%
+    assert [p["trajectories"] for p in points] == [round(0.25 * len(train)), round(0.5 * len(train)), len(train)]
+    assert points[-1]["all_val"] is trained["all_val"] and points[-1]["retrained"] is False
+    subsets = lc.nested_subsets(data, train, [0.25, 0.5], seed=0)
+    for model, point, rows in zip(built, points[:2], subsets.values(), strict=True):
+        assert model.config.label_mean == pytest.approx(data.labels[rows].mean())  # trained on its subset only
+        assert point["all_val"] == tr.evaluate(model, docs, data, val)  # scored on the fixed validation split
+        assert point["random_val"] == point["all_val"]  # every trajectory here is a random one
+    lines = lc.curves_markdown({"influence_model_final": points}).splitlines()
+    assert len(lines) == 5 and lines[-1] == (f"| influence_model_final | 100% | {len(train)} | 0.1250 | 0.2500 | "
+                                             "0.5000 | 0.0 |")
+    assert lc.curves_png({"influence_model_final": points}).startswith(b"\x89PNG")
 
 
 def test_empty_training_split_is_a_clear_error(planted):

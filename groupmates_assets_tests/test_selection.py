@@ -168,6 +168,40 @@ def test_baselines():
     assert len(set(picked)) == 10 and np.array_equal(picked, sel.random_subset(100, 10, seed=3))
 
 
+def test_gumbel_top_k_is_seeded_picks_k_distinct_and_spans_top_k_to_uniform():
+    scores = np.random.default_rng(0).permutation(200).astype(np.float64)  # gaps of 1: no ties
+    top = sel.top_k(scores, 20, lowest=True)
+    sampled = sel.gumbel_top_k(scores, 20, temperature=5.0, seed=1)
+    assert len(sampled) == len(set(sampled.tolist())) == 20
+    assert np.array_equal(sampled, sel.gumbel_top_k(scores, 20, temperature=5.0, seed=1))
+    assert not np.array_equal(sampled, sel.gumbel_top_k(scores, 20, temperature=5.0, seed=2))
+    assert np.array_equal(sel.gumbel_top_k(scores, 20, temperature=0.0, seed=1), top)
+    assert np.array_equal(sel.gumbel_top_k(scores, 20, temperature=1e-9, seed=1), top)  # the limit T -> 0
+    hot = sel.gumbel_top_k(scores, 20, temperature=1e4, seed=1)
+    assert len(set(hot.tolist()) & set(top.tolist())) < 10  # nearly uniform: top-k's 20 are not what it picks
+    assert scores[sampled].mean() < scores[hot].mean()  # a moderate temperature still favours low scores
+    assert np.array_equal(sel.gumbel_top_k(-scores, 20, 1e-9, seed=1, lowest=False), sel.top_k(-scores, 20, False))
+    with pytest.raises(ValueError, match="temperature"):
+        sel.gumbel_top_k(scores, 20, temperature=-1.0, seed=1)
+
+
+def test_mates_baseline_samples_by_gumbel_top_k_only_when_asked():
+    rng = np.random.default_rng(4)
+    ids = [f"d{i:03d}" for i in range(100)]
+    table = pa.table({"doc_id": ids, "u_individual": pa.array(rng.normal(size=100), pa.float32())})
+    pool = sel.scored_pool({"s": table}, "u_individual")
+    shuffled = sel.scored_pool({"s": table.take(rng.permutation(100))}, "u_individual")
+    mates, fasttext = sel.SELECTION_METHODS["mates"], sel.SELECTION_METHODS["fasttext"]
+    deterministic = sel.select_baseline(mates, pool, 30, seed=0)
+    assert np.array_equal(deterministic, sel.top_k(pool.scores, 30, lowest=True))  # the default: top-k
+    sampled = sel.select_baseline(mates, pool, 30, seed=0, temperature=1.0)
+    assert len(set(sampled.tolist())) == 30 and set(sampled.tolist()) != set(deterministic.tolist())
+    assert [pool.doc_ids[i] for i in sampled] == [shuffled.doc_ids[i] for i in sel.select_baseline(
+        mates, shuffled, 30, seed=0, temperature=1.0)]  # the noise follows doc_id, not the input order
+    with pytest.raises(ValueError, match="no sampling temperature"):
+        sel.select_baseline(fasttext, pool, 30, seed=0, temperature=1.0)
+
+
 def test_range_keys_split_the_cluster_ids_without_gaps():
     for ranges, k in ((1, 5), (3, 10), (4, 2), (7, 7)):
         bounds = [sel.range_bounds(key, k) for key in selection_range_keys(ranges)]

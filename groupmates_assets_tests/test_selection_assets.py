@@ -136,3 +136,14 @@ def test_t17_index_round_trip_fires_on_misaligned_embeddings_and_missing_ids(set
     assert not passed and found["text_hash_mismatches"] == 5 * len(SELECTION_METHODS)
     passed, found = round_trip(hashes, [*ids[:4], make_doc_id("web-a", 999, "never in the pool")])
     assert not passed and found == {"ids_not_found": len(SELECTION_METHODS), "text_hash_mismatches": 0}
+
+
+def test_mates_temperature_samples_only_the_mates_baseline_and_versions_its_path():
+    settings = settings_module.SelectionProfile(mates_temperature=0.5)
+    mates, random = SELECTION_METHODS["mates"], SELECTION_METHODS["random"]
+    assert sa.baseline_temperature(mates, settings) == 0.5 and sa.baseline_temperature(random, settings) == 0.0
+    assert sa.baseline_temperature(mates, settings_module.SelectionProfile()) == 0.0  # default: top-k
+    assert sa.baseline_path("fp", "mates", 0, 0.5) != sa.baseline_path("fp", "mates", 0, 0.0)
+    assert sa.baseline_path("fp", "mates", 0, 0.0) == sa.baseline_path("fp", "mates", 0)  # top-k paths unchanged
+    with pytest.raises(ValueError, match=r"selection\.mates_temperature"):
+        settings_module.SelectionProfile(mates_temperature=-0.1)

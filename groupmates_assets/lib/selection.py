@@ -228,6 +228,20 @@ def top_k(scores: np.ndarray, budget: int, lowest: bool) -> np.ndarray:
     return np.argsort(key, kind="stable")[:budget]
 
 
+def gumbel_top_k(scores: np.ndarray, budget: int, temperature: float, seed: int, lowest: bool = True) -> np.ndarray:
+    """MATES' Gumbel-top-k: the ``budget`` best of ``scores / temperature`` plus seeded standard Gumbel noise (the k
+    smallest, as MATES' ``select_data.py``), a sample without replacement that still favours the best scores, so
+    the selection is not one narrow slice of the pool. Computed as ``scores + temperature * noise``, the same
+    order, so temperature 0 is :func:`top_k` exactly and a large one approaches a uniform sample."""
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"the Gumbel-top-k temperature must be a finite number >= 0, got {temperature!r}")
+    if temperature == 0:
+        return top_k(scores, budget, lowest)
+    noise = np.random.default_rng(seed).gumbel(size=len(scores))
+    sign = 1.0 if lowest else -1.0
+    return top_k(np.asarray(scores, dtype=np.float64) + sign * temperature * noise, budget, lowest)
+
+
 def random_subset(count: int, budget: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=budget, replace=False))
 
@@ -360,15 +374,15 @@ def check_range(candidates: Candidates, result: ClusterSelection, budgets: np.nd
 # --------------------------------------------------------------------------------- methods and baselines
 
 
-def _pick_random(scores: np.ndarray, budget: int, seed: int) -> np.ndarray:
+def _pick_random(scores: np.ndarray, budget: int, seed: int, temperature: float) -> np.ndarray:
     return random_subset(len(scores), budget, seed)
 
 
-def _pick_lowest(scores: np.ndarray, budget: int, seed: int) -> np.ndarray:
-    return top_k(scores, budget, lowest=True)
+def _pick_lowest(scores: np.ndarray, budget: int, seed: int, temperature: float) -> np.ndarray:
+    return gumbel_top_k(scores, budget, temperature, seed, lowest=True)
 
 
-def _pick_highest(scores: np.ndarray, budget: int, seed: int) -> np.ndarray:
+def _pick_highest(scores: np.ndarray, budget: int, seed: int, temperature: float) -> np.ndarray:
     return top_k(scores, budget, lowest=False)
 
 
@@ -384,7 +398,9 @@ class SelectionMethod:
     score_asset: str | None = None  # where the score column is: "pool_predictions" or "filtered_pool_shard"
     score_column: str | None = None
     ranked: bool = True  # False: not ranked by the score, which is only reported (seeded uniform sample)
-    pick: Callable[[np.ndarray, int, int], np.ndarray] | None = None  # (scores in doc_id order, budget, seed)
+    # (scores in doc_id order, budget, seed, temperature) -> rows in selection order
+    pick: Callable[[np.ndarray, int, int, float], np.ndarray] | None = None
+    temperature_setting: str | None = None  # the selection profile field with its Gumbel-top-k temperature
 
     @property
     def is_baseline(self) -> bool:
@@ -415,8 +431,10 @@ register_method(SelectionMethod(
     score_asset="pool_predictions", score_column="u_individual", ranked=False, pick=_pick_random))
 register_method(SelectionMethod(
     "mates", "selected_mates", "Baseline (MATES): the documents with the most beneficial individual influence "
-    "(lowest u of the individual model), Group-MATES' budget.",
-    score_asset="pool_predictions", score_column="u_individual", pick=_pick_lowest))
+    "(lowest u of the individual model), Group-MATES' budget; with selection.mates_temperature > 0, MATES' "
+    "Gumbel-top-k sampling at that temperature instead of the deterministic top-k.",
+    score_asset="pool_predictions", score_column="u_individual", pick=_pick_lowest,
+    temperature_setting="mates_temperature"))
 register_method(SelectionMethod(
     "fasttext", "selected_fasttext", "Baseline: the documents with the highest fastText quality score, "
     "Group-MATES' budget.",
@@ -441,13 +459,16 @@ def scored_pool(tables: dict[str, pa.Table], score_column: str) -> ScoredPool:
         scores=np.concatenate([tables[k].column(score_column).to_numpy() for k in keys]) if keys else np.zeros(0))
 
 
-def select_baseline(method: SelectionMethod, pool: ScoredPool, budget: int, seed: int) -> np.ndarray:
-    """Rows of ``pool`` a baseline picks, in selection order; ties (and the random draw) by doc_id, not by input
-    order."""
+def select_baseline(method: SelectionMethod, pool: ScoredPool, budget: int, seed: int,
+                    temperature: float = 0.0) -> np.ndarray:
+    """Rows of ``pool`` a baseline picks, in selection order; ties (and the random draws) by doc_id, not by input
+    order. ``temperature`` > 0 samples by Gumbel-top-k where the method supports it (MATES)."""
     if method.pick is None:
         raise ValueError(f"{method.name} is not a baseline")
+    if temperature and not method.temperature_setting:
+        raise ValueError(f"{method.name} has no sampling temperature, got {temperature}")
     order = np.argsort(np.array(pool.doc_ids, dtype=object), kind="stable")
-    return order[method.pick(pool.scores[order], budget, seed)]
+    return order[method.pick(pool.scores[order], budget, seed, temperature)]
 
 
 def baseline_table(method: SelectionMethod, pool: ScoredPool, rows: np.ndarray) -> pa.Table:

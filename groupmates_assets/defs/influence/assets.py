@@ -19,6 +19,7 @@ from groupmates_assets.lib import layout, lm, plots
 from groupmates_assets.lib import tokenization as tk
 from groupmates_assets.lib.influence import bootstrap as boot
 from groupmates_assets.lib.influence import encoder as enc
+from groupmates_assets.lib.influence import learning_curve as lc
 from groupmates_assets.lib.influence import model as im
 from groupmates_assets.lib.influence import training as tr
 from groupmates_assets.lib.jsonsafe import finite
@@ -85,7 +86,8 @@ def train_influence_asset(context: dg.AssetExecutionContext, platform: PlatformR
     train_rows, val_rows = tr.split_by_group(data, influence.val_fraction, influence.seed)
     config = model_config(influence, source, relational)
     model_fp = layout.fingerprint(kind=kind, oracle=oracle_fingerprints, pool=pool_sha, config=asdict(config),
-                                  train=asdict(train_settings(influence)), val_fraction=influence.val_fraction)
+                                  train=asdict(train_settings(influence)), val_fraction=influence.val_fraction,
+                                  **tr.split_fingerprint(data))
     device = str(lm.default_device())
     context.log.info(f"{kind}: {len(train_rows)} training and {len(val_rows)} validation trajectories "
                      f"({', '.join(sorted(set(data.policy)))}); encoder {source.name} on {device}")
@@ -249,7 +251,7 @@ def oracle_bootstrap(context: dg.AssetExecutionContext, platform: PlatformResour
 
 @gpu_asset(
     group_name="influence",
-    code_version="influence-model-v2",
+    code_version="influence-model-v3",
     deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},
@@ -268,7 +270,7 @@ def oracle_union(platform: PlatformResource) -> list[tuple[str, list[str], str]]
 
 @gpu_asset(
     group_name="influence",
-    code_version="individual-model-v2",
+    code_version="individual-model-v3",
     deps=[dg.AssetDep("oracle_random", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep(oracle_bootstrap, partition_mapping=dg.AllPartitionMapping()), "probe_pool"],
     kinds={"pytorch", "safetensors"},
@@ -282,13 +284,15 @@ def individual_influence_model(context: dg.AssetExecutionContext, platform: Plat
 
 @gpu_asset(
     group_name="influence",
-    code_version="influence-report-v1",
+    code_version="influence-report-v2",
     deps=[influence_model_init, influence_model_final, individual_influence_model],
     kinds={"pytorch"},
 )
 def influence_model_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     """The three influence models side by side on the same held-out trajectories: the random-rollout validation set
-    (shared by all three) and the final model's whole validation set."""
+    (shared by all three) and the final model's whole validation set; and a learning curve of the final and the
+    individual model against the share of oracle trajectories trained on (``influence.learning_curve_fractions``
+    plus the trained models at 100%)."""
     storage, settings = platform.storage(), platform.settings(alone=True)
     influence = settings.influence
     torch.set_num_threads(influence.torch_threads)
@@ -296,9 +300,9 @@ def influence_model_report(context: dg.AssetExecutionContext, platform: Platform
     for root_dir, keys, asset_name in oracle_union(platform):
         tables += read_oracle_blocks(storage, root_dir, keys, asset_name)[0]
     data = tr.Trajectories.from_tables(tables)
-    _, val_rows = tr.split_by_group(data, influence.val_fraction, influence.seed)
+    train_rows, val_rows = tr.split_by_group(data, influence.val_fraction, influence.seed)
     random_val = val_rows[data.family()[val_rows] == "random"]
-    docs, _, _ = probe_documents(storage, settings)
+    docs, source, _ = probe_documents(storage, settings)
     summary = {}
     for kind in ("init", "final", "individual"):
         with im.local_model_dir(storage, layout.current_model(storage, kind)["path"]) as local:
@@ -308,11 +312,40 @@ def influence_model_report(context: dg.AssetExecutionContext, platform: Platform
         alpha, tau = model.alpha_tau()
         summary[kind] = {"random_val": on_random, "all_val": on_all, "alpha": alpha, "tau": tau}
     table = tr.comparison_markdown({layout.ASSET_OF_KIND[kind]: result for kind, result in summary.items()})
-    storage.write_json(layout.INFLUENCE_REPORT, finite(summary))
     context.log.info("influence models on held-out trajectories:\n" + table)
+    started = time.perf_counter()
+    curves = {layout.ASSET_OF_KIND[kind]: _learning_curve(context, influence, source, docs, data, train_rows, val_rows,
+                                                          kind, summary[kind]) for kind in ("final", "individual")}
+    curve_seconds = time.perf_counter() - started
+    storage.write_json(layout.INFLUENCE_REPORT, finite({**summary, "learning_curves": curves}))
+    curve_table = lc.curves_markdown(curves)
+    context.log.info("learning curves:\n" + curve_table)
+    curve_png = plots.png_markdown(lc.curves_png(curves), "validation Spearman against oracle trajectories")
     return dg.MaterializeResult(metadata={
         "comparison": dg.MetadataValue.md(table),
         "random_heldout_trajectories": len(random_val), "all_heldout_trajectories": len(val_rows),
         **finite({f"{kind}_spearman_random_heldout": summary[kind]["random_val"].get("spearman") for kind in summary}),
         **finite({f"{kind}_spearman_all_heldout": summary[kind]["all_val"].get("spearman") for kind in summary}),
+        "learning_curves": dg.MetadataValue.md(
+            f"{curve_png}\n\nEvery point scored on the same {len(val_rows)} held-out trajectories ({len(random_val)} "
+            f"random); below 100% a fresh model on a nested, seeded share of the training trajectories.\n\n"
+            + curve_table),
+        "learning_curve_fractions": dg.MetadataValue.json([p["fraction"] for p in curves["influence_model_final"]]),
+        "learning_curve_seconds": round(curve_seconds, 1),
     })
+
+
+def _learning_curve(context: dg.AssetExecutionContext, influence: InfluenceProfile, source: enc.EncoderSource,
+                    docs: enc.ChunkedDocuments, data: tr.Trajectories, train_rows: np.ndarray, val_rows: np.ndarray,
+                    kind: str, trained: dict) -> list[dict]:
+    """One model kind's learning curve: fresh models as the stored one was built, its own scores at 100%. Each model
+    gets a config of its own: training writes its label statistics there."""
+    device = lm.default_device()
+
+    def new_model() -> im.InfluenceModel:
+        config = model_config(influence, source, relational=kind != "individual")
+        return im.build_model(source, config, seed=influence.seed).to(device)
+
+    return lc.learning_curve(new_model, docs, data, train_rows, val_rows, influence.learning_curve_fractions,
+                             train_settings(influence), trained,
+                             log=lambda line: context.log.info(f"{kind} learning curve: {line}"))

@@ -58,10 +58,18 @@ def range_selection_path(selection_fp: str, range_key: str) -> str:
     return f"{layout.SELECTIONS_DIR}/group_mates/{selection_fp}/{range_key}.parquet"
 
 
-def baseline_path(selection_fp: str, method: str, seed: int) -> str:
-    """A baseline's selection, versioned by Group-MATES' (whose budget it takes) and its seed."""
-    return f"{layout.SELECTIONS_DIR}/{method}/{layout.fingerprint(selection=selection_fp, method=method, seed=seed)}" \
-        "/selected.parquet"
+def baseline_temperature(method: sel.SelectionMethod, settings: SelectionProfile) -> float:
+    """The baseline's Gumbel-top-k temperature from the profile (MATES: ``selection.mates_temperature``); 0, the
+    deterministic top-k, for a method without one."""
+    return float(getattr(settings, method.temperature_setting)) if method.temperature_setting else 0.0
+
+
+def baseline_path(selection_fp: str, method: str, seed: int, temperature: float = 0.0) -> str:
+    """A baseline's selection, versioned by Group-MATES' (whose budget it takes), its seed and, when it samples,
+    its Gumbel-top-k temperature."""
+    sampling = {"temperature": temperature} if temperature else {}
+    fingerprint = layout.fingerprint(selection=selection_fp, method=method, seed=seed, **sampling)
+    return f"{layout.SELECTIONS_DIR}/{method}/{fingerprint}/selected.parquet"
 
 
 # ---------------------------------------------------------------------------------------------- predictions
@@ -339,14 +347,17 @@ def _baseline(platform: PlatformResource, name: str) -> dg.MaterializeResult:
     sizes = sel.cluster_sizes(list(read_assignments(storage, keys).values()), k)
     budget = sel.total_budget(sizes, settings.ratio, settings.budget_rounding)
     pool = sel.scored_pool(_score_tables(storage, keys, method), method.score_column)
-    rows = sel.select_baseline(method, pool, budget, settings.random_seed)
+    temperature = baseline_temperature(method, settings)
+    rows = sel.select_baseline(method, pool, budget, settings.random_seed, temperature)
     out = sel.baseline_table(method, pool, rows)
-    info = storage.write_parquet(baseline_path(selection_fingerprint(storage, settings), name, settings.random_seed),
-                                 out)
+    info = storage.write_parquet(baseline_path(selection_fingerprint(storage, settings), name, settings.random_seed,
+                                               temperature), out)
     scores = pool.scores
     return dg.MaterializeResult(
         metadata={"dagster/row_count": out.num_rows, "selected": out.num_rows, "pool": len(pool.doc_ids),
                   "budget": budget, "score": method.score_column if method.ranked else "none (seeded uniform)",
+                  "pick": f"Gumbel-top-k, temperature {temperature:g}" if temperature else
+                  ("top-k" if method.ranked else "seeded uniform"),
                   "mean_score_selected": finite(float(scores[rows].mean())) if len(rows) else None,
                   "mean_score_pool": finite(float(scores.mean())) if len(scores) else None,
                   "sha256": info.sha256, "path": dg.MetadataValue.path(info.path)},
@@ -386,7 +397,7 @@ def selection_tables(storage: Storage, settings: SelectionProfile, ranges: int) 
     layout.require_files(storage, paths, "selected_documents")
     out = {"group_mates": pa.concat_tables([storage.read_parquet(p) for p in paths.values()])}
     for method in sel.baseline_methods():
-        path = baseline_path(fp, method.name, settings.random_seed)
+        path = baseline_path(fp, method.name, settings.random_seed, baseline_temperature(method, settings))
         if not storage.exists(path):
             raise FileNotFoundError(f"no current selection for {method.name}; materialize {method.asset} first")
         out[method.name] = storage.read_parquet(path)

@@ -1,11 +1,11 @@
 """Training the influence model on oracle trajectories (method.md 3.5, with the 7.2 fixes).
 
 MSE on z-scored marginal labels; the z statistics come from the training split only (the reference computed
-them over everything, leaking validation into training). The validation split is by trajectory, and
-bootstrap trajectories that share a prefix (they all descend from a few beam roots) stay on one side, so
-validation never scores a prefix the model trained on. The split of each rollout family depends only on its
-own trajectories, so the random-rollout validation set is the same for the initial and the final model and
-their metrics are comparable. Model selection by validation Spearman, as the paper.
+them over everything, leaking validation into training). The validation split holds out whole trajectories of
+every rollout policy, as the reference's split over trajectories does: random ones and both bootstrap tails,
+so validation scores the beneficial and the harmful tail alike. The split of each policy depends only on its own
+trajectories, so the random-rollout validation set is the same for the initial and the final model and their
+metrics are comparable. Model selection by validation Spearman, as the paper.
 """
 
 from __future__ import annotations
@@ -58,28 +58,38 @@ class Trajectories:
     def family(self) -> np.ndarray:
         return np.array([str(p).split("-", 1)[0] for p in self.policy], dtype=object)
 
-    def group_keys(self) -> list[str]:
-        """Random trajectories stand alone; bootstrap ones are grouped by their first context (the beam root):
-        two beams sharing any prefix share its first element."""
-        return [f"random:{tid}" if fam == "random" else f"{fam}:{first}"
-                for fam, tid, first in zip(self.family(), self.trajectory_id, self.contexts[:, 0], strict=True)]
+
+def hash_order(rows: np.ndarray, keys: Sequence[str], seed: int) -> np.ndarray:
+    """``rows`` sorted by a seeded hash of their keys: a shuffle that does not depend on the input order."""
+    digests = [hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest() for key in keys]
+    return rows[sorted(range(len(rows)), key=digests.__getitem__)]
+
+
+# Bootstrap trajectories were once split by beam root; random ones are split as they always were.
+BOOTSTRAP_SPLIT = "whole-trajectories-per-tail"
+
+
+def split_fingerprint(data: Trajectories) -> dict[str, str]:
+    """What a model's fingerprint records of the split: the bootstrap split scheme when there are bootstrap
+    trajectories, nothing otherwise (so a random-only model keeps its fingerprint)."""
+    return {"bootstrap_split": BOOTSTRAP_SPLIT} if (data.family() == "bootstrap").any() else {}
 
 
 def split_by_group(data: Trajectories, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, validation rows): per rollout family, whole groups in a seeded hash order."""
+    """(train rows, validation rows): per rollout policy (random, bootstrap-beneficial, bootstrap-harmful), a
+    ``val_fraction`` share of its whole trajectories (at least one, never all) in a seeded hash order of the
+    trajectory ids. Bootstrap beams of a tail often share a prefix, so the bootstrap validation trajectories can
+    share one with training ones, as in the reference's split; random trajectories are independent draws."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    keys, families = data.group_keys(), data.family()
-    val_rows: list[int] = []
-    for family in sorted(set(families)):
-        groups = sorted({k for k, f in zip(keys, families, strict=True) if f == family},
-                        key=lambda k: hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest())
-        n_val = min(len(groups) - 1, max(1, round(val_fraction * len(groups)))) if val_fraction > 0 else 0
-        chosen = set(groups[:max(n_val, 0)])
-        val_rows += [i for i, k in enumerate(keys) if k in chosen]
-    val = np.array(sorted(val_rows), dtype=np.int64)
-    train = np.setdiff1d(np.arange(len(data)), val)
-    return train, val
+    val_rows: list[np.ndarray] = []
+    for policy in sorted(set(data.policy)):
+        rows = np.flatnonzero(data.policy == policy)
+        ordered = hash_order(rows, [f"{policy}:{tid}" for tid in data.trajectory_id[rows]], seed)
+        n_val = min(len(rows) - 1, max(1, round(val_fraction * len(rows)))) if val_fraction > 0 else 0
+        val_rows.append(ordered[:n_val])
+    val = np.sort(np.concatenate(val_rows)).astype(np.int64)
+    return np.setdiff1d(np.arange(len(data)), val), val
 
 
 # ------------------------------------------------------------------------------------------------ metrics
