@@ -42,7 +42,7 @@ def imports_in(source: str, package: str) -> set[str]:
 
 def test_the_stage_folders_are_the_known_stages():
     known = ["pool", "quality", "tokenize", "lm", "oracle", "influence", "selection", "corpus", "pretrain",
-             "evaluation", "report"]
+             "evaluation", "causal", "report"]
     assert sorted(known) == STAGES
 
 
