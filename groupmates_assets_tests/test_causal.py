@@ -14,9 +14,11 @@ from groupmates_assets.lib.contexts import PoolContexts, ShardContexts
 from groupmates_assets.lib.influence import encoder as enc
 from groupmates_assets.lib.influence import model as im
 from groupmates_assets.lib.influence import training as tr
+from groupmates_assets.settings import METHOD
 
 T = 4
 CONTEXT_LEN = 9
+METHOD_T = METHOD.trajectory_length
 
 
 def _tokens(first_value: int, rows: int, context_len: int = CONTEXT_LEN) -> np.ndarray:
@@ -225,3 +227,90 @@ def test_the_asset_reads_every_input_and_the_report_reads_it():
     assert {k.to_user_string() for k in node.parent_keys} == {
         "probe_checkpoint", "reference_set", "influence_model_final", "tokenized_corpus", "tokenized_pool_shard"}
     assert dg.AssetKey("selection_influence") in graph.get(dg.AssetKey("selection_report")).parent_keys
+
+
+# -- the asset, materialized with Dagster on hand-made upstream outputs ---------------------------------------------
+def _write_upstream(storage, tiny, tmp_path) -> None:
+    """What the upstream assets leave in storage: tokenized pool shards, two tokenized corpora, the probe
+    checkpoint, the reference set and a final influence model (each stage's own tests cover how they are made)."""
+    import shutil
+
+    from groupmates_assets.lib import layout
+    from groupmates_assets.lib import reference_set as ref_lib
+    from groupmates_assets.testing.pool_to_selection import save_influence_models, seed_influence_models
+
+    rng = np.random.default_rng(5)
+    context_len = lm.get_shape("tiny").seq_len + 1
+    for key in ("web-a", "web-b"):
+        info = storage.write_numpy(f"tokenized_pool/{key}/contexts.npy",
+                                   rng.integers(0, 512, size=(8, context_len)).astype(np.uint32))
+        storage.write_json(f"tokenized_pool/{key}/manifest.json", {"shard_key": key, "pad_context": 7,
+                                                                   "files": {"contexts": info.as_metadata()}})
+    storage.write_numpy("tokenized_pool/stale/contexts.npy", np.zeros((8, context_len), np.uint32))
+    for method in ("group_mates", "mates"):
+        out = f"{layout.corpus_dir(method)}/fp-{method}"
+        storage.write_numpy(f"{out}/contexts.npy", rng.integers(0, 512, size=(12, context_len)).astype(np.uint32))
+        storage.write_json(f"{out}/manifest.json", {"pad_context": 11})
+        layout.write_pointer(storage, layout.corpus_dir(method), {"fingerprint": f"fp-{method}", "path": out})
+    checkpoint = tiny["job"].checkpoint_dir
+    for name in layout.PROBE_CHECKPOINT_FILES:
+        storage.put_file(f"{checkpoint}/{name}", f"{layout.PROBE_CHECKPOINT_DIR}/{name}")
+    local = str(tmp_path / "reference.jsonl")
+    examples = tiny["examples"]
+    ref_lib.save_reference_set(ref_lib.ReferenceSet(examples, {"source": "test"}, ref_lib.reference_set_hash(examples)),
+                               local)
+    storage.put_file(local, layout.REFERENCE_FILE)
+    save_influence_models(tmp_path / "models")
+    seed_influence_models(storage, tmp_path / "models")
+    shutil.rmtree(tmp_path / "models")
+
+
+@pytest.mark.integration
+def test_the_asset_runs_end_to_end_resumes_and_reconciles(tiny, tmp_path, monkeypatch):
+    import dataclasses
+
+    from groupmates_assets import settings as settings_module
+    from groupmates_assets.defs.causal.assets import selection_influence
+    from groupmates_assets.defs.partitions import pool_shards
+    from groupmates_assets.defs.resources import PlatformResource
+    from groupmates_assets.lib import layout
+    from groupmates_assets.lib.storage import Storage
+    from groupmates_assets_tests.conftest import use_profile
+
+    base = settings_module.get_profile()
+    profile = dataclasses.replace(base, name="causal-test", lm=dataclasses.replace(base.lm, torch_threads=1),
+                                  causal=settings_module.CausalProfile(groups=2, methods=("group_mates", "mates"),
+                                                                       workers=1))
+    use_profile(monkeypatch, profile)
+    storage = Storage(str(tmp_path / "store"))
+    _write_upstream(storage, tiny, tmp_path)
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        instance.add_dynamic_partitions(pool_shards.name, ["web-a", "web-b"])
+        platform = PlatformResource(storage_root=storage.root, profile=profile.name)
+
+        def materialize() -> dict:
+            result = dg.materialize([selection_influence], instance=instance, resources={"platform": platform})
+            return result.asset_materializations_for_node("selection_influence")[0].metadata
+
+        first = materialize()
+        result = storage.read_json(layout.current_causal(storage)["path"])
+        assert result["order"] == [causal.POOL, "group_mates", "mates"]
+        assert sorted(result["sets"]) == sorted(result["order"])
+        for name, entry in result["sets"].items():
+            assert len(entry["actual"]) == len(entry["predicted"]) == 2, name
+            assert np.isfinite(entry["actual"]).all() and np.isfinite(entry["predicted"]).all()
+            ids = [i for group in entry["context_ids"] for i in group]
+            assert len(ids) == 2 * METHOD_T
+            if name == causal.POOL:
+                assert all(i.split(":")[0] in ("web-a", "web-b") and not i.endswith(":7") for i in ids)
+            else:
+                assert all(i.startswith(f"{name}:fp-{name}:") and not i.endswith(":11") for i in ids)
+        assert first["computed_groups"].value == 6 and first["groups_per_set"].value == 2
+        assert "minus random groups" in first["table"].value
+        # a rerun recomputes nothing and gives the same result; a lost set is recomputed alone
+        assert materialize()["computed_groups"].value == 0
+        assert storage.read_json(layout.current_causal(storage)["path"]) == result
+        storage.remove(f"{layout.CAUSAL_DIR}/{result['fingerprint']}/actual-mates.json")
+        assert materialize()["computed_groups"].value == 2
+        assert storage.read_json(layout.current_causal(storage)["path"]) == result

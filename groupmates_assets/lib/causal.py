@@ -234,7 +234,8 @@ def to_markdown(result: dict) -> str:
     summary = result["summary"]
     lines = ["| method | groups | mean actual change | minus random groups [95% interval] | Spearman(pred, actual) |",
              "|---|---:|---:|---|---:|"]
-    for name, row in summary["sets"].items():
+    for name in result.get("order") or list(summary["sets"]):  # JSON files keep keys sorted; ``order`` is the plan's
+        row = summary["sets"][name]
         diff = row.get("minus_baseline")
         interval = "(baseline)" if diff is None else (
             f"{_number(diff['estimate'])} [{_number(diff['low'])}, {_number(diff['high'])}]"

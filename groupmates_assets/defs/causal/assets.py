@@ -94,7 +94,8 @@ def selection_influence(context: dg.AssetExecutionContext, platform: PlatformRes
     runs = {n: storage.read_json(f"{out}/actual-{n}.json") for n in plan.sets}
     predicted = _predictions(storage, settings, model_pointer["path"], plan)
     result = finite({
-        "fingerprint": fingerprint, "groups": config.groups, "length": length, "seed": config.seed,
+        "fingerprint": fingerprint, "order": list(plan.sets), "groups": config.groups, "length": length,
+        "seed": config.seed,
         "base_loss": runs[causal.POOL]["base_loss"], "model": model_pointer["fingerprint"],
         "checkpoint_sha256": checkpoint_sha, "sets": {n: {
             "actual": runs[n]["actual"], "predicted": predicted[n],
