@@ -95,6 +95,8 @@ POINTERS: list[tuple[str, str, Callable[[Storage], dict], str]] = [
     (layout.corpus_dir("random"), "tokenized_corpus/random/current.json",
      lambda s: layout.current_corpus(s, "random"),
      "no tokenized corpus for random; materialize tokenized_corpus first"),
+    (layout.CAUSAL_DIR, "causal/selection_influence/current.json", layout.current_causal,
+     "no causal check yet; materialize selection_influence first"),
     (layout.pretrain_dir("mates"), "pretrain/mates/current.json", lambda s: layout.current_pretrain(s, "mates"),
      "no pretrained checkpoint for mates; materialize pretrain_checkpoints first"),
 ]
