@@ -126,6 +126,8 @@ def _init_worker(job: GroupJob, counter=None) -> None:
             replica, counter.value = counter.value, counter.value + 1
         device = oracle_lib.replica_device(device, replica,
                                            torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            torch.cuda.set_device(device)  # no stray context on cuda:0 for a replica elsewhere
     model, optimizer, state = lm.load_checkpoint(job.checkpoint_dir, device)
     contexts = np.load(job.contexts_path, mmap_mode="r", allow_pickle=False)
     _WORKER["collector"] = oracle_lib.OracleCollector(model, optimizer, lm.ReferenceBatch(job.reference_examples),

@@ -21,6 +21,8 @@ from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import METHOD
 
+CODE_VERSION = "selection-influence-v1"  # also in the fingerprint: stored influences of older code are not reused
+
 
 def corpus_set(storage: Storage, method: str) -> tuple[causal.GroupSet, str]:
     """(the method's tokenized corpus without its padded tail context, the corpus fingerprint)."""
@@ -52,7 +54,7 @@ def group_sets(context: dg.AssetExecutionContext, storage: Storage,
 
 @step_asset(
     group_name="causal",
-    code_version="selection-influence-v1",
+    code_version=CODE_VERSION,
     deps=["probe_checkpoint", "reference_set", "influence_model_final",
           dg.AssetDep("tokenized_corpus", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep("tokenized_pool_shard", partition_mapping=dg.AllPartitionMapping())],
@@ -76,7 +78,7 @@ def selection_influence(context: dg.AssetExecutionContext, platform: PlatformRes
     with leased_gpus(context) as gpus, local_probe_checkpoint(storage) as (checkpoint_dir, checkpoint_sha):
         fingerprint = layout.fingerprint(checkpoint=checkpoint_sha, reference=reference.sha256, sets=identity,
                                          model=model_pointer["fingerprint"], groups=config.groups, seed=config.seed,
-                                         length=length)
+                                         length=length, code=CODE_VERSION)
         out = f"{layout.CAUSAL_DIR}/{fingerprint}"
         pending = [n for n in plan.sets if not storage.exists(f"{out}/actual-{n}.json")]
         context.log.info(f"{config.groups} groups x {length} contexts for {', '.join(plan.sets)}; "
@@ -89,7 +91,8 @@ def selection_influence(context: dg.AssetExecutionContext, platform: PlatformRes
             causal.run_sets(job, plan, pending, config.workers,
                             on_set=lambda name, actual, base: storage.write_json(
                                 f"{out}/actual-{name}.json", {"set": name, "actual": actual, "base_loss": base}),
-                            progress=lambda done, total: context.log.info(f"{done}/{total} groups"))
+                            progress=lambda done, total: context.log.info(f"{done}/{total} groups")
+                            if done == total or done % max(1, total // 10) == 0 else None)
     oracle_seconds = time.perf_counter() - started
     runs = {n: storage.read_json(f"{out}/actual-{n}.json") for n in plan.sets}
     predicted = _predictions(storage, settings, model_pointer["path"], plan)
