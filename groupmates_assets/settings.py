@@ -378,6 +378,22 @@ class EvalProfile:
 
 
 @dataclass(frozen=True)
+class CausalProfile:
+    """The causal check (``selection_influence``): N paired groups of T contexts per selection method and from the
+    filtered pool, each run as an oracle trajectory from the probe checkpoint."""
+
+    groups: int = 16  # N groups per set; each costs T probe steps + one reference loss
+    seed: int = 0  # group g of every set is drawn under (seed, g)
+    methods: tuple[str, ...] = ("group_mates", "mates", "fasttext")  # compared with random groups of the pool
+    workers: int = 2  # replica processes (2 CPU cores: 2 x 1 thread beats 1 x 2 threads)
+
+    def __post_init__(self) -> None:
+        _at_least("causal", 1, groups=self.groups, workers=self.workers)
+        if not self.methods:
+            raise ValueError("causal.methods must name at least one selection method, got ()")
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -391,6 +407,7 @@ class Profile:
     corpus: CorpusProfile = field(default_factory=CorpusProfile)
     pretrain: PretrainProfile = field(default_factory=PretrainProfile)
     evaluation: EvalProfile = field(default_factory=EvalProfile)
+    causal: CausalProfile = field(default_factory=CausalProfile)
 
     def __post_init__(self) -> None:
         if self.pretrain.stages == 2 and self.lm.probe_steps >= self.lm.total_steps:
@@ -428,6 +445,7 @@ PROFILES: dict[str, Profile] = {
         selection=SelectionProfile(predict_batch_docs=1024, torch_threads=8),
         pretrain=PretrainProfile(seeds=3, checkpoint_every=72),
         evaluation=EvalProfile(limit_per_task=100, heldout_documents=100),
+        causal=CausalProfile(groups=64, methods=("group_mates", "mates", "fasttext", "random"), workers=4),
     ),
     "ci": Profile(
         name="ci",
@@ -442,6 +460,7 @@ PROFILES: dict[str, Profile] = {
         pretrain=PretrainProfile(seeds=2, checkpoint_every=5),
         evaluation=EvalProfile(tasks=("arc_easy", "arc_challenge", "copa", "openbookqa"), limit_per_task=4,
                                heldout_documents=10, num_fewshot=0),  # the tiny LM reads 64 tokens
+        causal=CausalProfile(groups=3),
     ),
     "dclm-400m": Profile(
         name="dclm-400m",

@@ -704,6 +704,8 @@ COUNTS = [  # (section class, section name, field, smallest valid value)
     (settings_module.PretrainProfile, "pretrain", "seeds", 1),
     (settings_module.EvalProfile, "evaluation", "heldout_documents", 1),
     (settings_module.EvalProfile, "evaluation", "heldout_min_per_source", 0),
+    (settings_module.CausalProfile, "causal", "groups", 1),
+    (settings_module.CausalProfile, "causal", "workers", 1),
 ]
 
 
@@ -749,6 +751,7 @@ def test_counts_out_of_range_fail_naming_the_field(case, value):
     (lambda: settings_module.EvalProfile(tasks=()), "evaluation.tasks"),
     (lambda: settings_module.EvalProfile(limit_per_task=0), "evaluation.limit_per_task"),
     (lambda: settings_module.PretrainProfile(checkpoint_every=0), "pretrain.checkpoint_every"),
+    (lambda: settings_module.CausalProfile(methods=()), "causal.methods must name at least one selection method"),
     (lambda: settings_module.Profile(name="x", description="", lm=settings_module.LMProfile(
         total_steps=2, probe_fraction=0.9)), "no steps are left for the selected data"),
     (lambda: settings_module.with_overrides(settings_module.get_profile("demo"), keep_fraction=2.0),

@@ -19,7 +19,7 @@ def test_every_asset_has_a_code_version_group_and_description():
     for node in defs.resolve_asset_graph().asset_nodes:
         assert node.code_version, node.key
         assert node.group_name in {"pool", "quality", "tokenize", "lm", "oracle", "influence",
-                                   "selection", "corpus", "pretrain", "evaluation", "report"}, node.key
+                                   "selection", "corpus", "pretrain", "evaluation", "causal", "report"}, node.key
         assert node.description, node.key
 
 

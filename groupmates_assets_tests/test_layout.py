@@ -42,7 +42,7 @@ def imports_in(source: str, package: str) -> set[str]:
 
 def test_the_stage_folders_are_the_known_stages():
     known = ["pool", "quality", "tokenize", "lm", "oracle", "influence", "selection", "corpus", "pretrain",
-             "evaluation", "report"]
+             "evaluation", "causal", "report"]
     assert sorted(known) == STAGES
 
 
@@ -95,6 +95,8 @@ POINTERS: list[tuple[str, str, Callable[[Storage], dict], str]] = [
     (layout.corpus_dir("random"), "tokenized_corpus/random/current.json",
      lambda s: layout.current_corpus(s, "random"),
      "no tokenized corpus for random; materialize tokenized_corpus first"),
+    (layout.CAUSAL_DIR, "causal/selection_influence/current.json", layout.current_causal,
+     "no causal check yet; materialize selection_influence first"),
     (layout.pretrain_dir("mates"), "pretrain/mates/current.json", lambda s: layout.current_pretrain(s, "mates"),
      "no pretrained checkpoint for mates; materialize pretrain_checkpoints first"),
 ]

@@ -24,7 +24,8 @@ def stage_job(name: str, selection: list[str], partitions_def: dg.PartitionsDefi
     return dg.define_asset_job(name, selection=selection, partitions_def=partitions_def, description=description)
 
 
-# In pipeline order: pool, quality, tokenize, oracle, influence, selection, corpus, pretrain, evaluation, report.
+# In pipeline order: pool, quality, tokenize, oracle, influence, selection, corpus, pretrain, evaluation, causal,
+# report.
 ALL_JOBS = [
     stage_job("embedded_pool_job", ["embedded_pool"]),
     stage_job("register_pool_shards_job", ["pool_shard"], pool_shards),
@@ -66,6 +67,9 @@ ALL_JOBS = [
               "with S = 2, from scratch with S = 1); resumes from the last checkpoints."),
     stage_job("evaluation_job", ["evaluation"], selection_methods,
               "Evaluate the LM trained on one method's corpus on offline tasks and held-out text."),
+    stage_job("selection_influence_job", ["selection_influence"], None,
+              "Causal check: actual reference-loss change of groups from each method's selection against random "
+              "groups of the filtered pool, at the probe checkpoint."),
     stage_job("selection_report_job", ["selection_report"], None,
               "Compare Group-MATES with random, MATES and fastText-only selection at equal tokens."),
 ]

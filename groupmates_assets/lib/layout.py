@@ -58,6 +58,7 @@ TOKENIZED_CORPUS_DIR = "tokenized_corpus"
 PRETRAIN_DIR = "pretrain"
 EVALUATION_DIR = "evaluation"
 REPORT_DIR = "report"
+CAUSAL_DIR = "causal/selection_influence"  # <fingerprint>/actual-<set>.json, result.json; current.json
 
 
 class MissingArtifactError(FileNotFoundError):
@@ -172,6 +173,11 @@ def current_corpus(storage: Storage, method: str) -> dict[str, Any]:
     """The pointer of ``method``'s current tokenized corpus: its fingerprint and folder."""
     return read_pointer(storage, corpus_dir(method),
                         f"no tokenized corpus for {method}; materialize tokenized_corpus first")
+
+
+def current_causal(storage: Storage) -> dict[str, Any]:
+    """The pointer of the current causal check: its fingerprint and result file."""
+    return read_pointer(storage, CAUSAL_DIR, "no causal check yet; materialize selection_influence first")
 
 
 def pretrain_dir(method: str) -> str:

@@ -87,6 +87,18 @@ def lines_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
     return out[0]
 
 
+def intervals_png(estimates: dict[str, tuple[float, float, float]], title: str, xlabel: str) -> bytes:
+    """One horizontal point with its interval per label (``(estimate, low, high)``), a dashed line at 0."""
+    out: list[bytes] = []
+    with _figure(title, xlabel, "", out) as ax:
+        for y, ((estimate, low, high), color) in enumerate(zip(estimates.values(), itertools.cycle(PALETTE))):
+            ax.errorbar([estimate], [y], xerr=[[estimate - low], [high - estimate]], fmt="o", color=color, capsize=4)
+        ax.set_yticks(range(len(estimates)), list(estimates))
+        ax.axvline(0.0, color="#999999", linestyle="--", linewidth=1)
+        ax.grid(alpha=0.3, axis="x")
+    return out[0]
+
+
 def png_markdown(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 

@@ -13,7 +13,7 @@ from groupmates_assets.defs.common import PermanentFailure
 from groupmates_assets.defs.deployment import step_asset
 from groupmates_assets.defs.partitions import SELECTION_METHODS
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import layout, plots
+from groupmates_assets.lib import causal, layout, plots
 from groupmates_assets.lib import report as rp
 from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.storage import Storage
@@ -81,7 +81,7 @@ def step_seconds_partition(instance: dg.DagsterInstance, asset: str, partition: 
     group_name="report",
     code_version="selection-report-v2",
     deps=[dg.AssetDep("evaluation", partition_mapping=dg.AllPartitionMapping()),
-          dg.AssetDep("pretrain_checkpoints", partition_mapping=dg.AllPartitionMapping())],
+          dg.AssetDep("pretrain_checkpoints", partition_mapping=dg.AllPartitionMapping()), "selection_influence"],
     kinds={"markdown"},
 )
 def selection_report(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
@@ -96,13 +96,15 @@ def selection_report(context: dg.AssetExecutionContext, platform: PlatformResour
     report = rp.build_report(evaluations, curves, corpora, costs, baseline="random", focus="group_mates",
                              spec=METHOD.intervals())
     pngs = rp.figures(report)
-    markdown = rp.to_markdown(report, settings.name, {name: name for name in pngs})
+    causal_section = "\n\n## Causal check\n\n" + causal.to_markdown(
+        storage.read_json(layout.current_causal(storage)["path"]))
+    markdown = rp.to_markdown(report, settings.name, {name: name for name in pngs}) + causal_section
     for name, png in pngs.items():
         storage.write_bytes(f"{layout.REPORT_DIR}/{name}", png)
     storage.write_json(f"{layout.REPORT_DIR}/report.json", report)
     info = storage.write_bytes(f"{layout.REPORT_DIR}/selection_report.md", markdown.encode())
     inline = rp.to_markdown(report, settings.name, {name: plots.png_markdown(png, name)
-                                                    for name, png in pngs.items()}, inline=True)
+                                                    for name, png in pngs.items()}, inline=True) + causal_section
     context.log.info("\n" + rp.headline_markdown(report))
     focus = report["methods"]["group_mates"]
     return dg.MaterializeResult(metadata={
