@@ -156,7 +156,12 @@ def _check_influence_stage(storage, instance) -> None:
         dg.AssetKey("influence_model_final")).asset_materialization.metadata
     assert metadata["relational"].value is True and metadata["train_trajectories"].value >= 6
     report = json.loads((storage / "influence" / "report.json").read_text())
-    assert set(report) == {"init", "final", "individual"}
+    assert set(report) == {"init", "final", "individual", "learning_curves"}
+    curves = report["learning_curves"]
+    assert set(curves) == {"influence_model_final", "individual_influence_model"}
+    for points in curves.values():  # ci: one subset, then the trained model itself (never retrained)
+        assert [p["fraction"] for p in points] == [0.5, 1.0] and points[-1]["retrained"] is False
+        assert points[0]["trajectories"] < points[-1]["trajectories"] == final["train_trajectories"]
     assert report["individual"]["alpha"] == 1.0 and report["individual"]["tau"] == 1.0
 
 
