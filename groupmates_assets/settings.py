@@ -230,6 +230,11 @@ class InfluenceProfile:
     torch_threads: int = 2
     bootstrap_per_tail: int = 5  # beams kept per tail (paper: 10,000)
     bootstrap_width: int = 5  # METHOD.bootstrap_width
+    # Candidates per beam: "both" = the paper's policy (the width best toward either tail), "tail" = the reference
+    # code's (toward the beam's own tail only); beams kept during the search (the best bootstrap_per_tail are
+    # returned). lib/influence/bootstrap.py says why the defaults differ from the reference code.
+    bootstrap_candidates: str = "both"
+    bootstrap_search_beams: int = 1024
     tail_check_trajectories: int = 2000  # random trajectories the T18 check compares the tails with
     # influence_model_report's learning curve: shares of the training trajectories it trains extra final and
     # individual models on (the 100% point is the trained model itself); () reports the 100% point alone
@@ -243,7 +248,8 @@ class InfluenceProfile:
                   max_tokens=self.max_tokens, torch_threads=self.torch_threads,
                   bootstrap_per_tail=self.bootstrap_per_tail, bootstrap_width=self.bootstrap_width,
                   tail_check_trajectories=self.tail_check_trajectories)
-        _at_least("influence", 0, warmup_steps=self.warmup_steps)
+        _at_least("influence", 0, warmup_steps=self.warmup_steps, bootstrap_search_beams=self.bootstrap_search_beams)
+        _one_of("influence.bootstrap_candidates", self.bootstrap_candidates, ("tail", "both"))
         _in_range("influence.dropout", self.dropout, 0, 1, "left")
         _in_range("influence.val_fraction", self.val_fraction, 0, 1, "left")
         _positive("influence", lr=self.lr)

@@ -69,6 +69,50 @@ def test_t18_tails_lie_beyond_random_trajectories():
     assert report["first_steps_differ_between_tails"]
 
 
+def _two_opposite_groups(n=200, d=16, group=95, seed=0):
+    """Nearly all of the pool in two tight, opposite groups of opposite sign (u = +0.6 along e, -0.6 along -e), as the
+    demo's initial model scored its probe pool: the best trajectories open with one near-duplicate of the *other*
+    sign, after which the relational factor 1 - <h_i, h_t> / tau nearly doubles every document of the tail's sign."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.zeros(d)
+    e[0] = 1.0
+
+    def tight(centre):
+        return torch.nn.functional.normalize(centre + 0.05 * torch.randn(group, d, generator=g), dim=-1)
+
+    rest = torch.nn.functional.normalize(torch.randn(n - 2 * group, d, generator=g), dim=-1) * 0.5
+    h = torch.cat([tight(e), tight(-e), rest])
+    u = torch.cat([0.6 + 0.01 * torch.randn(group, generator=g), -0.6 + 0.01 * torch.randn(group, generator=g),
+                   0.1 * torch.randn(n - 2 * group, generator=g)])
+    return h, u
+
+
+def test_t18_needs_the_papers_two_sided_candidates_when_the_relational_term_dominates():
+    """The reference code's one-sided search stays above the random trajectories' 1st percentile however many beams
+    it keeps; the paper's policy (the width best toward either tail) with a wide search reaches both tails."""
+    h, u = _two_opposite_groups()
+    reports = {}
+    for candidates, search_beams in (("tail", 0), ("tail", 1024), ("both", 1024)):
+        beams = boot.search_tails(h, u, 1.0, 1.0, 10, 5, 5, candidates=candidates, search_beams=search_beams)
+        assert all(len(b.indices) == 5 for b in beams.values())  # the search is wide, the output keeps 5
+        reports[candidates, search_beams] = boot.tail_report(h, u, 1.0, 1.0, beams["beneficial"], beams["harmful"],
+                                                             random_trajectories=2000, seed=0)
+    assert not reports["tail", 0]["beneficial_below_p01"] and not reports["tail", 1024]["beneficial_below_p01"]
+    assert not boot.tails_separated(reports["tail", 1024])
+    assert boot.tails_separated(reports["both", 1024])
+    assert reports["both", 1024]["beneficial_max"] < reports["tail", 1024]["beneficial_max"]
+
+
+def test_two_sided_candidates_extend_toward_both_tails_without_repeating_rows():
+    key = torch.tensor([[3.0, -1.0, 0.5, 2.0, -4.0, 1.0]])
+    used = torch.tensor([[4]])  # row 4 (the smallest key) is already in the beam
+    assert boot._extensions(key, used, 2, "tail").tolist() == [[1, 2]]
+    assert boot._extensions(key, used, 2, "both").tolist() == [[1, 2, 0, 3]]
+    assert sorted(boot._extensions(key, used, 3, "both")[0].tolist()) == [0, 1, 2, 3, 5]  # 5 left: each once
+    with pytest.raises(ValueError, match="candidates must be one of"):
+        boot.beam_search(*_pool(), 1.0, 1.0, length=2, width=2, keep=2, order=1, candidates="either")
+
+
 def test_reference_step_zero_bug_would_fail_t18_first_step_clause():
     """With a constant step-0 score every beam of both tails starts from the same rows (the reference's bug)."""
     h, u = _pool()

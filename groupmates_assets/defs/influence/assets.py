@@ -154,7 +154,7 @@ def influence_model_init(context: dg.AssetExecutionContext, platform: PlatformRe
 
 @gpu_asset(
     group_name="influence",
-    code_version="bootstrap-trajectories-v1",
+    code_version="bootstrap-trajectories-v2",
     deps=[influence_model_init, "probe_pool"],
     kinds={"pytorch", "parquet"},
     check_specs=[blocking_check(
@@ -172,13 +172,15 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
     docs, _, pool_sha = probe_documents(storage, settings)
     h, u, alpha, tau, embed_seconds = _embed_probe_pool(context, storage, init["path"], docs, influence.max_tokens)
     length, keep = METHOD.trajectory_length, influence.bootstrap_per_tail
-    beams = boot.search_tails(h, u, alpha, tau, length, influence.bootstrap_width, keep)
+    beams = boot.search_tails(h, u, alpha, tau, length, influence.bootstrap_width, keep,
+                              influence.bootstrap_candidates, influence.bootstrap_search_beams)
     report = boot.tail_report(h, u, alpha, tau, beams["beneficial"], beams["harmful"],
                               influence.tail_check_trajectories, influence.seed)
     pool_ids = storage.read_parquet(f"{layout.PROBE_POOL_DIR}/contexts.parquet").column("context_id").to_pylist()
     table = boot.trajectories_table(beams, keep, pool_ids)
     boot_fp = layout.fingerprint(model=init["fingerprint"], pool=pool_sha, width=influence.bootstrap_width,
-                                 keep=keep, length=length)
+                                 keep=keep, length=length, candidates=influence.bootstrap_candidates,
+                                 search_beams=influence.bootstrap_search_beams)
     path = f"{layout.BOOTSTRAP_DIR}/{boot_fp}/trajectories.parquet"
     info = storage.write_parquet(path, table)
     layout.write_pointer(storage, layout.BOOTSTRAP_DIR, {"fingerprint": boot_fp, "sha256": info.sha256, "path": path,
@@ -189,6 +191,7 @@ def bootstrap_trajectories(context: dg.AssetExecutionContext, platform: Platform
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": table.num_rows, "per_tail": keep, "width": influence.bootstrap_width,
+            "candidates": influence.bootstrap_candidates, "search_beams": max(keep, influence.bootstrap_search_beams),
             "length": length, "alpha": alpha, "tau": tau, "probe_contexts": len(docs),
             "embed_seconds": round(embed_seconds, 1),
             "embed_documents_per_second": round(len(docs) / embed_seconds, 1),
