@@ -224,16 +224,18 @@ class Storage:
         return self.write_bytes(relative, data)
 
     def write_parquet(self, relative: str, table: pa.Table, compression: str = "zstd",
-                      row_group_sizes: Sequence[int] | None = None) -> ArtifactInfo:
+                      row_group_sizes: Sequence[int] | None = None, **options: Any) -> ArtifactInfo:
         """A Parquet file; ``row_group_sizes`` (rows per row group, in order, summing to the table's rows) cuts
-        the row groups where a reader will want to skip (see `read_parquet_where`)."""
+        the row groups where a reader will want to skip (see `read_parquet_where`); ``options`` go to pyarrow's
+        writer (``use_dictionary``, ``column_encoding``)."""
         if row_group_sizes is None:
             with self.open_write(relative) as out:
-                pq.write_table(table, out, compression=compression)
+                pq.write_table(table, out, compression=compression, **options)
             return out.info
         if sum(row_group_sizes) != table.num_rows or any(size <= 0 for size in row_group_sizes):
             raise ValueError(f"row groups of {list(row_group_sizes)} rows do not cut a table of {table.num_rows}")
-        with self.open_write(relative) as out, pq.ParquetWriter(out, table.schema, compression=compression) as writer:
+        with self.open_write(relative) as out, pq.ParquetWriter(out, table.schema, compression=compression,
+                                                                **options) as writer:
             offset = 0
             for size in row_group_sizes:
                 writer.write_table(table.slice(offset, size), row_group_size=size)

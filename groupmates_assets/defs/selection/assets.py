@@ -229,6 +229,11 @@ def _size_histogram(sizes: np.ndarray, title: str) -> str:
     return plots.png_markdown(png, "cluster sizes")
 
 
+# The sorted cluster ids run-length encode to a few bytes per cluster; the float16 embeddings, random-looking to a
+# dictionary, go byte-stream-split (their exponent bytes compress): a third of the time to write and to read.
+ASSIGNMENTS_ENCODING = {"use_dictionary": ["cluster"], "column_encoding": {"h.list.element": "BYTE_STREAM_SPLIT"}}
+
+
 def assignments_dir(storage: Storage) -> str:
     """The current clusters' assignments: one file per shard, sorted by cluster (``sorted_assignments``; the
     unsorted ``assignments`` folder of the earlier layout is never read)."""
@@ -271,7 +276,7 @@ def assign_shard(storage: Storage, current: dict, centroids: np.ndarray, bounds:
         "similarity": pa.array(similarity, pa.float32()), "h": table.column("h"), "u": table.column("u")}))
     groups = sel.range_row_groups(out.column("cluster").to_numpy(), bounds)
     info = storage.write_parquet(f"{layout.CLUSTERS_DIR}/{current['fingerprint']}/sorted_assignments/{key}.parquet",
-                                 out, row_group_sizes=groups)
+                                 out, row_group_sizes=groups, **ASSIGNMENTS_ENCODING)
     return PartitionResult(
         metadata={"dagster/row_count": out.num_rows, "documents": out.num_rows,
                   "clusters_touched": len(np.unique(clusters)), "row_groups": len(groups),
