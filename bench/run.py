@@ -37,9 +37,10 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "influence": ("bench.bench_influence", 2),
     "selection": ("bench.bench_selection", 2),
     "scale": ("bench.bench_scale", 2),
+    "gpu_checks": ("bench.bench_gpu_checks", 2),
 }
-# Run only with --only: the accelerator benchmarks, and the scale benchmark (about half an hour, 2M documents).
-ON_REQUEST = {"oracle_gpu", "pretrain_gpu", "scale"}
+# Run only with --only: the accelerator benchmarks, and the scale benchmark (about an hour, 2M documents).
+ON_REQUEST = {"oracle_gpu", "pretrain_gpu", "gpu_checks", "scale"}
 DEFAULT_OUT = "bench/results/latest.json"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 HEAVY_MODULES = ("numpy", "pyarrow", "fasttext", "zstandard", "orjson", "torch")
