@@ -10,9 +10,10 @@ temporary file and uploaded only when the block writing it succeeded: a failed w
 S3 credentials never pass through here: s3fs (botocore) reads them from the environment, ``~/.aws`` or an
 instance role. Only the endpoint (S3-compatible servers) and the region are options (`fs_options`).
 
-Files that loaders need on a local disk (models, checkpoints, a classifier) are downloaded from an object store
-once per machine: `local_dir` and `local_copy` keep them in a local cache keyed by each object's ETag (see
-`object_cache_dir`), so a later run, in any process, reuses them until the object changes.
+Files that loaders need on a local disk and that many runs read (models, the probe checkpoint, a classifier) are
+downloaded from an object store once per machine: `local_dir` and `local_copy` with ``cache=True`` keep them in a
+local cache keyed by each object's ETag (see `object_cache_dir`), so a later run, in any process, reuses them
+until the object changes.
 """
 
 from __future__ import annotations
@@ -308,15 +309,17 @@ class Storage:
         with self.fs.open(self.path(relative), "rb", cache_type="none") as handle:
             yield handle
 
-    def read_numpy(self, relative: str, mmap: bool = True) -> np.ndarray:
+    def read_numpy(self, relative: str, mmap: bool = True, cache: bool = False) -> np.ndarray:
         """A ``.npy`` array, read whole, or with ``mmap`` memory-mapped read-only (pages load on demand).
 
         An object cannot be memory-mapped, so a remote array is first downloaded to a local temporary file;
-        the file is unlinked at once (the mapping keeps it alive), so its disk space returns with the array.
+        the file is unlinked at once (the mapping keeps it alive), so its disk space returns with the array;
+        with ``cache`` it is kept in the local object cache instead, for later runs (see `local_dir`).
         """
         if self.is_local and mmap:
             return np.load(self.path(relative), mmap_mode="r", allow_pickle=False)
-        if mmap and (cached := self._cached_entry(posixpath.dirname(relative), [posixpath.basename(relative)])):
+        if mmap and cache and (cached := self._cached_entry(posixpath.dirname(relative),
+                                                             [posixpath.basename(relative)])):
             return np.load(os.path.join(cached, posixpath.basename(relative)), mmap_mode="r", allow_pickle=False)
         if mmap:
             fd, tmp = tempfile.mkstemp(prefix="groupmates-", suffix=".npy")
@@ -335,14 +338,15 @@ class Storage:
         return ArtifactInfo(self.url(relative), size, digest)
 
     @contextlib.contextmanager
-    def local_copy(self, relative: str) -> Iterator[str]:
+    def local_copy(self, relative: str, cache: bool = False) -> Iterator[str]:
         """A local filesystem path for libraries that only read local files (fastText); no copy when local.
-        From an object store the file comes from the local cache (`object_cache_dir`): read it, never write it."""
+        From an object store with ``cache``, the file comes from the local cache (`object_cache_dir`), downloaded
+        only if the object changed since: read it, never write it (it is read-only)."""
         if self.is_local:
             yield self.path(relative)
             return
         name = posixpath.basename(relative)
-        if cached := self._cached_entry(posixpath.dirname(relative), [name]):
+        if cache and (cached := self._cached_entry(posixpath.dirname(relative), [name])):
             yield os.path.join(cached, name)
             return
         with tempfile.TemporaryDirectory(prefix="groupmates-") as tmp:
@@ -351,16 +355,17 @@ class Storage:
             yield target
 
     @contextlib.contextmanager
-    def local_dir(self, relative_dir: str, names: Iterable[str]) -> Iterator[str]:
+    def local_dir(self, relative_dir: str, names: Iterable[str], cache: bool = False) -> Iterator[str]:
         """A local directory holding ``names`` (paths inside ``relative_dir``, sub-folders allowed) for loaders
         that read a directory (checkpoints, models); no copy when the storage root is local. From an object
-        store the files come from the local cache (`object_cache_dir`), downloaded only when an object changed
-        since: read them, never write them (they are read-only)."""
+        store with ``cache`` (for what many runs read: models), the files come from the local cache
+        (`object_cache_dir`), downloaded only when an object changed since: read them, never write them (they are
+        read-only). Without it, a temporary copy removed on exit (what one run reads once: a checkpoint)."""
         if self.is_local:
             yield self.path(relative_dir)
             return
         names = list(names)
-        if cached := self._cached_entry(relative_dir, names):
+        if cache and (cached := self._cached_entry(relative_dir, names)):
             yield cached
             return
         with tempfile.TemporaryDirectory(prefix="groupmates-") as tmp:

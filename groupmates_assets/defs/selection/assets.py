@@ -259,7 +259,8 @@ def cluster_assignments(context: dg.AssetExecutionContext, platform: PlatformRes
     shard_keys(context)
     storage, settings = platform.storage(), platform.settings().selection
     current = layout.current_clusters(storage)
-    centroids = np.asarray(storage.read_numpy(f"{layout.CLUSTERS_DIR}/{current['fingerprint']}/centroids.npy"))
+    centroids = np.asarray(storage.read_numpy(f"{layout.CLUSTERS_DIR}/{current['fingerprint']}/centroids.npy",
+                                              cache=True))  # every assignment run reads them
     bounds = sel.all_range_bounds(current["k"], settings.cluster_ranges)
     return materialize_partitions(context, lambda key: assign_shard(storage, current, centroids, bounds, key))
 
