@@ -8,9 +8,18 @@ fingerprint) and the influence-model pointers. Then the real assets run through 
 in a fresh process of its own as the run launcher starts them (in-process executor, a SQLite instance):
 ``cluster_centroids``, ``cluster_assignments`` (runs of 32 shards, as a backfill of ``pool.shards_per_run`` 32
 launches them), every ``selected_documents`` range partition, the three baselines and ``selected_corpus`` (runs
-of 32 shards). The profile keeps the method's shape at every N: clusters of about ``CLUSTER_SIZE`` documents
-(``k = N / CLUSTER_SIZE``) and ranges of ``CLUSTERS_PER_RANGE`` clusters (``cluster_ranges = k / 50``), so one
-range partition selects the same number of documents at every N.
+of 32 shards). One range partition selects the same number of documents at every N (``DOCS_PER_RANGE``:
+``cluster_ranges = N / 50,000``). Two ways to grow the pool, because no choice of k keeps every stage linear:
+
+- fixed mean cluster size (the default; the profiles' ``selection.mean_cluster_size``): clusters of about
+  ``CLUSTER_SIZE`` documents, ``k = N / CLUSTER_SIZE``. The greedy's cost per document follows the cluster size,
+  so ``selected_documents`` stays linear, but exact assignment is O(N k d) and k-means training O(k^2 d) (its
+  sample is ``max_points_per_centroid x k``): with k proportional to N both grow as N^2, about 4x for a doubling.
+- fixed k (``BENCH_SCALE_CLUSTERS``, e.g. the paper's 10,000 centroids for any pool): assignment is linear and
+  training constant (apart from reading the pool for its sample), but clusters grow with N, and the greedy is
+  O(|C|^2 d) per cluster, so ``selected_documents`` grows as N^2 / k.
+
+Each ratio row says which growth the mode predicts for its stage next to the 2.2 goal.
 
 Per stage and N: the wall time of its runs' steps (Dagster's STEP_START to STEP_SUCCESS, summed over the runs),
 the peak RSS of the largest run's process (VmHWM) and how much of it the run added (above the process's RSS when
@@ -22,7 +31,8 @@ stage (goal at most 2.2) and the peak RSS of one ``selected_documents`` partitio
 
 Knobs: ``BENCH_SCALE_SIZES`` (comma list), ``BENCH_SCALE_DIR`` (where the pools are written; default a temporary
 folder; each N takes about 1.8 KB per document and is deleted once measured unless ``BENCH_SCALE_KEEP=1``),
-``BENCH_SCALE_SHARDS`` (shards at every N instead of N / 7,812 between 64 and 256), ``BENCH_SCALE_STAGES``
+``BENCH_SCALE_SHARDS`` (shards at every N instead of N / 7,812 between 64 and 256), ``BENCH_SCALE_CLUSTERS``
+(a fixed k at every N; results then go to ``scale-k<k>.json``/``.png``), ``BENCH_SCALE_STAGES``
 (a comma list: only these stages, e.g. ``cluster_centroids,cluster_assignments,selected_documents``).
 Run: ``python -m bench.run --only scale`` (about half an hour on 2 cores at the default sizes).
 """
@@ -48,7 +58,8 @@ from bench.run import Figure
 
 DIM = 384
 CLUSTER_SIZE = 1_000  # selection.mean_cluster_size: documents per cluster
-CLUSTERS_PER_RANGE = 50  # clusters per selected_documents partition, the same at every N
+CLUSTERS_PER_RANGE = 50  # clusters per selected_documents partition at the default cluster size
+DOCS_PER_RANGE = CLUSTER_SIZE * CLUSTERS_PER_RANGE  # documents per selected_documents partition, at every N
 DOCS_PER_SHARD = 7_812.5
 SHARDS_PER_RUN = 32
 SIZES = (250_000, 500_000, 1_000_000, 2_000_000)
@@ -68,11 +79,33 @@ def shards_for(documents: int) -> int:
     return int(override) if override else max(64, min(256, round(documents / DOCS_PER_SHARD)))
 
 
+def fixed_clusters() -> int | None:
+    """``BENCH_SCALE_CLUSTERS``: k at every N, or None for k = N / CLUSTER_SIZE."""
+    value = os.environ.get("BENCH_SCALE_CLUSTERS")
+    return int(value) if value else None
+
+
 def profile_settings(documents: int) -> dict[str, Any]:
     """The selection settings at ``documents``: the method's shape, scaled (see the module docstring)."""
-    k = -(-documents // CLUSTER_SIZE)
-    return {"mean_cluster_size": CLUSTER_SIZE, "kmeans_iterations": 10, "max_points_per_centroid": 40,
-            "cluster_ranges": max(1, k // CLUSTERS_PER_RANGE), "torch_threads": 2}
+    k = fixed_clusters() or -(-documents // CLUSTER_SIZE)
+    return {"mean_cluster_size": -(-documents // k), "kmeans_iterations": 10, "max_points_per_centroid": 40,
+            "cluster_ranges": max(1, min(k, documents // DOCS_PER_RANGE)), "torch_threads": 2}
+
+
+# stage -> (growth for a doubling at fixed mean cluster size, at fixed k), from the cost of each stage's work
+EXPECTED_GROWTH = {
+    "cluster_centroids": ("~4x: k grows with N, training O(k^2 d)", "~1x plus reading the pool: k fixed"),
+    "cluster_assignments": ("~4x: k grows with N, exact assignment O(N k d)", "~2x: O(N k d), k fixed"),
+    "selected_documents": ("~2x: the greedy O(N |C| d), |C| fixed", "~4x: |C| = N / k grows, greedy O(N |C| d)"),
+}
+
+
+def expected_growth(stage: str) -> str:
+    return EXPECTED_GROWTH.get(stage, ("~2x: streamed", "~2x: streamed"))[fixed_clusters() is not None]
+
+
+def results_stem() -> str:
+    return f"scale-k{fixed_clusters()}" if fixed_clusters() else "scale"
 
 
 # --------------------------------------------------------------------------------------------------- the pool
@@ -309,8 +342,10 @@ def plot(stages: dict[str, dict[int, dict[str, float]]], path: Path) -> None:
 
 def figures(stages: dict[str, dict[int, dict[str, float]]], sizes: list[dict[str, Any]]) -> list[Figure]:
     ns = sorted(s["documents"] for s in sizes)
+    mode = (f"fixed k = {fixed_clusters():,} (clusters of N / k)" if fixed_clusters() else
+            f"fixed mean cluster size {CLUSTER_SIZE:,} (k = N / {CLUSTER_SIZE:,})")
     out = [Figure("scale: setup", f"N = {', '.join(f'{n:,}' for n in ns)}", "",
-                  f"{DIM}-d; clusters of {CLUSTER_SIZE:,}, {CLUSTERS_PER_RANGE} per range partition; shards "
+                  f"{DIM}-d; {mode}; {DOCS_PER_RANGE:,} documents per range partition; shards "
                   f"{', '.join(str(s['shards']) for s in sizes)}; every run in a fresh process, one at a time")]
     for stage, by_n in stages.items():
         for n in ns:
@@ -324,7 +359,7 @@ def figures(stages: dict[str, dict[int, dict[str, float]]], sizes: list[dict[str
             ratio = by_n[big]["seconds"] / max(by_n[half]["seconds"], 1e-9)
             verdict = "PASS" if ratio <= 2.2 else "FAIL"
             out.append(Figure(f"scale: {stage} time({big:,}) / time({half:,})", round(ratio, 2), "x",
-                              f"{verdict} (goal <= 2.2 for a doubling)"))
+                              f"{verdict} (goal <= 2.2 for a doubling; expected {expected_growth(stage)})"))
     if len(ns) >= 2 and "selected_documents" in stages:
         big, reference = ns[-1], 500_000 if 500_000 in ns[:-1] else ns[0]
         part = stages["selected_documents"]
@@ -332,8 +367,8 @@ def figures(stages: dict[str, dict[int, dict[str, float]]], sizes: list[dict[str
         peak = part[big]["peak_mib"] / max(part[reference]["peak_mib"], 1e-9)
         out.append(Figure(f"scale: selected_documents partition peak RSS, N={big:,} / N={reference:,}",
                           round(peak, 3), "x",
-                          f"{'PASS' if peak <= 1.2 else 'FAIL'} (goal <= 1.2; the same {CLUSTERS_PER_RANGE} clusters "
-                          f"per range); added by the run: {part[big]['added_mib']:,.0f} / "
+                          f"{'PASS' if peak <= 1.2 else 'FAIL'} (goal <= 1.2; {DOCS_PER_RANGE:,} documents per "
+                          f"range at every N); added by the run: {part[big]['added_mib']:,.0f} / "
                           f"{part[reference]['added_mib']:,.0f} MiB = {added:.2f}x"))
     return out
 
@@ -347,10 +382,11 @@ def run(repeats: int = 1) -> list[Figure]:
     table = markdown(stages)
     print(table, file=sys.stderr)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps({"sizes": sizes, "stages": {
+    stem = results_stem()
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"sizes": sizes, "stages": {
         s: {str(n): f for n, f in by_n.items()} for s, by_n in stages.items()}}, indent=1) + "\n", encoding="utf-8")
-    plot(stages, RESULTS / "scale.png")
-    _say(f"wrote {RESULTS / 'scale.json'} and {RESULTS / 'scale.png'}")
+    plot(stages, RESULTS / f"{stem}.png")
+    _say(f"wrote {RESULTS / f'{stem}.json'} and {RESULTS / f'{stem}.png'}")
     return figures(stages, sizes)
 
 
