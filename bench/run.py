@@ -36,8 +36,11 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "postgres_runs": ("bench.bench_postgres_runs", 2),
     "influence": ("bench.bench_influence", 2),
     "selection": ("bench.bench_selection", 2),
+    "scale": ("bench.bench_scale", 2),
+    "gpu_checks": ("bench.bench_gpu_checks", 2),
 }
-ON_REQUEST = {"oracle_gpu", "pretrain_gpu"}  # for a machine with an accelerator: run with --only
+# Run only with --only: the accelerator benchmarks, and the scale benchmark (about an hour, 2M documents).
+ON_REQUEST = {"oracle_gpu", "pretrain_gpu", "gpu_checks", "scale"}
 DEFAULT_OUT = "bench/results/latest.json"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 HEAVY_MODULES = ("numpy", "pyarrow", "fasttext", "zstandard", "orjson", "torch")

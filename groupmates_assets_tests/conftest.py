@@ -110,7 +110,9 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture
 def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[S3Server]:
     """The module's server with its test keys in the environment (monkeypatched, so undone after the test);
-    tests write under a prefix of their own (``s3.url(tmp_path.name)``)."""
+    tests write under a prefix of their own (``s3.url(tmp_path.name)``); objects downloaded for loaders are cached
+    in the test's own folder, never the user's."""
+    monkeypatch.setenv("GROUPMATES_CACHE_DIR", str(tmp_path / "object-cache"))
     for name, value in aws_env(s3_server, str(tmp_path)).items():
         if value is None:
             monkeypatch.delenv(name, raising=False)

@@ -38,3 +38,35 @@ def test_bench_run_help_starts():
     done = subprocess.run([sys.executable, "-m", "bench.run", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "--only" in done.stdout, done.stderr[-3000:]
+
+
+def test_scale_benchmark_pool_has_the_real_layout(tmp_path):
+    """bench/bench_scale.py's synthetic pool is what the stages before selection write: a manifest naming every
+    shard, kept documents whose doc_id ends with their text's hash, and unit-norm float16 predictions keyed by the
+    same doc_ids under the models' fingerprint."""
+    import numpy as np
+
+    from bench import bench_scale
+    from groupmates_assets.lib import layout
+    from groupmates_assets.lib import selection as sel
+    from groupmates_assets.lib.shards import text_hash
+    from groupmates_assets.lib.storage import Storage
+
+    pool = bench_scale.write_pool(tmp_path, 3_000, 4)
+    storage = Storage(str(tmp_path))
+    assert layout.filtered_shards(storage) == pool["keys"] == [f"web-{i:04d}" for i in range(4)]
+    models = layout.fingerprint(final=layout.current_model(storage, "final")["fingerprint"],
+                                individual=layout.current_model(storage, "individual")["fingerprint"])
+    total = 0
+    for key in pool["keys"]:
+        kept = storage.read_parquet(f"filtered_pool/{key}/kept.parquet")
+        predictions = storage.read_parquet(f"selection/predictions/{models}/{key}.parquet")
+        assert predictions.column("doc_id").equals(kept.column("doc_id"))
+        hashes = [text_hash(t) for t in kept.column("text").to_pylist()]
+        assert predictions.column("text_hash").to_pylist() == hashes
+        assert all(d.endswith(h) for d, h in zip(kept.column("doc_id").to_pylist(), hashes, strict=True))
+        assert np.allclose(np.linalg.norm(sel.embeddings(predictions), axis=1), 1.0, atol=1e-2)
+        total += kept.num_rows
+    assert total == 3_000
+    assert bench_scale.profile_settings(2_000_000)["cluster_ranges"] == 40  # 2,000 clusters, 50 per range
+    assert bench_scale.shards_for(2_000_000) == 256 and bench_scale.shards_for(250_000) == 64

@@ -16,8 +16,12 @@ import pyarrow as pa
 import pytest
 from dagster_aws.s3 import S3Resource
 
+from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib.storage import Storage, fs_options
+from groupmates_assets.defs.selection import assets as sa
+from groupmates_assets.lib.influence import model as im
+from groupmates_assets.lib.storage import CACHE_DIR_ENV, Storage, fs_options
+from groupmates_assets.testing.counting_proxy import counting_proxy
 from groupmates_assets.testing.pool_to_selection import (
     PROFILE,
     artifact_digests,
@@ -25,11 +29,13 @@ from groupmates_assets.testing.pool_to_selection import (
     pipeline_profile,
     run_pool_to_selection,
     save_influence_models,
+    seed_influence_models,
     upload_dir,
 )
 from groupmates_assets.testing.s3_server import S3Server
 from groupmates_assets_tests import test_assets
 from groupmates_assets_tests.conftest import use_profile
+from groupmates_assets_tests.test_selection_assets import kept_table
 
 pytestmark = pytest.mark.integration
 
@@ -132,6 +138,51 @@ def test_pool_filter_selection_on_s3_equal_local(s3: S3Server, small_pool, tmp_p
         "sha256"].value
     assert not _contains(runs["s3"]["events"], s3.secret_key)
     assert not _contains(meta.values(), s3.access_key)
+
+
+def _predictions_downloads(s3: S3Server, root: str, keys: list[str], proxy, instance) -> list[int]:
+    """Bytes the S3 server sent for each ``pool_predictions`` shard, each shard its own run as a backfill of one
+    partition per run would be, all through ``proxy``."""
+    platform = PlatformResource(storage_root=root, profile=PROFILE, s3_endpoint_url=proxy.endpoint_url)
+    downloaded = []
+    for key in keys:
+        proxy.reset()
+        dg.materialize([sa.pool_predictions], partition_key=key, instance=instance, resources={"platform": platform})
+        downloaded.append(proxy.downloaded)
+    return downloaded
+
+
+def test_pool_predictions_download_the_models_once_per_machine(s3: S3Server, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    """Influence models on S3, one run per shard: without the local cache every run downloads both models; with
+    it (keyed by each object's ETag) only the first does, in any later run or process, until a model changes."""
+    use_profile(monkeypatch, pipeline_profile())
+    save_influence_models(tmp_path / "models")
+    keys = ["web-a", "web-b", "web-c"]
+    root = s3.url(f"{tmp_path.name}/store")
+    storage = Storage(root, fs_options(root, endpoint_url=s3.endpoint_url))
+    seed_influence_models(storage, tmp_path / "models")
+    shards = [storage.write_parquet(f"filtered_pool/{key}/kept.parquet", kept_table(key, 30)) for key in keys]
+    model_bytes = sum((tmp_path / "models" / kind / name).stat().st_size for kind in ("final", "individual")
+                      for name in im.MODEL_FILES)
+    with dg.DagsterInstance.ephemeral() as instance, counting_proxy(s3.endpoint_url) as proxy:
+        instance.add_dynamic_partitions(pool_shards.name, keys)
+        monkeypatch.setenv(CACHE_DIR_ENV, "off")
+        uncached = _predictions_downloads(s3, root, keys, proxy, instance)
+        monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "object-cache"))
+        cached = _predictions_downloads(s3, root, keys, proxy, instance)
+        (tmp_path / "models" / "final" / im.CONFIG_FILE).write_text(
+            (tmp_path / "models" / "final" / im.CONFIG_FILE).read_text() + "\n")  # same model, new object
+        seed_influence_models(storage, tmp_path / "models")
+        changed = _predictions_downloads(s3, root, keys[:1], proxy, instance)
+    print(f"[model cache] bytes downloaded per pool_predictions shard: without the cache {uncached}, with it "
+          f"{cached} (both models: {model_bytes:,} bytes; a shard's kept.parquet: {shards[0].bytes:,})")
+    assert all(b > model_bytes for b in uncached)
+    assert cached[0] > model_bytes and all(b < model_bytes / 10 for b in cached[1:])
+    final_bytes = sum((tmp_path / "models" / "final" / name).stat().st_size for name in im.MODEL_FILES)
+    assert final_bytes < changed[0] < final_bytes + model_bytes / 10  # only the changed model comes again
+    assert sorted(p.name for p in (tmp_path / "object-cache").iterdir()) and not any(
+        (p.stat().st_mode & 0o222) for p in (tmp_path / "object-cache").rglob("*") if p.is_file())  # read-only
 
 
 def test_definitions_take_endpoint_from_env_and_offer_boto3(s3: S3Server, tmp_path: Path,

@@ -5,6 +5,8 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from groupmates_assets.defs.partitions import SELECTION_METHODS, selection_methods, selection_range_keys
@@ -12,6 +14,7 @@ from groupmates_assets.defs.selection.assets import _range_check_results
 from groupmates_assets.lib import clustering
 from groupmates_assets.lib import selection as sel
 from groupmates_assets.lib.shards import make_doc_id, text_hash
+from groupmates_assets.lib.storage import Storage, overlapping_row_groups
 
 pytestmark = pytest.mark.unit
 
@@ -164,25 +167,49 @@ def test_baselines():
     scores = np.array([0.3, -1.0, 0.3, 2.0])
     assert sel.top_k(scores, 2, lowest=True).tolist() == [1, 0]
     assert sel.top_k(scores, 2, lowest=False).tolist() == [3, 0]
-    picked = sel.random_subset(100, 10, seed=3)
-    assert len(set(picked)) == 10 and np.array_equal(picked, sel.random_subset(100, 10, seed=3))
+    ids = [f"d{i:03d}" for i in range(100)]
+    draws = sel.doc_uniforms(ids, seed=3)
+    assert np.all((draws > 0) & (draws < 1)) and np.array_equal(draws, sel.doc_uniforms(ids, seed=3))
+    assert len(np.unique(draws)) == 100 and not np.array_equal(draws, sel.doc_uniforms(ids, seed=4))
+    assert np.array_equal(sel.doc_uniforms(ids[::-1], seed=3), draws[::-1])  # a document's draw is its own
+
+
+def test_random_draws_are_uniform():
+    """Each document's seeded draw is uniform on (0, 1) and independent of the next: over 20,000 ids the ten
+    deciles hold 2,000 each within 4.5 standard deviations, and a random baseline of 10% picks each of 200
+    documents in about 10% of 300 seeds."""
+    draws = sel.doc_uniforms([f"shard-{i % 7}:{i}:{i * 7919:016x}" for i in range(20_000)], seed=0)
+    deciles = np.bincount((draws * 10).astype(int), minlength=10)
+    assert np.all(np.abs(deciles - 2_000) < 4.5 * np.sqrt(20_000 * 0.1 * 0.9)), deciles
+    assert abs(np.corrcoef(draws[:-1], draws[1:])[0, 1]) < 0.03
+    ids = [f"d{i:03d}" for i in range(200)]
+    pool = sel.ScoredPool(ids, ["s"] * 200, np.zeros(200))
+    picked = np.zeros(200)
+    for seed in range(300):
+        picked[sel.select_baseline(sel.SELECTION_METHODS["random"], pool, 20, seed)] += 1
+    assert abs(picked.mean() / 300 - 0.1) < 1e-12 and picked.min() > 5 and picked.max() < 60
 
 
 def test_gumbel_top_k_is_seeded_picks_k_distinct_and_spans_top_k_to_uniform():
     scores = np.random.default_rng(0).permutation(200).astype(np.float64)  # gaps of 1: no ties
+    ids = [f"d{i:03d}" for i in range(200)]
+
+    def gumbel_top_k(values, temperature, seed, lowest=True):
+        return sel.top_k(sel.gumbel_keys(values, ids, temperature, seed, lowest), 20, lowest=True)
+
     top = sel.top_k(scores, 20, lowest=True)
-    sampled = sel.gumbel_top_k(scores, 20, temperature=5.0, seed=1)
+    sampled = gumbel_top_k(scores, 5.0, seed=1)
     assert len(sampled) == len(set(sampled.tolist())) == 20
-    assert np.array_equal(sampled, sel.gumbel_top_k(scores, 20, temperature=5.0, seed=1))
-    assert not np.array_equal(sampled, sel.gumbel_top_k(scores, 20, temperature=5.0, seed=2))
-    assert np.array_equal(sel.gumbel_top_k(scores, 20, temperature=0.0, seed=1), top)
-    assert np.array_equal(sel.gumbel_top_k(scores, 20, temperature=1e-9, seed=1), top)  # the limit T -> 0
-    hot = sel.gumbel_top_k(scores, 20, temperature=1e4, seed=1)
+    assert np.array_equal(sampled, gumbel_top_k(scores, 5.0, seed=1))
+    assert not np.array_equal(sampled, gumbel_top_k(scores, 5.0, seed=2))
+    assert np.array_equal(gumbel_top_k(scores, 0.0, seed=1), top)
+    assert np.array_equal(gumbel_top_k(scores, 1e-9, seed=1), top)  # the limit T -> 0
+    hot = gumbel_top_k(scores, 1e4, seed=1)
     assert len(set(hot.tolist()) & set(top.tolist())) < 10  # nearly uniform: top-k's 20 are not what it picks
     assert scores[sampled].mean() < scores[hot].mean()  # a moderate temperature still favours low scores
-    assert np.array_equal(sel.gumbel_top_k(-scores, 20, 1e-9, seed=1, lowest=False), sel.top_k(-scores, 20, False))
+    assert np.array_equal(gumbel_top_k(-scores, 1e-9, seed=1, lowest=False), sel.top_k(-scores, 20, False))
     with pytest.raises(ValueError, match="temperature"):
-        sel.gumbel_top_k(scores, 20, temperature=-1.0, seed=1)
+        sel.gumbel_keys(scores, ids, -1.0, seed=1)
 
 
 def test_mates_baseline_samples_by_gumbel_top_k_only_when_asked():
@@ -217,7 +244,10 @@ def test_cluster_sizes_and_total_budget():
     tables = [pa.table({"cluster": pa.array([0, 2, 2], pa.int64())}), pa.table({"cluster": pa.array([2], pa.int64())})]
     sizes = sel.cluster_sizes(tables, 4)
     assert sizes.tolist() == [1, 0, 3, 0]
+    assert sel.cluster_sizes(iter(tables), 4).tolist() == [1, 0, 3, 0]  # a generator: one shard at a time
     assert sel.cluster_sizes([], 3).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="cluster id 2 outside the 2 clusters"):
+        sel.cluster_sizes(tables, 2)
     assert sel.total_budget(sizes, 0.5) == 1 and sel.total_budget(sizes, 0.5, "ceil") == 3
     assert sel.total_budget(sizes, 0.5) == int(sel.cluster_budgets(sizes, 0.5).sum())
 
@@ -254,6 +284,87 @@ def test_baselines_pick_by_doc_id_not_input_order():
     assert sel.baseline_table(random, pool, lowest).column("score").to_pylist() == [0.0, 0.0]
 
 
+def _pool_shards(seed: int, shards: int = 5, per_shard: int = 300) -> dict[str, pa.Table]:
+    """Shards of doc_id, u_individual and quality_score with many exact ties (scores on a coarse grid), ids in
+    no particular order."""
+    rng = np.random.default_rng(seed)
+    tables = {}
+    for s in range(shards):
+        ids = [f"web-{s}:{i}:{rng.integers(1 << 60):016x}" for i in rng.permutation(per_shard)]
+        tables[f"web-{s}"] = pa.table({
+            "doc_id": pa.array(ids, pa.string()),
+            "u_individual": pa.array(np.round(rng.normal(size=per_shard), 1), pa.float32()),
+            "quality_score": pa.array(np.round(rng.uniform(size=per_shard), 2), pa.float32())})
+    return tables
+
+
+@pytest.mark.parametrize("name,temperature", [("fasttext", 0.0), ("mates", 0.0), ("mates", 0.7), ("random", 0.0)])
+@pytest.mark.parametrize("budget", [0, 1, 137, 750, 1500])
+def test_streamed_baselines_equal_the_whole_pool(name, temperature, budget):
+    """The baselines the assets run (two passes over the shards, at most 2 x budget keys held) pick the same rows
+    in the same order as the whole pool sorted at once, ties at the cut included; the same for any shard layout
+    and shard order."""
+    method = sel.SELECTION_METHODS[name]
+    tables = _pool_shards(seed=budget)
+    pool = sel.scored_pool(tables, method.score_column)
+    expected = sel.baseline_table(method, pool, sel.select_baseline(method, pool, budget, 11, temperature))
+    streamed = sel.stream_baseline(method, lambda: iter(tables.items()), budget, 11, temperature)
+    assert streamed.table.equals(expected) and streamed.pool == 1500
+    assert streamed.mean_score_pool == pytest.approx(float(np.mean(pool.scores)))
+    regrouped = pa.concat_tables(tables.values()).take(np.random.default_rng(3).permutation(1500))
+    other_layout = {f"part-{i}": regrouped.slice(i * 100, 100) for i in reversed(range(15))}
+    again = sel.stream_baseline(method, lambda: iter(other_layout.items()), budget, 11, temperature)
+    assert again.table.column("doc_id").equals(expected.column("doc_id"))
+    with pytest.raises(ValueError, match="a budget of 1,501 documents from a pool of 1,500"):
+        sel.stream_baseline(method, lambda: iter(tables.items()), 1501, 11, temperature)
+
+
+def test_split_by_shard_keeps_each_shards_order():
+    table = pa.table({"doc_id": ["x", "y", "z", "w"], "shard": ["b", "a", "b", "a"], "rank": [0, 1, 2, 3]})
+    parts = sel.split_by_shard(table, ["a", "b", "c"])
+    assert {k: v.column("doc_id").to_pylist() for k, v in parts.items()} == {"a": ["y", "w"], "b": ["x", "z"],
+                                                                              "c": []}
+    assert parts["c"].schema == table.schema
+    with pytest.raises(ValueError, match="not in the filtered pool"):
+        sel.split_by_shard(table, ["a"])
+
+
+def test_sorted_assignments_are_cut_into_one_row_group_per_cluster_range(tmp_path):
+    """cluster_assignments' layout: sorted by cluster, a row group per range; a range's read touches only its own
+    group (the others are never read) and returns exactly its rows."""
+    rng = np.random.default_rng(0)
+    k, ranges = 10, 4
+    table = sel.sorted_by_cluster(pa.table({"doc_id": [f"s:{i:03d}" for i in range(200)],
+                                            "cluster": pa.array(rng.integers(0, k, 200), pa.int64())}))
+    clusters = table.column("cluster").to_numpy()
+    assert np.all(np.diff(clusters) >= 0)
+    bounds = sel.all_range_bounds(k, ranges)
+    assert bounds == [sel.range_bounds(key, k) for key in selection_range_keys(ranges)]
+    groups = sel.range_row_groups(clusters, bounds)
+    assert groups == [int(((clusters >= a) & (clusters < b)).sum()) for a, b in bounds]
+    storage = Storage(str(tmp_path))
+    storage.write_parquet("a.parquet", table, row_group_sizes=groups)
+    assert storage.parquet_rows("a.parquet") == 200
+    metadata = pq.read_metadata(tmp_path / "a.parquet")
+    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == groups
+    for index, (start, stop) in enumerate(bounds):
+        assert _row_groups_of(storage, "a.parquet", start, stop) == [index]
+        rows = storage.read_parquet_where("a.parquet", "cluster", start, stop - 1, columns=["doc_id"])
+        assert rows.column_names == ["doc_id"]
+        in_range = pc.and_(pc.greater_equal(table.column("cluster"), start), pc.less(table.column("cluster"), stop))
+        assert rows.column("doc_id").to_pylist() == table.filter(in_range).column("doc_id").to_pylist()
+    assert storage.read_parquet_where("a.parquet", "cluster", 3, 3).column("cluster").to_pylist() == [3] * int(
+        (clusters == 3).sum())
+    assert storage.read_parquet_where("a.parquet", "cluster", 50, 60).num_rows == 0
+    with pytest.raises(ValueError, match="do not cut a table"):
+        storage.write_parquet("b.parquet", table, row_group_sizes=[100, 99])
+
+
+def _row_groups_of(storage, path: str, start: int, stop: int) -> list[int]:
+    with storage.open_read(path) as handle:
+        return overlapping_row_groups(pq.ParquetFile(handle).metadata, "cluster", start, stop - 1)
+
+
 def _assignments_and_predictions():
     h = np.eye(3, dtype=np.float16)
     predictions = {"s": pa.table({"doc_id": ["s:3", "s:1", "s:2"],
@@ -280,6 +391,11 @@ def test_candidates_of_a_range_are_joined_by_doc_id_and_sorted():
     missing = {"s": predictions["s"].slice(0, 2)}
     with pytest.raises(ValueError, match="shard s: 1 assigned documents have no prediction"):
         sel.gather_candidates(assignments, missing, 0, 2)
+    own = {"s": sel.sorted_by_cluster(assignments["s"].append_column("h", predictions["s"].take([1, 2, 0]).column(
+        "h")).append_column("u", predictions["s"].take([1, 2, 0]).column("u")))}  # h, u carried by the assignments
+    carried = sel.gather_candidates(own, None, 0, 1)
+    assert carried.doc_id.tolist() == candidates.doc_id.tolist() and carried.u.tolist() == candidates.u.tolist()
+    assert np.array_equal(carried.h, candidates.h)
 
 
 def test_one_text_hash_for_doc_ids_and_joins():

@@ -63,11 +63,12 @@ def tokenized_pool(storage: Storage, instance: dg.DagsterInstance) -> tuple[Pool
 
 @contextlib.contextmanager
 def local_probe_checkpoint(storage: Storage) -> Iterator[tuple[str, str]]:
-    """(local directory, model sha256) of the stored probe checkpoint; downloaded first from an object store."""
+    """(local directory, model sha256) of the stored probe checkpoint; from an object store, downloaded once per
+    machine (every oracle block reads it)."""
     if not storage.exists(f"{layout.PROBE_CHECKPOINT_DIR}/trainer_state.json"):
         raise PermanentFailure("no probe checkpoint: materialize probe_checkpoint first")
     sha = storage.info(f"{layout.PROBE_CHECKPOINT_DIR}/model.safetensors").sha256
-    with storage.local_dir(layout.PROBE_CHECKPOINT_DIR, layout.PROBE_CHECKPOINT_FILES) as local:
+    with storage.local_dir(layout.PROBE_CHECKPOINT_DIR, layout.PROBE_CHECKPOINT_FILES, cache=True) as local:
         yield local, sha
 
 
@@ -86,7 +87,7 @@ def collect_oracle_block(context: dg.AssetExecutionContext, platform: PlatformRe
     with storage.local_copy(layout.REFERENCE_FILE) as local:
         reference = ref_lib.load_reference_set(local)
     with leased_gpus(context) as gpus, local_probe_checkpoint(storage) as (checkpoint_dir, checkpoint_sha), \
-            storage.local_copy(f"{layout.PROBE_POOL_DIR}/contexts.npy") as pool_path:
+            storage.local_copy(f"{layout.PROBE_POOL_DIR}/contexts.npy", cache=True) as pool_path:
         state = lm.read_trainer_state(checkpoint_dir)
         fingerprint = layout.fingerprint(checkpoint=checkpoint_sha,
                                          pool=storage.info(f"{layout.PROBE_POOL_DIR}/contexts.npy").sha256,

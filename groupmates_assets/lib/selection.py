@@ -14,8 +14,9 @@ clusters of similar size are stepped together as one padded batch (on the GPU wh
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +38,22 @@ def range_bounds(range_key: str, k: int) -> tuple[int, int]:
     return index * k // ranges, (index + 1) * k // ranges
 
 
-def cluster_sizes(assignments: Sequence[pa.Table], k: int) -> np.ndarray:
-    """Documents per cluster id over every shard's assignments (tables with a ``cluster`` column)."""
-    return np.sum([np.bincount(t.column("cluster").to_numpy(), minlength=k) for t in assignments],
-                  axis=0) if assignments else np.zeros(k, dtype=np.int64)
+def all_range_bounds(k: int, ranges: int) -> list[tuple[int, int]]:
+    """[start, stop) of every range partition ``clusters-III-of-<ranges>``, in order (as :func:`range_bounds`)."""
+    return [(index * k // ranges, (index + 1) * k // ranges) for index in range(ranges)]
+
+
+def cluster_sizes(assignments: Iterable[pa.Table], k: int) -> np.ndarray:
+    """Documents per cluster id over shards' assignments (tables with a ``cluster`` column), summed one table at
+    a time: given a generator over shards, only one shard's column is in memory."""
+    sizes = np.zeros(k, dtype=np.int64)
+    for table in assignments:
+        counts = np.bincount(table.column("cluster").to_numpy(), minlength=k)
+        if len(counts) > k:
+            raise ValueError(f"cluster id {len(counts) - 1} outside the {k} clusters; rematerialize "
+                             "cluster_assignments for the current cluster_centroids")
+        sizes += counts
+    return sizes
 
 
 def cluster_budgets(sizes: np.ndarray, ratio: float, rounding: str = "floor") -> np.ndarray:
@@ -228,22 +241,30 @@ def top_k(scores: np.ndarray, budget: int, lowest: bool) -> np.ndarray:
     return np.argsort(key, kind="stable")[:budget]
 
 
-def gumbel_top_k(scores: np.ndarray, budget: int, temperature: float, seed: int, lowest: bool = True) -> np.ndarray:
-    """MATES' Gumbel-top-k: the ``budget`` best of ``scores / temperature`` plus seeded standard Gumbel noise (the k
-    smallest, as MATES' ``select_data.py``), a sample without replacement that still favours the best scores, so
-    the selection is not one narrow slice of the pool. Computed as ``scores + temperature * noise``, the same
-    order, so temperature 0 is :func:`top_k` exactly and a large one approaches a uniform sample."""
+def doc_uniforms(doc_ids: Sequence[str] | pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """A seeded uniform number in (0, 1) for every doc_id, from blake2b of the seed and the id alone: a document
+    draws the same number whatever its shard, its position or the order the pool is read in, so a baseline can
+    sample while it streams over the shards (the same draws as over the whole pool at once)."""
+    ids = doc_ids.to_pylist() if isinstance(doc_ids, pa.Array | pa.ChunkedArray) else doc_ids
+    prefix = f"{int(seed)}:".encode()
+    digests = b"".join(hashlib.blake2b(prefix + doc_id.encode(), digest_size=8).digest() for doc_id in ids)
+    words = np.frombuffer(digests, dtype="<u8")
+    return ((words >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)  # 53 random bits, never 0 or 1
+
+
+def gumbel_keys(scores: np.ndarray, doc_ids: Sequence[str] | pa.Array | pa.ChunkedArray, temperature: float,
+                seed: int, lowest: bool = True) -> np.ndarray:
+    """MATES' Gumbel-top-k as sort keys (the ``budget`` smallest are selected): ``scores + temperature * g``
+    (``-scores`` for highest-first scores), g standard Gumbel noise from each doc_id's seeded uniform
+    (:func:`doc_uniforms`); the same order as MATES' ``scores / temperature + noise`` (``select_data.py``), a
+    sample without replacement that still favours the best scores. Temperature 0 gives the scores themselves
+    (:func:`top_k` exactly); a large one approaches a uniform sample."""
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"the Gumbel-top-k temperature must be a finite number >= 0, got {temperature!r}")
+    keys = np.asarray(scores, dtype=np.float64) if lowest else -np.asarray(scores, dtype=np.float64)
     if temperature == 0:
-        return top_k(scores, budget, lowest)
-    noise = np.random.default_rng(seed).gumbel(size=len(scores))
-    sign = 1.0 if lowest else -1.0
-    return top_k(np.asarray(scores, dtype=np.float64) + sign * temperature * noise, budget, lowest)
-
-
-def random_subset(count: int, budget: int, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(count, size=budget, replace=False))
+        return keys
+    return keys + temperature * -np.log(-np.log(doc_uniforms(doc_ids, seed)))
 
 
 def clusters_for(documents: int, mean_cluster_size: int) -> int:
@@ -298,22 +319,41 @@ class Candidates:
         return len(self.doc_id)
 
 
-def gather_candidates(assignments: dict[str, pa.Table], predictions: dict[str, pa.Table], start: int,
+def sorted_by_cluster(table: pa.Table) -> pa.Table:
+    """A shard's assignments in the order they are stored: by cluster id, then doc_id (so equal input gives equal
+    bytes, whatever the predictions' row order)."""
+    return table.sort_by([("cluster", "ascending"), ("doc_id", "ascending")])
+
+
+def range_row_groups(clusters: np.ndarray, bounds: Sequence[tuple[int, int]]) -> list[int]:
+    """Rows per Parquet row group for assignments sorted by cluster: one group per range of ``bounds`` that holds
+    rows, so a range partition reads its own group of every shard and nothing of the others."""
+    cuts = np.searchsorted(np.asarray(clusters), [start for start, _ in bounds[1:]], side="left")
+    counts = np.diff(np.concatenate([[0], cuts, [len(clusters)]]))
+    return [int(count) for count in counts if count]
+
+
+def gather_candidates(assignments: dict[str, pa.Table], predictions: dict[str, pa.Table] | None, start: int,
                       stop: int) -> Candidates:
-    """The documents assigned to clusters [start, stop) with their h and u, joined by doc_id shard by shard (in
-    the order of ``assignments``); sorted by doc_id, so a cluster's order never depends on the input's."""
+    """The documents assigned to clusters [start, stop) with their h and u, shard by shard (in the order of
+    ``assignments``); sorted by doc_id, so a cluster's order never depends on the input's. With ``predictions``
+    h and u are joined from them by doc_id; with None they are the assignments' own columns (the layout
+    cluster_assignments writes, so a range reads nothing but its own rows)."""
     doc_ids, shards, clusters, hs, us = [], [], [], [], []
     for key, table in assignments.items():
         mask = pc.and_(pc.greater_equal(table.column("cluster"), start), pc.less(table.column("cluster"), stop))
         chosen = table.filter(mask)
         if chosen.num_rows == 0:
             continue
-        pred = predictions[key]
-        rows = pc.index_in(chosen.column("doc_id"), value_set=pred.column("doc_id"))
-        if rows.null_count:
-            raise ValueError(f"shard {key}: {rows.null_count} assigned documents have no prediction; rematerialize "
-                             "pool_predictions and cluster_assignments for it")
-        picked = pred.take(rows)
+        if predictions is None:
+            picked = chosen
+        else:
+            pred = predictions[key]
+            rows = pc.index_in(chosen.column("doc_id"), value_set=pred.column("doc_id"))
+            if rows.null_count:
+                raise ValueError(f"shard {key}: {rows.null_count} assigned documents have no prediction; "
+                                 "rematerialize pool_predictions and cluster_assignments for it")
+            picked = pred.take(rows)
         doc_ids += chosen.column("doc_id").to_pylist()
         shards += [key] * chosen.num_rows
         clusters.append(chosen.column("cluster").to_numpy())
@@ -325,6 +365,19 @@ def gather_candidates(assignments: dict[str, pa.Table], predictions: dict[str, p
     order = np.argsort(np.array(doc_ids, dtype=object), kind="stable")
     return Candidates(np.array(doc_ids, dtype=object)[order], np.array(shards, dtype=object)[order],
                       np.concatenate(clusters)[order], np.concatenate(hs)[order], np.concatenate(us)[order])
+
+
+def split_by_shard(table: pa.Table, keys: Sequence[str]) -> dict[str, pa.Table]:
+    """The rows of every shard in ``keys`` (an empty table for a shard without rows), each in the table's order;
+    rows of a shard outside ``keys`` are an error."""
+    ordered = table.take(pc.sort_indices(table, sort_keys=[("shard", "ascending")]))  # a stable sort
+    shards = np.asarray(ordered.column("shard").to_numpy(zero_copy_only=False), dtype=object)
+    unknown = set(np.unique(shards).tolist()) - set(keys)
+    if unknown:
+        raise ValueError(f"rows of shards {sorted(unknown)[:5]} that are not in the filtered pool")
+    first = np.searchsorted(shards, list(keys), side="left") if len(shards) else np.zeros(len(keys), np.int64)
+    last = np.searchsorted(shards, list(keys), side="right") if len(shards) else np.zeros(len(keys), np.int64)
+    return {key: ordered.slice(int(a), int(b - a)) for key, a, b in zip(keys, first, last, strict=True)}
 
 
 def selected_table(candidates: Candidates, result: ClusterSelection) -> pa.Table:
@@ -374,23 +427,24 @@ def check_range(candidates: Candidates, result: ClusterSelection, budgets: np.nd
 # --------------------------------------------------------------------------------- methods and baselines
 
 
-def _pick_random(scores: np.ndarray, budget: int, seed: int, temperature: float) -> np.ndarray:
-    return random_subset(len(scores), budget, seed)
+def _random_keys(scores: np.ndarray, doc_ids: pa.Array, seed: int, temperature: float) -> np.ndarray:
+    return doc_uniforms(doc_ids, seed)
 
 
-def _pick_lowest(scores: np.ndarray, budget: int, seed: int, temperature: float) -> np.ndarray:
-    return gumbel_top_k(scores, budget, temperature, seed, lowest=True)
+def _lowest_keys(scores: np.ndarray, doc_ids: pa.Array, seed: int, temperature: float) -> np.ndarray:
+    return gumbel_keys(scores, doc_ids, temperature, seed, lowest=True)
 
 
-def _pick_highest(scores: np.ndarray, budget: int, seed: int, temperature: float) -> np.ndarray:
-    return top_k(scores, budget, lowest=False)
+def _highest_keys(scores: np.ndarray, doc_ids: pa.Array, seed: int, temperature: float) -> np.ndarray:
+    return -np.asarray(scores, dtype=np.float64)
 
 
 @dataclass(frozen=True)
 class SelectionMethod:
     """A selection method the report compares: its name (the partition key of every per-method asset), the asset
-    that selects with it, and for a baseline the per-document score it reads and how it picks at Group-MATES'
-    budget. Group-MATES itself selects per cluster range (``select_in_clusters``) and has no ``pick``."""
+    that selects with it, and for a baseline the per-document score it reads and the sort key it picks by at
+    Group-MATES' budget. Group-MATES itself selects per cluster range (``select_in_clusters``) and has no
+    ``sort_key``."""
 
     name: str
     asset: str
@@ -398,13 +452,19 @@ class SelectionMethod:
     score_asset: str | None = None  # where the score column is: "pool_predictions" or "filtered_pool_shard"
     score_column: str | None = None
     ranked: bool = True  # False: not ranked by the score, which is only reported (seeded uniform sample)
-    # (scores in doc_id order, budget, seed, temperature) -> rows in selection order
-    pick: Callable[[np.ndarray, int, int, float], np.ndarray] | None = None
+    # (scores, their doc_ids, seed, temperature) -> one float64 key per document, computed from the document
+    # alone (never from its position), so a stream over the shards can select: the budget smallest keys, ties by
+    # doc_id, in that order
+    sort_key: Callable[[np.ndarray, pa.Array, int, float], np.ndarray] | None = None
     temperature_setting: str | None = None  # the selection profile field with its Gumbel-top-k temperature
 
     @property
     def is_baseline(self) -> bool:
-        return self.pick is not None
+        return self.sort_key is not None
+
+    def draws_noise(self, temperature: float) -> bool:
+        """Whether its selection depends on seeded random draws (:func:`doc_uniforms`)."""
+        return self.is_baseline and (not self.ranked or temperature > 0)
 
 
 SELECTION_METHODS: dict[str, SelectionMethod] = {}
@@ -428,17 +488,17 @@ register_method(SelectionMethod(
 register_method(SelectionMethod(
     "random", "selected_random", "Baseline: a seeded uniform sample of the filtered pool, the same number of "
     "documents as Group-MATES selects.",
-    score_asset="pool_predictions", score_column="u_individual", ranked=False, pick=_pick_random))
+    score_asset="pool_predictions", score_column="u_individual", ranked=False, sort_key=_random_keys))
 register_method(SelectionMethod(
     "mates", "selected_mates", "Baseline (MATES): the documents with the most beneficial individual influence "
     "(lowest u of the individual model), Group-MATES' budget; with selection.mates_temperature > 0, MATES' "
     "Gumbel-top-k sampling at that temperature instead of the deterministic top-k.",
-    score_asset="pool_predictions", score_column="u_individual", pick=_pick_lowest,
+    score_asset="pool_predictions", score_column="u_individual", sort_key=_lowest_keys,
     temperature_setting="mates_temperature"))
 register_method(SelectionMethod(
     "fasttext", "selected_fasttext", "Baseline: the documents with the highest fastText quality score, "
     "Group-MATES' budget.",
-    score_asset="filtered_pool_shard", score_column="quality_score", pick=_pick_highest))
+    score_asset="filtered_pool_shard", score_column="quality_score", sort_key=_highest_keys))
 
 
 @dataclass(frozen=True)
@@ -459,20 +519,98 @@ def scored_pool(tables: dict[str, pa.Table], score_column: str) -> ScoredPool:
         scores=np.concatenate([tables[k].column(score_column).to_numpy() for k in keys]) if keys else np.zeros(0))
 
 
-def select_baseline(method: SelectionMethod, pool: ScoredPool, budget: int, seed: int,
-                    temperature: float = 0.0) -> np.ndarray:
-    """Rows of ``pool`` a baseline picks, in selection order; ties (and the random draws) by doc_id, not by input
-    order. ``temperature`` > 0 samples by Gumbel-top-k where the method supports it (MATES)."""
-    if method.pick is None:
+def _clean_keys(keys: np.ndarray) -> np.ndarray:
+    """NaN keys last (as +inf), and -0.0 as 0.0, so numpy's and Arrow's sorts agree on every tie."""
+    keys = np.asarray(keys, dtype=np.float64)
+    return np.where(np.isnan(keys), np.inf, keys) + 0.0
+
+
+def _check_baseline(method: SelectionMethod, temperature: float) -> None:
+    if method.sort_key is None:
         raise ValueError(f"{method.name} is not a baseline")
     if temperature and not method.temperature_setting:
         raise ValueError(f"{method.name} has no sampling temperature, got {temperature}")
+
+
+def select_baseline(method: SelectionMethod, pool: ScoredPool, budget: int, seed: int,
+                    temperature: float = 0.0) -> np.ndarray:
+    """Rows of ``pool`` a baseline picks, in selection order: the ``budget`` smallest sort keys, ties by doc_id
+    (never by input order). The whole pool at once: the reference that :func:`stream_baseline`, which the
+    assets run, must equal. ``temperature`` > 0 samples by Gumbel-top-k where the method supports it (MATES)."""
+    _check_baseline(method, temperature)
     order = np.argsort(np.array(pool.doc_ids, dtype=object), kind="stable")
-    return order[method.pick(pool.scores[order], budget, seed, temperature)]
+    keys = _clean_keys(method.sort_key(pool.scores[order], pa.array([pool.doc_ids[i] for i in order], pa.string()),
+                                       seed, temperature))
+    return order[top_k(keys, budget, lowest=True)]
 
 
 def baseline_table(method: SelectionMethod, pool: ScoredPool, rows: np.ndarray) -> pa.Table:
     """A baseline's selection: doc_id, shard, rank, score (0 for an unranked method)."""
-    return pa.table({"doc_id": [pool.doc_ids[i] for i in rows], "shard": [pool.shards[i] for i in rows],
+    return pa.table({"doc_id": pa.array([pool.doc_ids[i] for i in rows], pa.string()),
+                     "shard": pa.array([pool.shards[i] for i in rows], pa.string()),
                      "rank": pa.array(np.arange(len(rows)), pa.int64()),
                      "score": pa.array(pool.scores[rows] if method.ranked else np.zeros(len(rows)), pa.float32())})
+
+
+@dataclass(frozen=True)
+class StreamedBaseline:
+    """A baseline's selection made shard by shard: its table (as :func:`baseline_table`) and the pool's figures."""
+
+    table: pa.Table
+    pool: int  # documents read
+    mean_score_pool: float | None
+    mean_score_selected: float | None
+
+
+def stream_baseline(method: SelectionMethod, shards: Callable[[], Iterable[tuple[str, pa.Table]]], budget: int,
+                    seed: int, temperature: float = 0.0) -> StreamedBaseline:
+    """:func:`select_baseline` over shards read one at a time: ``shards()`` yields (shard key, table with doc_id
+    and the method's score column) and is called twice. Pass one finds the ``budget``-th smallest sort key,
+    holding at most twice the budget's keys; pass two keeps the documents at or below it, and a sort by key and
+    doc_id cuts them at the budget. Memory: the selection, never the pool; the same rows in the same order as
+    the whole pool at once (``test_selection.py::test_streamed_baselines_equal_the_whole_pool``)."""
+    _check_baseline(method, temperature)
+    threshold, pool, score_sum = _kth_smallest_key(method, shards, budget, seed, temperature)
+    if budget > pool:
+        raise ValueError(f"{method.name}: a budget of {budget:,} documents from a pool of {pool:,}")
+    parts = []
+    for key, table, scores, keys in _keyed(method, shards, seed, temperature) if budget else ():
+        mask = keys <= threshold
+        parts.append(pa.table({"key": pa.array(keys[mask], pa.float64()), "doc_id": table.column("doc_id").filter(
+            pa.array(mask)).cast(pa.string()), "shard": pa.array([key] * int(mask.sum()), pa.string()),
+            "value": pa.array(scores[mask], pa.float64())}))
+    schema = pa.schema({"key": pa.float64(), "doc_id": pa.string(), "shard": pa.string(), "value": pa.float64()})
+    found = pa.concat_tables(parts) if parts else schema.empty_table()
+    chosen = found.take(pc.sort_indices(found, sort_keys=[("key", "ascending"), ("doc_id", "ascending")])[:budget])
+    values = chosen.column("value").to_numpy()
+    table = pa.table({"doc_id": chosen.column("doc_id"), "shard": chosen.column("shard"),
+                      "rank": pa.array(np.arange(chosen.num_rows), pa.int64()),
+                      "score": pa.array(values if method.ranked else np.zeros(len(values)), pa.float32())})
+    return StreamedBaseline(table, pool, score_sum / pool if pool else None,
+                            float(values.mean()) if len(values) else None)
+
+
+def _keyed(method: SelectionMethod, shards: Callable[[], Iterable[tuple[str, pa.Table]]], seed: int,
+           temperature: float) -> Iterator[tuple[str, pa.Table, np.ndarray, np.ndarray]]:
+    for key, table in shards():
+        scores = table.column(method.score_column).to_numpy().astype(np.float64)
+        yield key, table, scores, _clean_keys(method.sort_key(scores, table.column("doc_id"), seed, temperature))
+
+
+def _kth_smallest_key(method: SelectionMethod, shards: Callable[[], Iterable[tuple[str, pa.Table]]], budget: int,
+                      seed: int, temperature: float) -> tuple[float, int, float]:
+    """(the ``budget``-th smallest key, documents, sum of scores) in one pass; memory: at most 2 x budget keys."""
+    kept, held, threshold, pool, score_sum = [], 0, np.inf, 0, 0.0
+    for _, _, scores, keys in _keyed(method, shards, seed, temperature):
+        pool, score_sum = pool + len(keys), score_sum + float(scores.sum())
+        if budget == 0:
+            continue
+        small = keys[keys <= threshold]
+        kept.append(small)
+        held += len(small)
+        if held >= 2 * budget:  # keep the budget smallest: anything larger can never be selected
+            smallest = np.partition(np.concatenate(kept), budget - 1)[:budget]
+            kept, held, threshold = [smallest], budget, float(smallest.max())
+    if budget == 0 or held < budget:
+        return -np.inf, pool, score_sum
+    return float(np.partition(np.concatenate(kept), budget - 1)[budget - 1]), pool, score_sum

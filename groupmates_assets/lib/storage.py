@@ -9,6 +9,11 @@ temporary file and uploaded only when the block writing it succeeded: a failed w
 
 S3 credentials never pass through here: s3fs (botocore) reads them from the environment, ``~/.aws`` or an
 instance role. Only the endpoint (S3-compatible servers) and the region are options (`fs_options`).
+
+Files that loaders need on a local disk and that many runs read (models, the probe checkpoint, a classifier) are
+downloaded from an object store once per machine: `local_dir` and `local_copy` with ``cache=True`` keep them in a
+local cache keyed by each object's ETag (see `object_cache_dir`), so a later run, in any process, reuses them
+until the object changes.
 """
 
 from __future__ import annotations
@@ -19,15 +24,19 @@ import io
 import json
 import os
 import posixpath
+import shutil
+import stat
 import tempfile
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from groupmates_assets.lib import failpoints
@@ -36,6 +45,12 @@ _TMP_MARK = ".tmp-"
 _S3_PROTOCOLS = ("s3", "s3a")
 S3_ENDPOINT_ENV = "GROUPMATES_S3_ENDPOINT_URL"  # an S3-compatible server (MinIO, SeaweedFS, ...); AWS when unset
 S3_REGION_ENV = "GROUPMATES_S3_REGION"  # unset: botocore's own chain (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws)
+CACHE_DIR_ENV = "GROUPMATES_CACHE_DIR"  # the local cache of downloaded objects; "off": download every time
+CACHE_MAX_BYTES_ENV = "GROUPMATES_CACHE_MAX_BYTES"  # above this the least recently used entries are removed
+DEFAULT_CACHE_MAX_BYTES = 20 << 30
+CACHE_KEEP_SECONDS = 3600  # an entry used this recently is never removed (another process may be reading it)
+# What identifies an object's content in its fsspec info, by backend: S3's ETag, GCS's generation, Azure's etag.
+_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash")
 
 
 class StoragePathError(ValueError):
@@ -209,9 +224,23 @@ class Storage:
         data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
         return self.write_bytes(relative, data)
 
-    def write_parquet(self, relative: str, table: pa.Table, compression: str = "zstd") -> ArtifactInfo:
-        with self.open_write(relative) as out:
-            pq.write_table(table, out, compression=compression)
+    def write_parquet(self, relative: str, table: pa.Table, compression: str = "zstd",
+                      row_group_sizes: Sequence[int] | None = None, **options: Any) -> ArtifactInfo:
+        """A Parquet file; ``row_group_sizes`` (rows per row group, in order, summing to the table's rows) cuts
+        the row groups where a reader will want to skip (see `read_parquet_where`); ``options`` go to pyarrow's
+        writer (``use_dictionary``, ``column_encoding``)."""
+        if row_group_sizes is None:
+            with self.open_write(relative) as out:
+                pq.write_table(table, out, compression=compression, **options)
+            return out.info
+        if sum(row_group_sizes) != table.num_rows or any(size <= 0 for size in row_group_sizes):
+            raise ValueError(f"row groups of {list(row_group_sizes)} rows do not cut a table of {table.num_rows}")
+        with self.open_write(relative) as out, pq.ParquetWriter(out, table.schema, compression=compression,
+                                                                **options) as writer:
+            offset = 0
+            for size in row_group_sizes:
+                writer.write_table(table.slice(offset, size), row_group_size=size)
+                offset += size
         return out.info
 
     def write_numpy(self, relative: str, array: np.ndarray) -> ArtifactInfo:
@@ -249,14 +278,49 @@ class Storage:
         with self.open_read(relative) as handle:
             return pq.read_table(handle, columns=columns)
 
-    def read_numpy(self, relative: str, mmap: bool = True) -> np.ndarray:
+    def parquet_rows(self, relative: str) -> int:
+        """Rows of a Parquet file, from its footer alone."""
+        with self._open_selective(relative) as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+
+    def read_parquet_where(self, relative: str, column: str, lowest: Any, highest: Any,
+                           columns: list[str] | None = None) -> pa.Table:
+        """The rows whose ``column`` lies in [lowest, highest], reading only the row groups whose statistics say
+        they can hold such rows (plus the footer): a file sorted by ``column`` with row groups cut at the ranges
+        its readers ask for is read range by range, never whole."""
+        with self._open_selective(relative) as handle:
+            parquet = pq.ParquetFile(handle)
+            groups = overlapping_row_groups(parquet.metadata, column, lowest, highest)
+            wanted = columns if columns is None or column in columns else [*columns, column]
+            table = parquet.read_row_groups(groups, columns=wanted) if groups else \
+                parquet.schema_arrow.empty_table().select(wanted or parquet.schema_arrow.names)
+        values = table.column(column)
+        table = table.filter(pc.and_(pc.greater_equal(values, lowest), pc.less_equal(values, highest)))
+        return table.select(columns) if columns is not None else table
+
+    @contextlib.contextmanager
+    def _open_selective(self, relative: str) -> Iterator[IO[bytes]]:
+        """A handle for reading parts of a file: on an object store without read-ahead, so a request fetches
+        only the bytes asked for (s3fs's default read-ahead would fetch megabytes past each column chunk)."""
+        if self.is_local:
+            with self.open_read(relative) as handle:
+                yield handle
+            return
+        with self.fs.open(self.path(relative), "rb", cache_type="none") as handle:
+            yield handle
+
+    def read_numpy(self, relative: str, mmap: bool = True, cache: bool = False) -> np.ndarray:
         """A ``.npy`` array, read whole, or with ``mmap`` memory-mapped read-only (pages load on demand).
 
         An object cannot be memory-mapped, so a remote array is first downloaded to a local temporary file;
-        the file is unlinked at once (the mapping keeps it alive), so its disk space returns with the array.
+        the file is unlinked at once (the mapping keeps it alive), so its disk space returns with the array;
+        with ``cache`` it is kept in the local object cache instead, for later runs (see `local_dir`).
         """
         if self.is_local and mmap:
             return np.load(self.path(relative), mmap_mode="r", allow_pickle=False)
+        if mmap and cache and (cached := self._cached_entry(posixpath.dirname(relative),
+                                                             [posixpath.basename(relative)])):
+            return np.load(os.path.join(cached, posixpath.basename(relative)), mmap_mode="r", allow_pickle=False)
         if mmap:
             fd, tmp = tempfile.mkstemp(prefix="groupmates-", suffix=".npy")
             os.close(fd)
@@ -274,10 +338,16 @@ class Storage:
         return ArtifactInfo(self.url(relative), size, digest)
 
     @contextlib.contextmanager
-    def local_copy(self, relative: str) -> Iterator[str]:
-        """A local filesystem path for libraries that only read local files (fastText); no copy when local."""
+    def local_copy(self, relative: str, cache: bool = False) -> Iterator[str]:
+        """A local filesystem path for libraries that only read local files (fastText); no copy when local.
+        From an object store with ``cache``, the file comes from the local cache (`object_cache_dir`), downloaded
+        only if the object changed since: read it, never write it (it is read-only)."""
         if self.is_local:
             yield self.path(relative)
+            return
+        name = posixpath.basename(relative)
+        if cache and (cached := self._cached_entry(posixpath.dirname(relative), [name])):
+            yield os.path.join(cached, name)
             return
         with tempfile.TemporaryDirectory(prefix="groupmates-") as tmp:
             target = os.path.join(tmp, posixpath.basename(relative))
@@ -285,23 +355,118 @@ class Storage:
             yield target
 
     @contextlib.contextmanager
-    def local_dir(self, relative_dir: str, names: Iterable[str]) -> Iterator[str]:
+    def local_dir(self, relative_dir: str, names: Iterable[str], cache: bool = False) -> Iterator[str]:
         """A local directory holding ``names`` (paths inside ``relative_dir``, sub-folders allowed) for loaders
-        that read a directory (checkpoints, models); no copy when the storage root is local."""
+        that read a directory (checkpoints, models); no copy when the storage root is local. From an object
+        store with ``cache`` (for what many runs read: models), the files come from the local cache
+        (`object_cache_dir`), downloaded only when an object changed since: read them, never write them (they are
+        read-only). Without it, a temporary copy removed on exit (what one run reads once: a checkpoint)."""
         if self.is_local:
             yield self.path(relative_dir)
             return
+        names = list(names)
+        if cache and (cached := self._cached_entry(relative_dir, names)):
+            yield cached
+            return
         with tempfile.TemporaryDirectory(prefix="groupmates-") as tmp:
-            for name in names:
-                target = os.path.join(tmp, name)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                self.fs.get_file(self.path(f"{relative_dir}/{name}"), target)
+            self._download(relative_dir, names, tmp)
             yield tmp
+
+    def _download(self, relative_dir: str, names: Sequence[str], target_dir: str) -> None:
+        for name in names:
+            target = os.path.join(target_dir, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            self.fs.get_file(self.path(f"{relative_dir}/{name}" if relative_dir else name), target)
+
+    def _cached_entry(self, relative_dir: str, names: Sequence[str]) -> str | None:
+        """A local folder holding ``names`` of ``relative_dir`` as they are in the store now, downloaded into the
+        cache unless an earlier download of the same object versions is there; None when there is no cache
+        (turned off, or a backend whose listing names no version)."""
+        cache = object_cache_dir()
+        if cache is None:
+            return None
+        versions = [self.object_version(f"{relative_dir}/{name}" if relative_dir else name) for name in names]
+        if None in versions:
+            return None
+        key = hashlib.sha256(json.dumps([self.url(relative_dir), list(names), versions]).encode()).hexdigest()
+        entry = os.path.join(cache, key[:32])
+        if os.path.isdir(entry):
+            os.utime(entry)  # recently used: the last to be evicted
+            return entry
+        os.makedirs(cache, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=_TMP_MARK, dir=cache)
+        try:
+            self._download(relative_dir, names, staging)
+            for name in names:
+                os.chmod(os.path.join(staging, name), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.rename(staging, entry)  # whole or absent; if another process was first, its copy is the same
+        except OSError:
+            if not os.path.isdir(entry):
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        prune_cache(cache, int(os.environ.get(CACHE_MAX_BYTES_ENV) or DEFAULT_CACHE_MAX_BYTES), keep=entry)
+        return entry
+
+    def object_version(self, relative: str) -> str | None:
+        """What identifies the object's current content (its ETag on S3, with its size); None when the backend
+        names none, e.g. a local or in-memory filesystem."""
+        info = self.fs.info(self.path(relative))
+        version = next((info[key] for key in _VERSION_KEYS if info.get(key)), None)
+        return f"{version}:{info.get('size')}" if version is not None else None
 
     def put_dir(self, local_dir: str, relative_dir: str, names: Iterable[str]) -> dict[str, ArtifactInfo]:
         """Upload ``names`` from a local directory, each file written atomically, in the order given (so a
         completion marker listed last lands last)."""
         return {name: self.put_file(os.path.join(local_dir, name), f"{relative_dir}/{name}") for name in names}
+
+
+def object_cache_dir() -> str | None:
+    """Where files downloaded from an object store are kept for later runs: $GROUPMATES_CACHE_DIR, default
+    ``~/.cache/groupmates/objects``; ``off`` turns the cache off. Point it at a volume that outlives the step's
+    container (a node-local disk) for the cache to work across runs on Kubernetes or ECS."""
+    value = os.environ.get(CACHE_DIR_ENV, "")
+    if value == "off":
+        return None
+    return value or os.path.join(os.path.expanduser("~"), ".cache", "groupmates", "objects")
+
+
+def prune_cache(cache: str, max_bytes: int, keep: str | None = None) -> list[str]:
+    """Remove the least recently used entries until the cache holds at most ``max_bytes``; entries used in the
+    last hour (and ``keep``) stay, since another process may be reading them. Returns the entries removed."""
+    entries = []
+    for name in os.listdir(cache):
+        path = os.path.join(cache, name)
+        if name.startswith(_TMP_MARK) or not os.path.isdir(path):
+            continue
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+        entries.append((os.path.getmtime(path), size, path))
+    total, removed = sum(size for _, size, _ in entries), []
+    for used, size, path in sorted(entries):
+        if total <= max_bytes:
+            break
+        if path == keep or time.time() - used < CACHE_KEEP_SECONDS:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        total -= size
+        removed.append(path)
+    return removed
+
+
+def overlapping_row_groups(metadata: pq.FileMetaData, column: str, lowest: Any, highest: Any) -> list[int]:
+    """Row groups whose ``column`` statistics overlap [lowest, highest]; a group without statistics is kept."""
+    if metadata.num_row_groups == 0:
+        return []
+    first = metadata.row_group(0)
+    index = next((i for i in range(first.num_columns) if first.column(i).path_in_schema == column), None)
+    if index is None:
+        raise KeyError(f"no column {column!r} in the Parquet file")
+    groups = []
+    for group in range(metadata.num_row_groups):
+        stats = metadata.row_group(group).column(index).statistics
+        if stats is None or not stats.has_min_max or (stats.max >= lowest and stats.min <= highest):
+            groups.append(group)
+    return groups
 
 
 def _remove_dead_writers_files(parent: str, name: str) -> None:

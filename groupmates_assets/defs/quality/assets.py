@@ -210,7 +210,7 @@ def filtered_pool_shard(context: dg.AssetExecutionContext, platform: PlatformRes
     if not storage.exists(current["model"]):
         raise PermanentFailure(f"quality model {storage.url(current['model'])} named by "
                                f"{storage.url(layout.CURRENT_CLASSIFIER)} is missing: rematerialize quality_classifier")
-    with storage.local_copy(current["model"]) as model_path:
+    with storage.local_copy(current["model"], cache=True) as model_path:  # every filter run reads it
         classifier = QualityClassifier(model_path, current["hq_label"])
     return materialize_partitions(context, lambda key: filter_one_shard(context, platform, classifier, current, key),
                                   check_name="counts_reconcile")

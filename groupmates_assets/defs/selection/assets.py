@@ -2,7 +2,10 @@
 greedily inside each cluster (Group-MATES), the baselines at the same budget, and the selected corpora with
 per-document lineage."""
 
+import hashlib
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import dagster as dg
 import numpy as np
@@ -53,9 +56,10 @@ def selection_fingerprint(storage: Storage, settings: SelectionProfile) -> str:
                               rounding=settings.budget_rounding, alpha=alpha, tau=tau)
 
 
-def range_selection_path(selection_fp: str, range_key: str) -> str:
-    """Group-MATES' selection of one range of clusters (``selection_fp``: :func:`selection_fingerprint`)."""
-    return f"{layout.SELECTIONS_DIR}/group_mates/{selection_fp}/{range_key}.parquet"
+def range_selection_dir(selection_fp: str, range_key: str) -> str:
+    """Group-MATES' selection of one range of clusters (``selection_fp``: :func:`selection_fingerprint`): one file
+    per shard of the filtered pool under it, and the range's summary ``<dir>.json``, written last."""
+    return f"{layout.SELECTIONS_DIR}/group_mates/{selection_fp}/{range_key}"
 
 
 def baseline_temperature(method: sel.SelectionMethod, settings: SelectionProfile) -> float:
@@ -64,12 +68,28 @@ def baseline_temperature(method: sel.SelectionMethod, settings: SelectionProfile
     return float(getattr(settings, method.temperature_setting)) if method.temperature_setting else 0.0
 
 
-def baseline_path(selection_fp: str, method: str, seed: int, temperature: float = 0.0) -> str:
+def baseline_dir(selection_fp: str, method: str, seed: int, temperature: float = 0.0) -> str:
     """A baseline's selection, versioned by Group-MATES' (whose budget it takes), its seed and, when it samples,
-    its Gumbel-top-k temperature."""
+    its Gumbel-top-k temperature and the draws (per-doc_id uniforms, :func:`sel.doc_uniforms`): one file per shard
+    under ``<dir>/shards/`` and the summary ``<dir>/selected.json``, written last."""
     sampling = {"temperature": temperature} if temperature else {}
+    if sel.SELECTION_METHODS[method].draws_noise(temperature):
+        sampling["draws"] = "blake2b-doc-id"
     fingerprint = layout.fingerprint(selection=selection_fp, method=method, seed=seed, **sampling)
-    return f"{layout.SELECTIONS_DIR}/{method}/{fingerprint}/selected.parquet"
+    return f"{layout.SELECTIONS_DIR}/{method}/{fingerprint}"
+
+
+def write_by_shard(storage: Storage, directory: str, marker: str, table: pa.Table, keys: list[str],
+                   summary: dict) -> str:
+    """A selection as one file per shard of ``keys`` (empty ones too, so a reader can tell "none of this shard"
+    from "not written"), then ``marker``, the summary that says the set is complete. Returns a digest of the
+    shards' files, in shard order."""
+    digest = hashlib.sha256()
+    for key, rows in sel.split_by_shard(table, keys).items():
+        digest.update(storage.write_parquet(f"{directory}/{key}.parquet", rows).sha256.encode())
+    storage.write_json(marker, {**summary, "selected": table.num_rows, "shards": len(keys),
+                                "sha256": digest.hexdigest()})
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- predictions
@@ -170,7 +190,7 @@ def cluster_centroids(context: dg.AssetExecutionContext, platform: PlatformResou
     keys = layout.filtered_shards(storage)
     paths = {key: predictions_path(storage, key) for key in keys}
     layout.require_files(storage, paths, "pool_predictions")
-    counts = {key: storage.read_parquet(path, columns=["u"]).num_rows for key, path in paths.items()}
+    counts = {key: storage.parquet_rows(path) for key, path in paths.items()}  # footers only
     total = sum(counts.values())
     k = sel.clusters_for(total, settings.mean_cluster_size)
     sample = sel.sample_embeddings(storage, paths, counts, settings.max_points_per_centroid * k, settings.kmeans_seed)
@@ -209,49 +229,89 @@ def _size_histogram(sizes: np.ndarray, title: str) -> str:
     return plots.png_markdown(png, "cluster sizes")
 
 
+# The sorted cluster ids run-length encode to a few bytes per cluster; the float16 embeddings, random-looking to a
+# dictionary, go byte-stream-split (their exponent bytes compress): a third of the time to write and to read.
+ASSIGNMENTS_ENCODING = {"use_dictionary": ["cluster"], "column_encoding": {"h.list.element": "BYTE_STREAM_SPLIT"}}
+
+
+def assignments_dir(storage: Storage) -> str:
+    """The current clusters' assignments: one file per shard, sorted by cluster (``sorted_assignments``; the
+    unsorted ``assignments`` folder of the earlier layout is never read)."""
+    return f"{layout.CLUSTERS_DIR}/{layout.current_clusters(storage)['fingerprint']}/sorted_assignments"
+
+
 def assignments_path(storage: Storage, key: str) -> str:
-    return f"{layout.CLUSTERS_DIR}/{layout.current_clusters(storage)['fingerprint']}/assignments/{key}.parquet"
+    return f"{assignments_dir(storage)}/{key}.parquet"
 
 
 @step_asset(
     partitions_def=pool_shards,
     backfill_policy=shard_batches(),
     group_name="selection",
-    code_version="cluster-assignments-v1",
+    code_version="cluster-assignments-v2",
     deps=[cluster_centroids, pool_predictions],
     kinds={"faiss", "parquet"},
 )
 def cluster_assignments(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     """Each document of a shard assigned to its nearest centroid (largest inner product with the unit-norm centroids):
-    doc_id, cluster, similarity."""
+    doc_id, cluster, similarity, and its h and u, sorted by cluster with one row group per cluster range, so a
+    `selected_documents` partition reads only its own clusters' rows of every shard."""
     shard_keys(context)
-    storage = platform.storage()
+    storage, settings = platform.storage(), platform.settings().selection
     current = layout.current_clusters(storage)
-    centroids = np.asarray(storage.read_numpy(f"{layout.CLUSTERS_DIR}/{current['fingerprint']}/centroids.npy"))
-    return materialize_partitions(context, lambda key: assign_shard(storage, current, centroids, key))
+    centroids = np.asarray(storage.read_numpy(f"{layout.CLUSTERS_DIR}/{current['fingerprint']}/centroids.npy",
+                                              cache=True))  # every assignment run reads them
+    bounds = sel.all_range_bounds(current["k"], settings.cluster_ranges)
+    return materialize_partitions(context, lambda key: assign_shard(storage, current, centroids, bounds, key))
 
 
-def assign_shard(storage: Storage, current: dict, centroids: np.ndarray, key: str) -> PartitionResult:
+def assign_shard(storage: Storage, current: dict, centroids: np.ndarray, bounds: list[tuple[int, int]],
+                 key: str) -> PartitionResult:
+    """``bounds``: the cluster ranges (:func:`sel.all_range_bounds`) the file's row groups are cut at."""
     key = validate_shard_key(key)
-    table = read_predictions(storage, [key], ["doc_id", "h"])[key]
+    table = read_predictions(storage, [key], ["doc_id", "h", "u"])[key]
     clusters, similarity = clustering.assign(sel.embeddings(table), centroids) if table.num_rows else (
         np.zeros(0, np.int64), np.zeros(0, np.float32))
-    out = pa.table({"doc_id": table.column("doc_id"), "cluster": pa.array(clusters, pa.int64()),
-                    "similarity": pa.array(similarity, pa.float32())})
-    info = storage.write_parquet(f"{layout.CLUSTERS_DIR}/{current['fingerprint']}/assignments/{key}.parquet", out)
+    out = sel.sorted_by_cluster(pa.table({
+        "doc_id": table.column("doc_id"), "cluster": pa.array(clusters, pa.int64()),
+        "similarity": pa.array(similarity, pa.float32()), "h": table.column("h"), "u": table.column("u")}))
+    groups = sel.range_row_groups(out.column("cluster").to_numpy(), bounds)
+    info = storage.write_parquet(f"{layout.CLUSTERS_DIR}/{current['fingerprint']}/sorted_assignments/{key}.parquet",
+                                 out, row_group_sizes=groups, **ASSIGNMENTS_ENCODING)
     return PartitionResult(
         metadata={"dagster/row_count": out.num_rows, "documents": out.num_rows,
-                  "clusters_touched": len(np.unique(clusters)),
+                  "clusters_touched": len(np.unique(clusters)), "row_groups": len(groups),
                   "mean_similarity": finite(float(similarity.mean())) if len(similarity) else None,
-                  "clusters_fingerprint": current["fingerprint"], "path": dg.MetadataValue.path(info.path)},
+                  "clusters_fingerprint": current["fingerprint"], "bytes": info.bytes,
+                  "path": dg.MetadataValue.path(info.path)},
         data_version=info.sha256[:16],
     )
 
 
-def read_assignments(storage: Storage, keys: list[str]) -> dict[str, pa.Table]:
-    paths = {key: assignments_path(storage, key) for key in keys}
+def iter_assignments(storage: Storage, keys: list[str], columns: list[str] | None = None,
+                     clusters: tuple[int, int] | None = None) -> Iterator[tuple[str, pa.Table]]:
+    """(shard, its assignments) one shard at a time; with ``clusters`` = [start, stop) only the rows of those
+    clusters, read from their row groups alone."""
+    directory = assignments_dir(storage)
+    paths = {key: f"{directory}/{key}.parquet" for key in keys}
     layout.require_files(storage, paths, "cluster_assignments")
-    return {key: storage.read_parquet(path) for key, path in paths.items()}
+    for key, path in paths.items():
+        if clusters is None:
+            yield key, storage.read_parquet(path, columns=columns)
+        else:
+            yield key, storage.read_parquet_where(path, "cluster", clusters[0], clusters[1] - 1, columns=columns)
+
+
+def read_assignments(storage: Storage, keys: list[str], columns: list[str] | None = None,
+                     clusters: tuple[int, int] | None = None) -> dict[str, pa.Table]:
+    """Every shard's assignments at once (see :func:`iter_assignments`)."""
+    return dict(iter_assignments(storage, keys, columns, clusters))
+
+
+def read_cluster_sizes(storage: Storage, keys: list[str], k: int) -> np.ndarray:
+    """Documents per cluster over the whole pool from the ``cluster`` column alone, one shard at a time (sorted,
+    the column compresses to a few bytes per cluster)."""
+    return sel.cluster_sizes((table for _, table in iter_assignments(storage, keys, ["cluster"])), k)
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -260,7 +320,7 @@ def read_assignments(storage: Storage, keys: list[str]) -> dict[str, pa.Table]:
 @step_asset(
     partitions_def=selection_ranges,
     group_name="selection",
-    code_version="group-mates-selection-v1",
+    code_version="group-mates-selection-v2",
     deps=[dg.AssetDep(cluster_assignments, partition_mapping=dg.AllPartitionMapping())],
     kinds={"pytorch", "parquet"},
     check_specs=[
@@ -274,40 +334,70 @@ def read_assignments(storage: Storage, keys: list[str]) -> dict[str, pa.Table]:
 def selected_documents(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     """Group-MATES: inside every cluster of this range, greedily the candidate with the most beneficial predicted
     influence given what the cluster already selected (closed form with the learned alpha and tau), up to
-    floor/ceil(r x |C|) documents. Rows: doc_id, shard, cluster, rank, u, predicted influence."""
+    floor/ceil(r x |C|) documents. Reads only this range's rows of every shard's assignments (their h and u
+    included), so its memory follows the range, not the pool. Rows: doc_id, shard, cluster, rank, u, predicted
+    influence; one file per shard."""
     storage, settings = platform.storage(), platform.settings().selection
+    selected = select_range(storage, settings, context.partition_key)
+    checks, out, candidates = selected.checks, selected.table, selected.candidates
+    start, stop, sizes = selected.start, selected.stop, selected.sizes
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": out.num_rows, "selected": out.num_rows, "candidates": len(candidates),
+            "clusters": stop - start, "cluster_range": f"[{start}, {stop})", "alpha": selected.alpha,
+            "tau": selected.tau, "learned_alpha_tau": settings.learned_alpha_tau, "ratio": settings.ratio,
+            "budget_rounding": settings.budget_rounding, "select_seconds": round(selected.seconds, 3),
+            "documents_per_second": round(len(candidates) / selected.seconds, 1)
+            if selected.seconds and len(candidates) else None,
+            "mean_u_selected": checks.mean_u_selected, "mean_u_candidates": checks.mean_u_candidates,
+            "sha256": selected.sha256,
+            "cluster_size_histogram": dg.MetadataValue.md(_size_histogram(sizes[start:stop], "cluster sizes"))
+            if stop > start else "",
+            "path": dg.MetadataValue.path(storage.url(selected.directory)),
+        },
+        check_results=_range_check_results(checks, out.num_rows),
+        data_version=dg.DataVersion(selected.sha256[:16]),
+    )
+
+
+@dataclass(frozen=True)
+class RangeSelection:
+    """What one range partition selected, and what its checks and metadata need."""
+
+    start: int
+    stop: int
+    candidates: sel.Candidates
+    sizes: np.ndarray  # documents per cluster id (the range's clusters; 0 elsewhere)
+    table: pa.Table
+    checks: sel.RangeChecks
+    alpha: float
+    tau: float
+    seconds: float
+    directory: str
+    sha256: str
+
+
+def select_range(storage: Storage, settings: SelectionProfile, range_key: str) -> RangeSelection:
+    """Group-MATES over the clusters of ``range_key`` (any ``clusters-III-of-NNN``): their rows of every shard,
+    their budgets from their own sizes, the greedy, and the selection written one file per shard."""
     current, keys = layout.current_clusters(storage), layout.filtered_shards(storage)
-    start, stop = sel.range_bounds(context.partition_key, current["k"])
-    assignments = read_assignments(storage, keys)
-    sizes = sel.cluster_sizes(list(assignments.values()), current["k"])
+    start, stop = sel.range_bounds(range_key, current["k"])
+    assignments = read_assignments(storage, keys, ["doc_id", "cluster", "h", "u"], clusters=(start, stop))
+    sizes = sel.cluster_sizes(assignments.values(), current["k"])  # exact for this range's clusters
     budgets = sel.cluster_budgets(sizes, settings.ratio, settings.budget_rounding)
-    candidates = sel.gather_candidates(assignments, read_predictions(storage, keys, ["doc_id", "h", "u"]), start,
-                                       stop)
+    candidates = sel.gather_candidates(assignments, None, start, stop)
+    del assignments
     alpha, tau = alpha_tau(storage, settings)
     started = time.perf_counter()
     result = sel.select_in_clusters(candidates.h, candidates.u, candidates.cluster, budgets, alpha, tau,
                                     device=lm.default_device())
     seconds = time.perf_counter() - started
     out = sel.selected_table(candidates, result)
-    info = storage.write_parquet(range_selection_path(selection_fingerprint(storage, settings), context.partition_key),
-                                 out)
+    directory = range_selection_dir(selection_fingerprint(storage, settings), range_key)
+    digest = write_by_shard(storage, directory, f"{directory}.json", out, keys,
+                            {"range": range_key, "clusters": [start, stop], "candidates": len(candidates)})
     checks = sel.check_range(candidates, result, budgets, start, stop)
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": out.num_rows, "selected": out.num_rows, "candidates": len(candidates),
-            "clusters": stop - start, "cluster_range": f"[{start}, {stop})", "alpha": alpha, "tau": tau,
-            "learned_alpha_tau": settings.learned_alpha_tau, "ratio": settings.ratio,
-            "budget_rounding": settings.budget_rounding, "select_seconds": round(seconds, 3),
-            "documents_per_second": round(len(candidates) / seconds, 1) if seconds and len(candidates) else None,
-            "mean_u_selected": checks.mean_u_selected, "mean_u_candidates": checks.mean_u_candidates,
-            "sha256": info.sha256,
-            "cluster_size_histogram": dg.MetadataValue.md(_size_histogram(sizes[start:stop], "cluster sizes"))
-            if stop > start else "",
-            "path": dg.MetadataValue.path(info.path),
-        },
-        check_results=_range_check_results(checks, out.num_rows),
-        data_version=dg.DataVersion(info.sha256[:16]),
-    )
+    return RangeSelection(start, stop, candidates, sizes, out, checks, alpha, tau, seconds, directory, digest)
 
 
 def _range_check_results(checks: sel.RangeChecks, selected: int) -> list[dg.AssetCheckResult]:
@@ -329,59 +419,63 @@ def _range_check_results(checks: sel.RangeChecks, selected: int) -> list[dg.Asse
 # ------------------------------------------------------------------------------------------------ baselines
 
 
-def _score_tables(storage: Storage, keys: list[str], method: sel.SelectionMethod) -> dict[str, pa.Table]:
-    """Every shard's doc_id and the baseline's score column, from the asset that holds it."""
+def _score_tables(storage: Storage, keys: list[str], method: sel.SelectionMethod) -> Callable[
+        [], Iterator[tuple[str, pa.Table]]]:
+    """Every shard's doc_id and the baseline's score column, from the asset that holds it, one shard at a time
+    (each call of the result reads them again)."""
     columns = ["doc_id", method.score_column]
     if method.score_asset == "filtered_pool_shard":
-        return {k: storage.read_parquet(f"{layout.FILTERED_DIR.format(key=k)}/kept.parquet", columns=columns)
-                for k in keys}
-    return read_predictions(storage, keys, columns)
+        paths = {k: f"{layout.FILTERED_DIR.format(key=k)}/kept.parquet" for k in keys}
+        layout.require_files(storage, paths, "filtered_pool_shard")
+    else:
+        paths = {key: predictions_path(storage, key) for key in keys}
+        layout.require_files(storage, paths, "pool_predictions")
+    return lambda: ((key, storage.read_parquet(path, columns=columns)) for key, path in paths.items())
 
 
 def _baseline(platform: PlatformResource, name: str) -> dg.MaterializeResult:
-    """A baseline of the registry at Group-MATES' total budget."""
+    """A baseline of the registry at Group-MATES' total budget, streamed over the shards (twice): memory holds
+    the selection and one shard, never the pool."""
     method = sel.SELECTION_METHODS[name]
     storage, settings = platform.storage(), platform.settings().selection
     keys = layout.filtered_shards(storage)
-    k = layout.current_clusters(storage)["k"]
-    sizes = sel.cluster_sizes(list(read_assignments(storage, keys).values()), k)
+    sizes = read_cluster_sizes(storage, keys, layout.current_clusters(storage)["k"])
     budget = sel.total_budget(sizes, settings.ratio, settings.budget_rounding)
-    pool = sel.scored_pool(_score_tables(storage, keys, method), method.score_column)
     temperature = baseline_temperature(method, settings)
-    rows = sel.select_baseline(method, pool, budget, settings.random_seed, temperature)
-    out = sel.baseline_table(method, pool, rows)
-    info = storage.write_parquet(baseline_path(selection_fingerprint(storage, settings), name, settings.random_seed,
-                                               temperature), out)
-    scores = pool.scores
+    picked = sel.stream_baseline(method, _score_tables(storage, keys, method), budget, settings.random_seed,
+                                 temperature)
+    directory = baseline_dir(selection_fingerprint(storage, settings), name, settings.random_seed, temperature)
+    digest = write_by_shard(storage, f"{directory}/shards", f"{directory}/selected.json", picked.table, keys,
+                            {"method": name, "budget": budget, "pool": picked.pool})
     return dg.MaterializeResult(
-        metadata={"dagster/row_count": out.num_rows, "selected": out.num_rows, "pool": len(pool.doc_ids),
+        metadata={"dagster/row_count": picked.table.num_rows, "selected": picked.table.num_rows, "pool": picked.pool,
                   "budget": budget, "score": method.score_column if method.ranked else "none (seeded uniform)",
                   "pick": f"Gumbel-top-k, temperature {temperature:g}" if temperature else
                   ("top-k" if method.ranked else "seeded uniform"),
-                  "mean_score_selected": finite(float(scores[rows].mean())) if len(rows) else None,
-                  "mean_score_pool": finite(float(scores.mean())) if len(scores) else None,
-                  "sha256": info.sha256, "path": dg.MetadataValue.path(info.path)},
-        data_version=dg.DataVersion(info.sha256[:16]),
+                  "mean_score_selected": finite(picked.mean_score_selected),
+                  "mean_score_pool": finite(picked.mean_score_pool),
+                  "sha256": digest, "path": dg.MetadataValue.path(storage.url(directory))},
+        data_version=dg.DataVersion(digest[:16]),
     )
 
 
 BASELINE_DEPS = [dg.AssetDep(cluster_assignments, partition_mapping=dg.AllPartitionMapping())]
 
 
-@step_asset(group_name="selection", code_version="random-selection-v1", kinds={"parquet"},
+@step_asset(group_name="selection", code_version="random-selection-v2", kinds={"parquet"},
           deps=BASELINE_DEPS, description=sel.SELECTION_METHODS["random"].description)
 def selected_random(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     return _baseline(platform, "random")
 
 
-@step_asset(group_name="selection", code_version="mates-selection-v1", kinds={"parquet"},
+@step_asset(group_name="selection", code_version="mates-selection-v2", kinds={"parquet"},
           deps=[*BASELINE_DEPS, dg.AssetDep(pool_predictions, partition_mapping=dg.AllPartitionMapping())],
           description=sel.SELECTION_METHODS["mates"].description)
 def selected_mates(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     return _baseline(platform, "mates")
 
 
-@step_asset(group_name="selection", code_version="fasttext-selection-v1", kinds={"parquet"},
+@step_asset(group_name="selection", code_version="fasttext-selection-v2", kinds={"parquet"},
           deps=BASELINE_DEPS, description=sel.SELECTION_METHODS["fasttext"].description)
 def selected_fasttext(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     return _baseline(platform, "fasttext")
@@ -390,18 +484,49 @@ def selected_fasttext(context: dg.AssetExecutionContext, platform: PlatformResou
 # ------------------------------------------------------------------------------------------- selected corpus
 
 
-def selection_tables(storage: Storage, settings: SelectionProfile, ranges: int) -> dict[str, pa.Table]:
-    """The current selection of every method (Group-MATES: all cluster ranges), each with a doc_id column."""
+@dataclass(frozen=True)
+class SelectionFiles:
+    """Where the current selection of every method is, checked complete (every summary written) once per run;
+    :meth:`of_shard` then reads one shard's rows alone."""
+
+    group_mates: list[str]  # range folders, in range order
+    baselines: dict[str, str]  # method -> folder of its per-shard files
+
+    def of_shard(self, storage: Storage, key: str) -> dict[str, pa.Table]:
+        """Every method's selected rows of shard ``key`` (Group-MATES: the ranges' rows in range order), each with
+        a doc_id column."""
+        paths = {"group_mates": [f"{d}/{key}.parquet" for d in self.group_mates],
+                 **{method: [f"{d}/{key}.parquet"] for method, d in self.baselines.items()}}
+        return {method: pa.concat_tables([_read_selection(storage, p, key) for p in files])
+                for method, files in paths.items()}
+
+
+def _read_selection(storage: Storage, path: str, key: str) -> pa.Table:
+    try:
+        return storage.read_parquet(path)
+    except FileNotFoundError:  # the summaries exist, so the shard was not in the pool when they were made
+        raise layout.MissingArtifactError(f"no selection file for shard {key} ({storage.url(path)}); the selections "
+                                          "were made without this shard: rematerialize them") from None
+
+
+def selection_files(storage: Storage, settings: SelectionProfile, ranges: int) -> SelectionFiles:
+    """The current selections of every method (Group-MATES: all cluster ranges); fails naming the asset to
+    materialize when one is not complete."""
     fp = selection_fingerprint(storage, settings)
-    paths = {r: range_selection_path(fp, r) for r in selection_range_keys(ranges)}
-    layout.require_files(storage, paths, "selected_documents")
-    out = {"group_mates": pa.concat_tables([storage.read_parquet(p) for p in paths.values()])}
+    folders = {r: range_selection_dir(fp, r) for r in selection_range_keys(ranges)}
+    layout.require_files(storage, {r: f"{d}.json" for r, d in folders.items()}, "selected_documents")
+    baselines = {}
     for method in sel.baseline_methods():
-        path = baseline_path(fp, method.name, settings.random_seed, baseline_temperature(method, settings))
-        if not storage.exists(path):
+        directory = baseline_dir(fp, method.name, settings.random_seed, baseline_temperature(method, settings))
+        if not storage.exists(f"{directory}/selected.json"):
             raise FileNotFoundError(f"no current selection for {method.name}; materialize {method.asset} first")
-        out[method.name] = storage.read_parquet(path)
-    return out
+        baselines[method.name] = f"{directory}/shards"
+    return SelectionFiles(list(folders.values()), baselines)
+
+
+def selection_tables(storage: Storage, settings: SelectionProfile, ranges: int, key: str) -> dict[str, pa.Table]:
+    """The current selection of every method in shard ``key`` (see :class:`SelectionFiles`)."""
+    return selection_files(storage, settings, ranges).of_shard(storage, key)
 
 
 def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
@@ -438,18 +563,21 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
 )
 def selected_corpus(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     """The selected documents of a shard for every method, as DCLM-format JSON lines (zstd): the original record plus
-    doc_id and the selection fields; joined with the filtered pool by doc_id."""
+    doc_id and the selection fields; joined with the filtered pool by doc_id. Reads only this shard's rows of each
+    selection."""
     shard_keys(context)
     storage, settings = platform.storage(), platform.settings().selection
-    tables = selection_tables(storage, settings, settings.cluster_ranges)
+    files = selection_files(storage, settings, settings.cluster_ranges)
     provenance = finite(lineage(context, storage))
-    return materialize_partitions(context, lambda key: write_corpus_shard(storage, settings, tables, provenance, key),
+    return materialize_partitions(context, lambda key: write_corpus_shard(
+        storage, settings, files.of_shard(storage, validate_shard_key(key)), provenance, key),
                                   check_name="index_round_trip")
 
 
 def write_corpus_shard(storage: Storage, settings: SelectionProfile, tables: dict[str, pa.Table], provenance: dict,
                        key: str) -> PartitionResult:
-    """The shard's selected documents of every method as JSON lines, joined by doc_id; the stats file goes last."""
+    """The shard's selected documents of every method as JSON lines, joined by doc_id; the stats file goes last.
+    ``tables``: each method's selection (this shard's rows, or more: rows of other shards are left out)."""
     key = validate_shard_key(key)
     kept = storage.read_parquet(f"{layout.FILTERED_DIR.format(key=key)}/kept.parquet")
     embedded = read_predictions(storage, [key], ["doc_id", "text_hash"])[key]

@@ -254,9 +254,9 @@ def read_config(directory: str) -> InfluenceModelConfig:
 
 
 def local_model_dir(storage: Storage, relative_dir: str) -> AbstractContextManager[str]:
-    """A local directory holding a saved model (works for any storage root; downloaded first from an object
-    store)."""
-    return storage.local_dir(relative_dir, MODEL_FILES)
+    """A local directory holding a saved model (works for any storage root; from an object store, downloaded once
+    per machine into the local object cache and reused by every later run until the model changes)."""
+    return storage.local_dir(relative_dir, MODEL_FILES, cache=True)
 
 
 def load_model(directory: str, device: str | torch.device | None = None) -> InfluenceModel:
