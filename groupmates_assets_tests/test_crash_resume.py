@@ -63,8 +63,10 @@ STEPS = [
     StepKind("per-shard prediction", "pool_predictions_job", "crawl-a", ("selection/predictions/*/crawl-a.parquet",),
              (("selection/predictions/*/crawl-a.parquet", ("doc_id",)),)),
     StepKind("selection", "select_documents_job", "clusters-000-of-002",
-             ("selection/methods/group_mates/*/clusters-000-of-002.parquet",),
-             (("selection/methods/group_mates/*/clusters-000-of-002.parquet", ("doc_id",)),)),
+             ("selection/methods/group_mates/*/clusters-000-of-002.parquet",
+              "selection/methods/sequences/*/clusters-000-of-002*.parquet"),
+             (("selection/methods/group_mates/*/clusters-000-of-002.parquet", ("doc_id",)),
+              ("selection/methods/sequences/*/clusters-000-of-002.parquet", ("doc_id",)))),
     StepKind("pretraining", "pretrain_job", "mates", ("pretrain/mates/*",)),
 ]
 
