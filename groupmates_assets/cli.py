@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("--partition", help="one partition of the asset (default: all of them; the method's own "
                        "partition for tokenized_corpus, pretrain_checkpoints and evaluation)")
     trace.add_argument("--method", default="group_mates",
-                       help="selection method whose lineage to show: group_mates (default), random, mates, fasttext")
+                       help="selection method whose lineage to show: group_mates (default), group_mates_weighted, "
+                       "group_mates_global, random, mates, fasttext")
     trace.add_argument("--all-methods", action="store_true", help="keep every method's selection in the chain")
     trace.add_argument("--json", action="store_true", help="print JSON instead of the table")
     trace.set_defaults(func=provenance)

@@ -64,6 +64,9 @@ PARAMETERS: dict[str, list[str]] = {
     "selected_random": ["budget", "selected", "score"],
     "selected_mates": ["budget", "selected", "score"],
     "selected_fasttext": ["budget", "selected", "score"],
+    "selected_weighted": ["policy", "budget", "selected", "budget_floor", "budget_cap", "weighted_sharpness",
+                          "clusters_below_uniform"],
+    "selected_global": ["policy", "budget", "selected", "budget_floor", "budget_cap", "clusters_below_uniform"],
     "selected_corpus": ["selected_{method}", "kept_documents", "sha256.{method}", "selection_settings.ratio",
                         "selection_settings.budget_rounding", "lineage.clusters.fingerprint"],
     "tokenized_corpus": ["fingerprint", "documents", "tokens", "token_budget", "passes", "seeds"],
@@ -282,6 +285,10 @@ def trace(instance: dg.DagsterInstance, asset_graph: Any, asset: str, partition:
     elif partition is not None:
         raise ValueError(f"{asset} is not partitioned")
     pruned = [a for m, a in METHOD_SELECTION_ASSETS.items() if method is not None and m != method]
+    if method is not None and asset_graph.has(dg.AssetKey(METHOD_SELECTION_ASSETS[method])):
+        # a budget policy's selection is cut from Group-MATES' greedy sequences: keep what the method reads
+        own = upstream(asset_graph, dg.AssetKey(METHOD_SELECTION_ASSETS[method]))
+        pruned = [a for a in pruned if dg.AssetKey(a) not in own]
     chain = upstream(asset_graph, target, pruned)
     pinned = pinned_partitions(asset_graph, chain, target, partition)
     assets, latest_ids = [], {}

@@ -276,15 +276,32 @@ class SelectionProfile:
     random_seed: int = 0  # the random-selection baseline (and the Gumbel noise of MATES' sampling)
     mates_temperature: float = 0.0  # MATES baseline: 0 deterministic top-k; > 0 MATES' Gumbel-top-k at this
     # temperature (pred / temperature + Gumbel noise, the k smallest)
+    # The non-uniform cluster budget policies (group_mates_weighted, group_mates_global; lib.budgets): each cluster
+    # keeps between floor(budget_floor x |C|) and ceil(budget_cap x |C|) documents (the floor at most, the cap at
+    # least the ratio); the cap is also how far selected_documents computes each cluster's greedy sequence.
+    budget_floor: float = 0.1
+    budget_cap: float = 1.0
+    weighted_sharpness: float = 1.0  # influence_weighted: budget ~ |C| exp(-sharpness z), z the standardised benefit
     torch_threads: int = 2
 
     def __post_init__(self) -> None:
         _in_range("selection.ratio", self.ratio, 0, 1)
         _one_of("selection.budget_rounding", self.budget_rounding, ("floor", "ceil"))
-        _non_negative("selection", mates_temperature=self.mates_temperature)
+        _non_negative("selection", mates_temperature=self.mates_temperature,
+                      weighted_sharpness=self.weighted_sharpness)
+        _in_range("selection.budget_floor", self.budget_floor, 0, 1, "both")
+        _in_range("selection.budget_cap", self.budget_cap, 0, 1, "both")
         _at_least("selection", 1, mean_cluster_size=self.mean_cluster_size, kmeans_iterations=self.kmeans_iterations,
                   max_points_per_centroid=self.max_points_per_centroid, cluster_ranges=self.cluster_ranges,
                   predict_batch_docs=self.predict_batch_docs, torch_threads=self.torch_threads)
+
+    def policy_limits(self):  # -> lib.budgets.PolicyLimits
+        """The floor, cap and sharpness of the non-uniform cluster budget policies; the floor at most and the cap
+        at least the ratio, so the uniform budget always lies between them."""
+        from groupmates_assets.lib.budgets import PolicyLimits
+
+        return PolicyLimits(min(self.budget_floor, self.ratio), max(self.budget_cap, self.ratio),
+                            self.weighted_sharpness)
 
 
 @dataclass(frozen=True)
@@ -390,7 +407,9 @@ class CausalProfile:
 
     groups: int = 16  # N groups per set; each costs T probe steps + one reference loss
     seed: int = 0  # group g of every set is drawn under (seed, g)
-    methods: tuple[str, ...] = ("group_mates", "mates", "fasttext")  # compared with random groups of the pool
+    methods: tuple[str, ...] = ("group_mates", "group_mates_weighted", "group_mates_global", "mates",
+                                "fasttext")  # compared with random groups of the pool
+    references: tuple[str, ...] = ("mates",)  # every set is also compared with these (those in methods), paired
     workers: int = 2  # replica processes (2 CPU cores: 2 x 1 thread beats 1 x 2 threads)
 
     def __post_init__(self) -> None:
@@ -451,7 +470,8 @@ PROFILES: dict[str, Profile] = {
         selection=SelectionProfile(predict_batch_docs=1024, torch_threads=8),
         pretrain=PretrainProfile(seeds=3, checkpoint_every=72),
         evaluation=EvalProfile(limit_per_task=100, heldout_documents=100),
-        causal=CausalProfile(groups=64, methods=("group_mates", "mates", "fasttext", "random"), workers=4),
+        causal=CausalProfile(groups=64, methods=("group_mates", "group_mates_weighted", "group_mates_global",
+                                                 "mates", "fasttext", "random"), workers=4),
     ),
     "ci": Profile(
         name="ci",

@@ -102,6 +102,29 @@ def test_summary_differences_intervals_and_spearman_on_hand_made_influences():
 
 
 @pytest.mark.unit
+def test_every_method_is_also_compared_with_the_reference_methods_paired_by_group():
+    pool = np.array([0.10, 0.20, 0.30, 0.40])
+    mates = pool - 0.10
+    actual = {causal.POOL: pool, "group_mates": mates - 0.02, "mates": mates, "fasttext": mates + 0.3}
+    predicted = {name: np.arange(4.0) for name in actual}
+    summary = causal.summarize(actual, predicted, references=("mates",))
+    rows = summary["sets"]
+    assert summary["references"] == ["mates"] and rows["mates"]["minus"] == {}
+    minus = rows["group_mates"]["minus"]["mates"]
+    assert (minus["estimate"], minus["low"], minus["high"]) == pytest.approx((-0.02, -0.02, -0.02))
+    assert rows["fasttext"]["minus"]["mates"]["estimate"] == pytest.approx(0.3)
+    assert rows[causal.POOL]["minus"]["mates"]["estimate"] == pytest.approx(0.1)
+    text = causal.to_markdown({"length": 10, "base_loss": 3.0, "summary": summary,
+                               "order": [causal.POOL, "group_mates", "mates", "fasttext"]})
+    assert "| minus mates [95% interval] |" in text
+    assert next(line for line in text.splitlines() if line.startswith("| group_mates |")).endswith(
+        "| -0.0200 [-0.0200, -0.0200] | +1.000 |")
+    assert "| (reference) |" in next(line for line in text.splitlines() if line.startswith("| mates |"))
+    with pytest.raises(ValueError, match="no groups for the reference 'random'"):
+        causal.summarize(actual, predicted, references=("random",))
+
+
+@pytest.mark.unit
 def test_summary_refuses_unpaired_or_non_finite_influences():
     with pytest.raises(ValueError, match="'mates': 2 actual influences"):
         causal.summarize({causal.POOL: [0.1, 0.2, 0.3], "mates": [0.1, 0.2]}, {causal.POOL: [0] * 3, "mates": [0] * 2})

@@ -64,8 +64,10 @@ STEPS = [
              (("selection/predictions/*/crawl-a.parquet", ("doc_id",)),)),
     StepKind("selection", "select_documents_job", "clusters-000-of-002",
              ("selection/methods/group_mates/*/clusters-000-of-002",  # one file per shard, then the summary
-              "selection/methods/group_mates/*/clusters-000-of-002.json"),
-             (("selection/methods/group_mates/*/clusters-000-of-002/*.parquet", ("doc_id",)),)),
+              "selection/methods/group_mates/*/clusters-000-of-002.json",
+              "selection/methods/sequences/*/clusters-000-of-002*.parquet"),
+             (("selection/methods/group_mates/*/clusters-000-of-002/*.parquet", ("doc_id",)),
+              ("selection/methods/sequences/*/clusters-000-of-002.parquet", ("doc_id",)))),
     StepKind("pretraining", "pretrain_job", "mates", ("pretrain/mates/*",)),
 ]
 

@@ -16,6 +16,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
+METHODS = ("group_mates", "group_mates_weighted", "group_mates_global", "random", "mates", "fasttext")
+
 # oracle_random's block-000 materialized again on the demo's instance and storage; prints its metadata as JSON.
 RERUN_BLOCK = """
 import json, sys
@@ -177,15 +179,16 @@ def _check_selection_stage(storage, instance, shards) -> None:
         assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(shards), key
     assert instance.get_materialized_partitions(dg.AssetKey("selected_documents")) == {
         "clusters-000-of-002", "clusters-001-of-002"}
-    assert instance.get_materialized_partitions(dg.AssetKey("tokenized_corpus")) == {
-        "group_mates", "random", "mates", "fasttext"}
+    assert instance.get_materialized_partitions(dg.AssetKey("tokenized_corpus")) == set(METHODS)
     check_keys = [dg.AssetCheckKey(dg.AssetKey("selected_documents"), "budgets_exact"),
+                  dg.AssetCheckKey(dg.AssetKey("selected_weighted"), "budgets_exact"),
+                  dg.AssetCheckKey(dg.AssetKey("selected_global"), "budgets_exact"),
                   dg.AssetCheckKey(dg.AssetKey("selected_corpus"), "index_round_trip"),
                   dg.AssetCheckKey(dg.AssetKey("tokenized_corpus"), "every_document_every_pass")]
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
     assert all(c.status.value == "SUCCEEDED" for c in checks.values())
     totals = {}
-    for method in ("group_mates", "random", "mates", "fasttext"):
+    for method in METHODS:
         ids = []
         for path in sorted((storage / "selected_corpus" / method).glob("*.jsonl.zst")):
             text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read().decode()
@@ -206,17 +209,16 @@ def _check_report_stage(storage, instance, stdout: str) -> None:
     import json
 
     for key in ("pretrain_checkpoints", "evaluation"):
-        assert instance.get_materialized_partitions(dg.AssetKey(key)) == {
-            "group_mates", "random", "mates", "fasttext"}, key
+        assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(METHODS), key
     probe_step = json.loads((storage / "lm" / "probe_checkpoint" / "trainer_state.json").read_text())["step"]
-    for method in ("group_mates", "random", "mates", "fasttext"):
+    for method in METHODS:
         runs = json.loads((storage / "pretrain" / method / "current.json").read_text())["runs"]
         assert len(runs) == 2
         for run in runs:
             curve = json.loads((storage / run["path"] / "curve.json").read_text())
             assert curve[0]["step"] == probe_step + 1 and curve[-1]["step"] == 10
     report = json.loads((storage / "report" / "report.json").read_text())
-    assert set(report["methods"]) == {"group_mates", "random", "mates", "fasttext"}
+    assert set(report["methods"]) == set(METHODS)
     tokens = {m["tokens_seen"] for m in report["methods"].values()}
     assert tokens == {10 * 2 * 64}  # equal tokens for every method
     for figures in report["methods"].values():
@@ -227,5 +229,9 @@ def _check_report_stage(storage, instance, stdout: str) -> None:
     assert 0 < report["overhead_share"] < 1
     assert (storage / "report" / "selection_report.md").exists()
     assert "| group_mates |" in stdout  # the headline table is printed
+    markdown = (storage / "report" / "selection_report.md").read_text()
+    assert "## The methods" in markdown and "## Composition of the selected corpora" in markdown
+    assert report["composition"]["pool"]["documents"] == sum(report["composition"]["pool"]["by_source"].values())
+    assert "minus mates [95% interval]" in markdown  # the causal check, against MATES too
     materialized = instance.get_latest_materialization_event(dg.AssetKey("selection_report"))
     assert "training_loss.png" in materialized.asset_materialization.metadata["report"].value

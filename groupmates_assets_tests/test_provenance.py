@@ -142,6 +142,31 @@ def test_other_method_all_partitions_and_json(runs):
     assert {a["key"]: a["latest"]["run_id"] for a in data["assets"]}["selected_random"] == ids[SELECTIONS]
 
 
+def test_a_budget_policy_keeps_the_group_mates_selection_it_is_cut_from(runs):
+    """group_mates_weighted's selection is cut from selected_documents' sequences: its lineage keeps that asset,
+    and Group-MATES' own lineage leaves the policy's asset out."""
+    instance, _ = runs
+
+    @dg.asset(name="selected_weighted", group_name="selection", code_version="weighted-v1",
+              deps=[selected_documents])
+    def selected_weighted() -> None:
+        return None
+
+    @dg.asset(name="corpus", group_name="selection", code_version="corpus-v1", partitions_def=SHARDS,
+              deps=[filtered, selected_documents, selected_random, selected_weighted])
+    def corpus_of_every_method() -> None:
+        return None
+
+    graph = _graph([raw, classifier, filtered, selected_documents, selected_random, selected_weighted,
+                    corpus_of_every_method])
+    weighted = pv.trace(instance, graph, "corpus", method="group_mates_weighted", parameters=TINY_PARAMETERS)
+    assert {a.key for a in weighted.assets} == {"raw", "classifier", "filtered", "selected_documents",
+                                               "selected_weighted", "corpus"}
+    assert weighted.pruned == ["selected_random"]
+    paper = pv.trace(instance, graph, "corpus", method="group_mates", parameters=TINY_PARAMETERS)
+    assert "selected_weighted" not in {a.key for a in paper.assets} and "selected_weighted" in paper.pruned
+
+
 def test_rematerialized_input_and_changed_code_version_are_flagged(tmp_path):
     changed = [_classifier("clf-v2") if a is classifier else a for a in ASSETS]
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
@@ -205,8 +230,9 @@ def test_cli_on_the_project_graph_reads_a_real_materialization(tmp_path, monkeyp
     assert {"filtered_pool_shard", "selected_documents", "cluster_assignments", "pool_predictions",
             "influence_model_final", "oracle_random", "probe_checkpoint", "quality_classifier", "pool_shard",
             "embedded_pool"} <= set(keys)
-    assert not {"selected_random", "selected_mates", "selected_fasttext"} & set(keys)
-    assert sorted(data["pruned"]) == ["selected_fasttext", "selected_mates", "selected_random"]
+    others = ["selected_fasttext", "selected_global", "selected_mates", "selected_random", "selected_weighted"]
+    assert not set(others) & set(keys)
+    assert sorted(data["pruned"]) == others
     assert keys["selected_corpus"]["latest"] is None and keys["pool_shard"]["latest"]["run_id"] == run_id
 
     assert cli.main(["provenance", "--asset", "filtered_pool_shard", "--partition", "crawl-a"]) == 0

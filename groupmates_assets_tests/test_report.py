@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from groupmates_assets.lib import composition, stats
 from groupmates_assets.lib import report as rp
-from groupmates_assets.lib import stats
 
 pytestmark = pytest.mark.unit
 
@@ -183,6 +184,27 @@ def test_report_markdown_and_plots_show_the_intervals():
     assert "![core_centered_vs_random.png](core_centered_vs_random.png.link)" in markdown
     pngs = rp.figures(report)
     assert list(pngs) == list(rp.FIGURE_NAMES) and all(p.startswith(b"\x89PNG") for p in pngs.values())
+
+
+def test_report_explains_every_method_and_shows_the_composition_of_the_corpora():
+    evaluations = {"group_mates": _evaluation([[(10, _model(20, 0.02))]]), "random": _evaluation([[(10, _model(20,
+                                                                                                           0.02))]])}
+    curves = {m: [[{"step": 1, "loss": 4.0}]] for m in evaluations}
+    corpora = {m: {"documents": 5, "tokens": 500, "passes": 1, "token_budget": 500} for m in evaluations}
+    table = composition.total_composition([composition.shard_composition(
+        pa.table({"doc_id": ["a", "b"], "fields": ['{"source": "wiki"}', '{"source": "code"}']}),
+        {"group_mates": pa.table({"doc_id": ["a"], "shard": ["s"]}), "random": pa.table({"doc_id": ["b"],
+                                                                                          "shard": ["s"]})},
+        "s", pa.table({"doc_id": ["a", "b"], "cluster": pa.array([0, 1], pa.int64())}), "source")])
+    report = rp.build_report(evaluations, curves, corpora, [], spec=SPEC,
+                             descriptions={"group_mates": "greedy per cluster.", "random": "a uniform sample."},
+                             composition=composition.summarize(table, list(evaluations)))
+    markdown = rp.to_markdown(report, "ci", {name: name for name in rp.FIGURE_NAMES})
+    assert "- **group_mates**: greedy per cluster.\n- **random**: a uniform sample." in markdown
+    assert "## Composition of the selected corpora" in markdown
+    assert "| wiki | 50.0% | 100.0% | 0.0% |" in markdown and report["composition"]["pool"]["documents"] == 2
+    bare = rp.to_markdown(_report(evaluations), "ci", {name: name for name in rp.FIGURE_NAMES})
+    assert "## The methods" not in bare and "## Composition" not in bare  # both are optional inputs
 
 
 def test_report_compares_methods_with_the_baseline_at_equal_tokens():

@@ -253,12 +253,18 @@ def test_cluster_sizes_and_total_budget():
 
 
 def test_method_registry_is_the_partition_keys():
-    assert list(sel.SELECTION_METHODS) == ["group_mates", "random", "mates", "fasttext"]
+    assert list(sel.SELECTION_METHODS) == ["group_mates", "group_mates_weighted", "group_mates_global", "random",
+                                           "mates", "fasttext"]
     assert tuple(sel.SELECTION_METHODS) == SELECTION_METHODS
     assert selection_methods.get_partition_keys() == list(sel.SELECTION_METHODS)
     assert [m.name for m in sel.baseline_methods()] == ["random", "mates", "fasttext"]
+    assert [m.name for m in sel.policy_methods()] == ["group_mates_weighted", "group_mates_global"]
     assert {m.asset for m in sel.SELECTION_METHODS.values()} == {
-        "selected_documents", "selected_random", "selected_mates", "selected_fasttext"}
+        "selected_documents", "selected_weighted", "selected_global", "selected_random", "selected_mates",
+        "selected_fasttext"}
+    assert sel.SELECTION_METHODS["group_mates"].policy == "uniform"  # the paper's Group-MATES is the uniform policy
+    assert [sel.SELECTION_METHODS[m].policy for m in ("group_mates_weighted", "group_mates_global")] == [
+        "influence_weighted", "global"]
     assert not sel.SELECTION_METHODS["group_mates"].is_baseline
     with pytest.raises(ValueError, match="registered twice"):
         sel.register_method(sel.SELECTION_METHODS["random"])

@@ -10,6 +10,7 @@ import json
 import dagster as dg
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import zstandard
@@ -18,7 +19,7 @@ from groupmates_assets import settings as settings_module
 from groupmates_assets.defs.partitions import pool_shards, selection_range_keys
 from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.selection import assets as sa
-from groupmates_assets.lib import layout
+from groupmates_assets.lib import composition, layout
 from groupmates_assets.lib import selection as sel
 from groupmates_assets.lib.corpus import write_selected_shard
 from groupmates_assets.lib.selection import SELECTION_METHODS
@@ -33,8 +34,10 @@ KEYS = ["web-a", "web-b", "web-empty"]
 PROFILE = "selection-test"
 TOPICS = ["the heart pumps blood", "databases store rows in tables", "the orchestra played beethoven",
           "rain falls from clouds", "the striker scored a goal", "compilers translate source code"]
+SOURCES = ["wiki", "web", "wiki"]
 ASSETS = [sa.pool_predictions, sa.cluster_centroids, sa.cluster_assignments, sa.selected_documents,
-          sa.selected_random, sa.selected_mates, sa.selected_fasttext, sa.selected_corpus]
+          sa.selected_random, sa.selected_mates, sa.selected_fasttext, sa.selected_weighted, sa.selected_global,
+          sa.selected_corpus]
 
 
 def kept_table(key: str, count: int) -> pa.Table:
@@ -44,7 +47,8 @@ def kept_table(key: str, count: int) -> pa.Table:
         "line": pa.array(range(1, count + 1), pa.int64()),
         "text": pa.array(texts, pa.large_string()), "quality_score": pa.array(np.linspace(0.1, 0.9, count),
                                                                             pa.float32()),
-        "fields": pa.array([json.dumps({"url": f"https://example.org/{key}/{i}"}) for i in range(count)], pa.string()),
+        "fields": pa.array([json.dumps({"url": f"https://example.org/{key}/{i}", "source": SOURCES[i % 3]})
+                            for i in range(count)], pa.string()),
     })
 
 
@@ -94,9 +98,11 @@ def test_selection_stage_end_to_end(setup):
     assert all(c.passed for c in checks if c.check_name == "budgets_exact")
     selected = metadata["selected"].value
     assert 0 < selected <= 73 // 2 + 1
-    for name in ("selected_random", "selected_mates", "selected_fasttext"):
-        baseline, _ = _materialize(setup, name)
+    assert metadata["sha256"].value == _todays_group_mates_sha256(setup)  # the uniform policy, byte for byte
+    for name in ("selected_random", "selected_mates", "selected_fasttext", "selected_weighted", "selected_global"):
+        baseline, checks = _materialize(setup, name)
         assert baseline["selected"].value == selected, name  # every method at the same budget
+        assert all(c.passed for c in checks), name
     texts = {}
     for key in KEYS:
         metadata, checks = _materialize(setup, "selected_corpus", key)
@@ -113,6 +119,31 @@ def test_selection_stage_end_to_end(setup):
     best = [make_doc_id("web-a", 40, f"{TOPICS[39 % 6]} (document 39 of web-a)")]
     assert set(best) <= fasttext  # the highest quality score is kept by the fastText baseline
     assert _read_corpus(setup["root"] / "selected_corpus" / "group_mates" / "web-empty.jsonl.zst") == []
+    shards = [pq.read_table(setup["root"] / "selected_corpus" / "_composition" / f"{key}.parquet") for key in KEYS]
+    counts = composition.total_composition(shards)
+    assert _sums(counts, "method") == {"pool": 73, **dict.fromkeys(SELECTION_METHODS, selected)}
+    pool = counts.filter(pc.equal(counts.column("method"), "pool"))
+    assert _sums(pool, "source") == {"wiki": 27 + 22, "web": 13 + 11}  # every third document of each shard is web
+
+
+def _sums(table: pa.Table, key: str) -> dict:
+    summed = table.group_by(key).aggregate([("documents", "sum")])
+    return dict(zip(summed.column(key).to_pylist(), summed.column("documents_sum").to_pylist(), strict=True))
+
+
+def _todays_group_mates_sha256(setup) -> str:
+    """The digest of the per-shard files selected_documents writes when the greedy runs with the uniform budgets
+    themselves (one range: every cluster)."""
+    storage, settings = setup["storage"], setup["platform"].settings().selection
+    keys, k = layout.filtered_shards(storage), layout.current_clusters(storage)["k"]
+    assignments = sa.read_assignments(storage, keys)
+    budgets = sel.cluster_budgets(sel.cluster_sizes(list(assignments.values()), k), settings.ratio,
+                                  settings.budget_rounding)
+    candidates = sel.gather_candidates(assignments, sa.read_predictions(storage, keys, ["doc_id", "h", "u"]), 0, k)
+    alpha, tau = sa.alpha_tau(storage, settings)
+    today = sel.select_in_clusters(candidates.h, candidates.u, candidates.cluster, budgets, alpha, tau)
+    return sa.write_by_shard(storage, "today/group_mates", "today/group_mates.json",
+                             sel.selected_table(candidates, today), keys, {})
 
 
 def _assert_corpus_reads_only_its_shard(setup):

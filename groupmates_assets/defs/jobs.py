@@ -58,6 +58,9 @@ ALL_JOBS = [
               "Group-MATES greedy selection inside one range of clusters."),
     stage_job("baselines_job", ["selected_random", "selected_mates", "selected_fasttext"], None,
               "Random, MATES and fastText selections with Group-MATES' budget."),
+    stage_job("budget_policies_job", ["selected_weighted", "selected_global"], None,
+              "Group-MATES with influence-weighted and global cluster budgets, cut from the greedy sequences of "
+              "selected_documents."),
     stage_job("selected_corpus_job", ["selected_corpus"], pool_shards,
               "Write one shard's selected documents for every method, joined by doc_id."),
     stage_job("tokenized_corpus_job", ["tokenized_corpus"], selection_methods,

@@ -204,11 +204,13 @@ def predicted_by_set(model: InfluenceModel, encoder_tokenizer, texts: Sequence[s
 
 # -- summary ---------------------------------------------------------------------------------------------------
 def summarize(actual: Mapping[str, Sequence[float]], predicted: Mapping[str, Sequence[float]],
-              baseline: str = POOL, seed: int = 0) -> dict:
+              baseline: str = POOL, seed: int = 0, references: Sequence[str] = ()) -> dict:
     """Per set: groups, mean actual influence, the paired difference from the baseline's groups with its
-    bootstrap 95% interval, and Spearman(predicted, actual); plus Spearman over every group of every set."""
-    if baseline not in actual:
-        raise ValueError(f"no groups for the baseline {baseline!r}; sets: {', '.join(actual)}")
+    bootstrap 95% interval, and Spearman(predicted, actual); plus Spearman over every group of every set. For each
+    set of ``references`` (e.g. MATES), every other set's paired difference from it too (``minus``)."""
+    for role, name in (("baseline", baseline), *(("reference", r) for r in references)):
+        if name not in actual:
+            raise ValueError(f"no groups for the {role} {name!r}; sets: {', '.join(actual)}")
     base = np.asarray(actual[baseline], dtype=np.float64)
     rows = {}
     for name, values in actual.items():
@@ -222,33 +224,46 @@ def summarize(actual: Mapping[str, Sequence[float]], predicted: Mapping[str, Seq
                "mean_predicted": float(np.mean(predicted[name]))}
         if name != baseline:
             row["minus_baseline"] = stats.stratified_mean_difference([values - base], seed=seed).as_dict()
+        row["minus"] = {ref: stats.stratified_mean_difference(
+            [values - np.asarray(actual[ref], dtype=np.float64)], seed=seed).as_dict()
+            for ref in references if ref != name}
         rows[name] = row
     everything = [np.concatenate([np.asarray(d[n], dtype=np.float64) for n in actual]) for d in (predicted, actual)]
-    return {"baseline": baseline, "sets": rows, "spearman_all": stats.spearman(*everything), "note": SIGN_NOTE}
+    return {"baseline": baseline, "references": list(references), "sets": rows,
+            "spearman_all": stats.spearman(*everything), "note": SIGN_NOTE}
 
 
 def _number(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:+.{digits}f}"
 
 
+def _difference(diff: dict | None, missing: str) -> str:
+    return missing if diff is None else (
+        f"{_number(diff['estimate'])} [{_number(diff['low'])}, {_number(diff['high'])}]"
+        + (" (no detectable difference)" if diff["low"] <= 0 <= diff["high"] else ""))
+
+
 def to_markdown(result: dict) -> str:
-    """The causal-check table of the report: method | groups | mean actual change | minus random [95%] | Spearman."""
+    """The causal-check table of the report: method | groups | mean actual change | minus random [95%] | minus each
+    reference [95%] | Spearman."""
     summary = result["summary"]
-    lines = ["| method | groups | mean actual change | minus random groups [95% interval] | Spearman(pred, actual) |",
-             "|---|---:|---:|---|---:|"]
+    references = summary.get("references", [])
+    lines = ["| method | groups | mean actual change | minus random groups [95% interval] | "
+             + "".join(f"minus {ref} [95% interval] | " for ref in references) + "Spearman(pred, actual) |",
+             "|---|---:|---:|---|" + "---|" * len(references) + "---:|"]
     for name in result.get("order") or list(summary["sets"]):  # JSON files keep keys sorted; ``order`` is the plan's
         row = summary["sets"][name]
-        diff = row.get("minus_baseline")
-        interval = "(baseline)" if diff is None else (
-            f"{_number(diff['estimate'])} [{_number(diff['low'])}, {_number(diff['high'])}]"
-            + (" (no detectable difference)" if diff["low"] <= 0 <= diff["high"] else ""))
         label = "random groups of the filtered pool" if name == summary["baseline"] else name
-        lines.append(f"| {label} | {row['groups']} | {_number(row['mean_actual'])} | {interval} | "
+        versus = "".join(f"{_difference(row.get('minus', {}).get(ref), '(reference)' if ref == name else 'n/a')} | "
+                         for ref in references)
+        lines.append(f"| {label} | {row['groups']} | {_number(row['mean_actual'])} | "
+                     f"{_difference(row.get('minus_baseline'), '(baseline)')} | {versus}"
                      f"{_number(row['spearman'], 3)} |")
     return "\n".join([
         f"Groups of T = {result['length']} packed training contexts, each run as an oracle trajectory from the probe "
         f"checkpoint (reference loss {result['base_loss']:.4f}); actual change = L_r after the group - L_r before "
-        f"({SIGN_NOTE}). Group g of every set is drawn under the same seed; intervals: paired bootstrap over groups.",
+        f"({SIGN_NOTE}). Group g of every set is drawn under the same seed; intervals: paired bootstrap over groups "
+        "(a difference below 0: more beneficial than what it is compared with).",
         "", *lines, "",
         f"Spearman(predicted, actual) over all {sum(r['groups'] for r in summary['sets'].values())} groups: "
         f"{_number(summary['spearman_all'], 3)}.",

@@ -54,6 +54,7 @@ PREDICTIONS_DIR = "selection/predictions"
 CLUSTERS_DIR = "selection/clusters"
 SELECTIONS_DIR = "selection/methods"
 SELECTED_CORPUS_DIR = "selected_corpus"
+SELECTED_COMPOSITION = f"{SELECTED_CORPUS_DIR}/_composition/{{key}}.parquet"  # documents by method, cluster, source
 TOKENIZED_CORPUS_DIR = "tokenized_corpus"
 PRETRAIN_DIR = "pretrain"
 EVALUATION_DIR = "evaluation"

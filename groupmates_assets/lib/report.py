@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from groupmates_assets.lib import plots, stats
+from groupmates_assets.lib import composition, plots, stats
 
 HIGHER_IS_BETTER = {"core_centered": True, "bits_per_byte": False}
 LABELS = {"core_centered": "core centered accuracy", "bits_per_byte": "held-out bits per byte"}
@@ -279,8 +279,11 @@ def mean_loss_curve(curves: list[list[dict[str, Any]]], window: int | None = Non
 
 def build_report(evaluations: dict[str, dict], curves: dict[str, list[list[dict]]], corpora: dict[str, dict],
                  costs: list[dict[str, Any]], baseline: str = "random", focus: str = "group_mates",
-                 spec: stats.BootstrapSpec | None = None) -> dict[str, Any]:
-    """Every figure of the report as one JSON-able dict; ``spec`` draws the intervals (recorded as ``intervals``)."""
+                 spec: stats.BootstrapSpec | None = None, descriptions: dict[str, str] | None = None,
+                 composition: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every figure of the report as one JSON-able dict; ``spec`` draws the intervals (recorded as ``intervals``);
+    ``descriptions`` says in one sentence what each method does; ``composition`` is
+    ``lib.composition.summarize`` of the selected corpora."""
     spec = spec or stats.BootstrapSpec()
     methods: dict[str, dict[str, Any]] = {}
     for method, evaluation in evaluations.items():
@@ -316,7 +319,9 @@ def build_report(evaluations: dict[str, dict], curves: dict[str, list[list[dict]
                           "documents": "percentile bootstrap over held-out documents",
                           "seeds": "Student t over per-seed differences"},
             "overhead_share": selection_seconds / total_seconds if total_seconds else 0.0,
-            "verdict": verdict(methods, focus, baseline)}
+            "verdict": verdict(methods, focus, baseline),
+            "descriptions": {m: (descriptions or {}).get(m) for m in methods if (descriptions or {}).get(m)},
+            "composition": composition}
 
 
 def report_metadata(report: dict[str, Any]) -> dict[str, float]:
@@ -419,6 +424,14 @@ def tasks_markdown(report: dict[str, Any]) -> list[str]:
               + " |" for t in sorted(first["tasks"])], ""]
 
 
+def methods_markdown(report: dict[str, Any]) -> list[str]:
+    """One sentence per method: what it selects (the registry's descriptions)."""
+    descriptions = report.get("descriptions") or {}
+    if not descriptions:
+        return []
+    return ["## The methods", "", *[f"- **{m}**: {text}" for m, text in descriptions.items()], ""]
+
+
 def to_markdown(report: dict[str, Any], profile: str, images: dict[str, str], inline: bool = False) -> str:
     """The whole report; ``images`` maps each plot's file name to a file link, or (``inline``) to an embedded image."""
     methods = report["methods"]
@@ -430,12 +443,13 @@ def to_markdown(report: dict[str, Any], profile: str, images: dict[str, str], in
         "mean ± sample standard deviation over seeds. Tokens to reach random's final score are read off the mean "
         "curve over evaluated checkpoints (≤: already reached at the first one).", "",
         headline_markdown(report), "", *[f"- {line}" for line in report["verdict"]], "",
-        *differences_markdown(report), *tasks_markdown(report),
+        *methods_markdown(report), *differences_markdown(report), *tasks_markdown(report),
         "## Curves", "", *[f"{picture(name)}\n" for name in FIGURE_NAMES],
         "## The corpora (equal budgets)", "",
         "| method | documents | tokens in corpus | data passes | token budget |", "|---|---:|---:|---:|---:|",
         *[f"| {name} | {m['corpus']['documents']:,} | {m['corpus']['tokens']:,} | {m['corpus']['passes']} | "
           f"{m['corpus']['token_budget']:,} |" for name, m in methods.items()], "",
+        *(composition.to_markdown(report["composition"]) if report.get("composition") else []),
         "## Selection overhead (wall time of the latest materializations)", "",
         "| component | kind | seconds | share |", "|---|---|---:|---:|",
         *[f"| {c['component']} | {c['kind']} | {c['seconds']:.1f} | {100 * c['share']:.1f}% |"

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from groupmates_assets.lib import failpoints
+from groupmates_assets.lib import budgets, failpoints
 from groupmates_assets.lib.storage import Storage
 
 
@@ -390,6 +390,40 @@ def selected_table(candidates: Candidates, result: ClusterSelection) -> pa.Table
     })
 
 
+def prefix(result: ClusterSelection, counts: np.ndarray | dict[int, int]) -> ClusterSelection:
+    """The first ``counts[c]`` picks of every cluster c: the selection a smaller budget gives, exactly, because a
+    cluster's greedy picks never depend on how many it will make."""
+    if not len(result):
+        return result
+    ids = np.unique(result.cluster)
+    wanted = np.array([int(counts[c]) for c in ids], dtype=np.int64)
+    keep = result.rank < wanted[np.searchsorted(ids, result.cluster)]
+    return ClusterSelection(result.rows[keep], result.cluster[keep], result.rank[keep], result.predicted[keep])
+
+
+def range_cluster_table(start: int, stop: int, sizes: np.ndarray, uniform: np.ndarray, lengths: np.ndarray,
+                        sequences: ClusterSelection) -> pa.Table:
+    """One row per cluster of [start, stop) (arrays indexed by cluster id): size, uniform budget, how far its
+    greedy sequence was computed and its predicted benefit (``budgets.cluster_benefit``), for the budget
+    policies, which read these rows instead of the pool."""
+    ids = np.arange(start, stop, dtype=np.int64)
+    benefit = budgets.cluster_benefit(sequences.cluster, sequences.rank, sequences.predicted, ids, uniform[start:stop])
+    return pa.table({"cluster": pa.array(ids, pa.int64()), "size": pa.array(sizes[start:stop], pa.int64()),
+                     "uniform": pa.array(uniform[start:stop], pa.int64()),
+                     "sequence_length": pa.array(lengths[start:stop], pa.int64()),
+                     "benefit": pa.array(benefit, pa.float64())})
+
+
+def budgeted_rows(sequences: pa.Table, ids: np.ndarray, counts: np.ndarray) -> pa.Table:
+    """The rows of a range's greedy sequences (``cluster``, ``rank`` columns) a policy selects: rank below the
+    budget of its cluster (``counts`` indexed like the sorted cluster ``ids``)."""
+    cluster = sequences.column("cluster").to_numpy()
+    position = np.searchsorted(ids, cluster)
+    if len(cluster) and (np.any(position >= len(ids)) or np.any(ids[np.minimum(position, len(ids) - 1)] != cluster)):
+        raise ValueError("a sequence row belongs to a cluster without a budget")
+    return sequences.filter(pa.array(sequences.column("rank").to_numpy() < counts[position]))
+
+
 @dataclass(frozen=True)
 class RangeChecks:
     """What the selection of clusters [start, stop) is checked for: exact budgets (T12) and quality signal (T16)."""
@@ -457,6 +491,7 @@ class SelectionMethod:
     # doc_id, in that order
     sort_key: Callable[[np.ndarray, pa.Array, int, float], np.ndarray] | None = None
     temperature_setting: str | None = None  # the selection profile field with its Gumbel-top-k temperature
+    policy: str | None = None  # Group-MATES: its cluster budget policy (lib.budgets.POLICIES); None for a baseline
 
     @property
     def is_baseline(self) -> bool:
@@ -482,9 +517,22 @@ def baseline_methods() -> list[SelectionMethod]:
     return [method for method in SELECTION_METHODS.values() if method.is_baseline]
 
 
+def policy_methods() -> list[SelectionMethod]:
+    """The Group-MATES methods whose cluster budgets are not the paper's uniform ratio (lib.budgets)."""
+    return [method for method in SELECTION_METHODS.values() if method.policy not in (None, budgets.UNIFORM)]
+
+
 register_method(SelectionMethod(
     "group_mates", "selected_documents", "Group-MATES: greedy selection inside every influence-aware cluster by "
-    "the predicted marginal influence given what the cluster already selected."))
+    "the predicted marginal influence given what the cluster already selected.", policy=budgets.UNIFORM))
+register_method(SelectionMethod(
+    "group_mates_weighted", "selected_weighted", "Group-MATES with influence-weighted budgets: the same greedy "
+    "inside each cluster, but each cluster's share of the same total follows its predicted benefit (the mean "
+    "predicted influence of its first picks), between a floor and a cap per cluster.", policy=budgets.WEIGHTED))
+register_method(SelectionMethod(
+    "group_mates_global", "selected_global", "Group-MATES with a global budget: the greedy over the whole pool, "
+    "always taking the most beneficial next pick of any cluster (the relational term restricted to the pick's own "
+    "cluster), after each cluster's floor and up to its cap.", policy=budgets.GLOBAL))
 register_method(SelectionMethod(
     "random", "selected_random", "Baseline: a seeded uniform sample of the filtered pool, the same number of "
     "documents as Group-MATES selects.",

@@ -29,7 +29,8 @@ from groupmates_assets.lib.storage import Storage
 PROFILE = "s3-test"  # demo's pool and quality settings, small clusters
 ASSETS = [embedded_pool, pool_shard, quality_classifier, filtered_pool_shard, filtered_pool_summary,
           sa.pool_predictions, sa.cluster_centroids, sa.cluster_assignments, sa.selected_documents,
-          sa.selected_random, sa.selected_mates, sa.selected_fasttext, sa.selected_corpus]
+          sa.selected_random, sa.selected_mates, sa.selected_fasttext, sa.selected_weighted, sa.selected_global,
+          sa.selected_corpus]
 RANGE_KEYS = sa.selected_documents.partitions_def.get_partition_keys()
 BLOCKING_CHECKS = {"counts_reconcile", "all_shards_reconcile", "budgets_exact", "index_round_trip"}
 # Files that name their own location or hold timings; all others must be byte-identical between two roots.
@@ -70,8 +71,8 @@ def seed_influence_models(storage: Storage, directory: Path) -> None:
 def run_pool_to_selection(platform: PlatformResource, instance: dg.DagsterInstance, keys: list[str],
                           positives: str, models: Path) -> dict[str, Any]:
     """Materialize pool_shard -> quality_classifier -> filtered_pool_shard -> filtered_pool_summary ->
-    pool_predictions -> cluster_centroids -> cluster_assignments -> selected_documents -> baselines ->
-    selected_corpus, one run per partition as the jobs do. Returns each materialization's metadata by
+    pool_predictions -> cluster_centroids -> cluster_assignments -> selected_documents -> baselines and budget
+    policies -> selected_corpus, one run per partition as the jobs do. Returns each materialization's metadata by
     ``asset[partition]`` and every run's events (to search for leaked secrets)."""
     metadata: dict[str, Any] = {}
     events: list[Any] = []
@@ -104,6 +105,7 @@ def run_pool_to_selection(platform: PlatformResource, instance: dg.DagsterInstan
     for range_key in RANGE_KEYS:
         materialize(["selected_documents"], range_key)
     materialize(["selected_random", "selected_mates", "selected_fasttext"])
+    materialize(["selected_weighted", "selected_global"])
     for key in keys:
         materialize(["selected_corpus"], key)
     return {"metadata": metadata, "events": events}

@@ -21,7 +21,8 @@ from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import METHOD
 
-CODE_VERSION = "selection-influence-v1"  # also in the fingerprint: stored influences of older code are not reused
+INFLUENCES_VERSION = "selection-influence-v1"  # in the fingerprint: stored influences of older code are not reused
+CODE_VERSION = "selection-influence-v2"  # v2: differences from the reference methods (causal.references) too
 
 
 def corpus_set(storage: Storage, method: str) -> tuple[causal.GroupSet, str]:
@@ -78,7 +79,7 @@ def selection_influence(context: dg.AssetExecutionContext, platform: PlatformRes
     with leased_gpus(context) as gpus, local_probe_checkpoint(storage) as (checkpoint_dir, checkpoint_sha):
         fingerprint = layout.fingerprint(checkpoint=checkpoint_sha, reference=reference.sha256, sets=identity,
                                          model=model_pointer["fingerprint"], groups=config.groups, seed=config.seed,
-                                         length=length, code=CODE_VERSION)
+                                         length=length, code=INFLUENCES_VERSION)
         out = f"{layout.CAUSAL_DIR}/{fingerprint}"
         pending = [n for n in plan.sets if not storage.exists(f"{out}/actual-{n}.json")]
         context.log.info(f"{config.groups} groups x {length} contexts for {', '.join(plan.sets)}; "
@@ -104,7 +105,8 @@ def selection_influence(context: dg.AssetExecutionContext, platform: PlatformRes
             "actual": runs[n]["actual"], "predicted": predicted[n],
             "context_ids": plan.group_context_ids(n)}
             for n in plan.sets},
-        "summary": causal.summarize({n: runs[n]["actual"] for n in plan.sets}, predicted, seed=config.seed),
+        "summary": causal.summarize({n: runs[n]["actual"] for n in plan.sets}, predicted, seed=config.seed,
+                                    references=[r for r in config.references if r in config.methods]),
     })
     info = storage.write_json(f"{out}/result.json", result)
     layout.write_pointer(storage, layout.CAUSAL_DIR, {"fingerprint": fingerprint, "path": f"{out}/result.json"})
@@ -137,6 +139,7 @@ def _metadata(result: dict, computed_sets: int, seconds: float, path: str) -> di
         "probes_per_hour": round(groups * result["length"] / seconds * 3600, 1) if groups and seconds > 0 else None,
         "base_reference_loss": result["base_loss"], "spearman_all": summary["spearman_all"],
         **{f"{n}_minus_random": summary["sets"][n]["minus_baseline"]["estimate"] for n in names},
+        **{f"{n}_minus_{ref}": diff["estimate"] for n in names for ref, diff in summary["sets"][n]["minus"].items()},
         "table": dg.MetadataValue.md(table + "\n\n" + plots.png_markdown(png, "minus random groups")),
         "fingerprint": result["fingerprint"], "path": dg.MetadataValue.path(path),
     }

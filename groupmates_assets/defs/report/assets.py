@@ -13,8 +13,9 @@ from groupmates_assets.defs.common import PermanentFailure
 from groupmates_assets.defs.deployment import step_asset
 from groupmates_assets.defs.partitions import SELECTION_METHODS
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import causal, layout, plots
+from groupmates_assets.lib import causal, composition, layout, plots
 from groupmates_assets.lib import report as rp
+from groupmates_assets.lib import selection as selection_registry
 from groupmates_assets.lib.jsonsafe import finite
 from groupmates_assets.lib.storage import Storage
 from groupmates_assets.settings import METHOD
@@ -79,7 +80,7 @@ def step_seconds_partition(instance: dg.DagsterInstance, asset: str, partition: 
 
 @step_asset(
     group_name="report",
-    code_version="selection-report-v2",
+    code_version="selection-report-v3",
     deps=[dg.AssetDep("evaluation", partition_mapping=dg.AllPartitionMapping()),
           dg.AssetDep("pretrain_checkpoints", partition_mapping=dg.AllPartitionMapping()), "selection_influence"],
     kinds={"markdown"},
@@ -94,7 +95,8 @@ def selection_report(context: dg.AssetExecutionContext, platform: PlatformResour
     evaluations, curves, corpora = _report_inputs(storage)
     costs = cost_table(context.instance, settings.pretrain.stages, settings.pretrain.seeds)
     report = rp.build_report(evaluations, curves, corpora, costs, baseline="random", focus="group_mates",
-                             spec=METHOD.intervals())
+                             spec=METHOD.intervals(), descriptions=_descriptions(),
+                             composition=composition.summarize(_composition(storage), SELECTION_METHODS))
     pngs = rp.figures(report)
     causal_section = "\n\n## Causal check\n\n" + causal.to_markdown(
         storage.read_json(layout.current_causal(storage)["path"]))
@@ -121,6 +123,20 @@ def selection_report(context: dg.AssetExecutionContext, platform: PlatformResour
         "seeds": settings.pretrain.seeds, "stages": settings.pretrain.stages,
         "path": dg.MetadataValue.path(info.path),
     })
+
+
+def _descriptions() -> dict[str, str]:
+    return {name: method.description for name, method in selection_registry.SELECTION_METHODS.items()}
+
+
+def _composition(storage: Storage):
+    """Every shard's documents by method, cluster and source (written by selected_corpus), added up."""
+    paths = {key: layout.SELECTED_COMPOSITION.format(key=key) for key in layout.filtered_shards(storage)}
+    missing = [key for key, path in paths.items() if not storage.exists(path)]
+    if missing:
+        raise PermanentFailure(f"no corpus composition for shards {', '.join(missing[:5])}"
+                               f"{' ...' if len(missing) > 5 else ''}: rematerialize selected_corpus")
+    return composition.total_composition([storage.read_parquet(p) for p in paths.values()])
 
 
 def _report_inputs(storage: Storage) -> tuple[dict[str, dict], dict[str, list[list[dict]]], dict[str, dict]]:

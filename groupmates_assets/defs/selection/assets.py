@@ -22,7 +22,8 @@ from groupmates_assets.defs.common import (
 from groupmates_assets.defs.deployment import gpu_asset, step_asset
 from groupmates_assets.defs.partitions import pool_shards, selection_range_keys, selection_ranges
 from groupmates_assets.defs.resources import PlatformResource
-from groupmates_assets.lib import clustering, layout, lm, plots
+from groupmates_assets.lib import budgets as budgets_lib
+from groupmates_assets.lib import clustering, composition, layout, lm, plots
 from groupmates_assets.lib import corpus as corpus_lib
 from groupmates_assets.lib import selection as sel
 from groupmates_assets.lib.influence import encoder as enc
@@ -60,6 +61,24 @@ def range_selection_dir(selection_fp: str, range_key: str) -> str:
     """Group-MATES' selection of one range of clusters (``selection_fp``: :func:`selection_fingerprint`): one file
     per shard of the filtered pool under it, and the range's summary ``<dir>.json``, written last."""
     return f"{layout.SELECTIONS_DIR}/group_mates/{selection_fp}/{range_key}"
+
+
+def sequences_dir(selection_fp: str, settings: SelectionProfile) -> str:
+    """Every cluster's greedy sequence up to its cap (``<range>.parquet``) and one row per cluster
+    (``<range>.clusters.parquet``), written by ``selected_documents`` for the budget policies."""
+    fingerprint = layout.fingerprint(selection=selection_fp, cap=settings.policy_limits().cap)
+    return f"{layout.SELECTIONS_DIR}/sequences/{fingerprint}"
+
+
+def policy_path(selection_fp: str, method: sel.SelectionMethod, settings: SelectionProfile) -> str:
+    """A budget policy's selection (one file per shard under ``shards/``, the summary ``selected.json`` written
+    last, and ``budgets.parquet``), versioned by Group-MATES' selection
+    and the policy's limits."""
+    limits = settings.policy_limits()
+    parts = {"sharpness": limits.sharpness} if method.policy == budgets_lib.WEIGHTED else {}
+    fingerprint = layout.fingerprint(selection=selection_fp, method=method.name, policy=method.policy,
+                                     floor=limits.floor, cap=limits.cap, **parts)
+    return f"{layout.SELECTIONS_DIR}/{method.name}/{fingerprint}"
 
 
 def baseline_temperature(method: sel.SelectionMethod, settings: SelectionProfile) -> float:
@@ -336,7 +355,9 @@ def selected_documents(context: dg.AssetExecutionContext, platform: PlatformReso
     influence given what the cluster already selected (closed form with the learned alpha and tau), up to
     floor/ceil(r x |C|) documents. Reads only this range's rows of every shard's assignments (their h and u
     included), so its memory follows the range, not the pool. Rows: doc_id, shard, cluster, rank, u, predicted
-    influence; one file per shard."""
+    influence; one file per shard. Each cluster's sequence is computed up to its cap (selection.budget_cap) and kept,
+    with one row per cluster, for the budget policies (selected_weighted, selected_global); the uniform selection is
+    its prefix."""
     storage, settings = platform.storage(), platform.settings().selection
     selected = select_range(storage, settings, context.partition_key)
     checks, out, candidates = selected.checks, selected.table, selected.candidates
@@ -347,6 +368,7 @@ def selected_documents(context: dg.AssetExecutionContext, platform: PlatformReso
             "clusters": stop - start, "cluster_range": f"[{start}, {stop})", "alpha": selected.alpha,
             "tau": selected.tau, "learned_alpha_tau": settings.learned_alpha_tau, "ratio": settings.ratio,
             "budget_rounding": settings.budget_rounding, "select_seconds": round(selected.seconds, 3),
+            "sequence_rows": selected.sequence_rows, "budget_cap": settings.policy_limits().cap,
             "documents_per_second": round(len(candidates) / selected.seconds, 1)
             if selected.seconds and len(candidates) else None,
             "mean_u_selected": checks.mean_u_selected, "mean_u_candidates": checks.mean_u_candidates,
@@ -375,6 +397,7 @@ class RangeSelection:
     seconds: float
     directory: str
     sha256: str
+    sequence_rows: int  # rows of the range's greedy sequences (up to each cluster's cap)
 
 
 def select_range(storage: Storage, settings: SelectionProfile, range_key: str) -> RangeSelection:
@@ -388,16 +411,24 @@ def select_range(storage: Storage, settings: SelectionProfile, range_key: str) -
     candidates = sel.gather_candidates(assignments, None, start, stop)
     del assignments
     alpha, tau = alpha_tau(storage, settings)
+    lengths = budgets_lib.sequence_lengths(sizes, budgets, settings.policy_limits())
     started = time.perf_counter()
-    result = sel.select_in_clusters(candidates.h, candidates.u, candidates.cluster, budgets, alpha, tau,
-                                    device=lm.default_device())
+    sequences = sel.select_in_clusters(candidates.h, candidates.u, candidates.cluster, lengths, alpha, tau,
+                                       device=lm.default_device())
+    result = sel.prefix(sequences, budgets)
     seconds = time.perf_counter() - started
     out = sel.selected_table(candidates, result)
-    directory = range_selection_dir(selection_fingerprint(storage, settings), range_key)
+    selection_fp = selection_fingerprint(storage, settings)
+    sequences_out = sequences_dir(selection_fp, settings)
+    storage.write_parquet(f"{sequences_out}/{range_key}.parquet", sel.selected_table(candidates, sequences))
+    storage.write_parquet(f"{sequences_out}/{range_key}.clusters.parquet",
+                          sel.range_cluster_table(start, stop, sizes, budgets, lengths, sequences))
+    directory = range_selection_dir(selection_fp, range_key)
     digest = write_by_shard(storage, directory, f"{directory}.json", out, keys,
                             {"range": range_key, "clusters": [start, stop], "candidates": len(candidates)})
     checks = sel.check_range(candidates, result, budgets, start, stop)
-    return RangeSelection(start, stop, candidates, sizes, out, checks, alpha, tau, seconds, directory, digest)
+    return RangeSelection(start, stop, candidates, sizes, out, checks, alpha, tau, seconds, directory, digest,
+                          len(sequences))
 
 
 def _range_check_results(checks: sel.RangeChecks, selected: int) -> list[dg.AssetCheckResult]:
@@ -481,6 +512,114 @@ def selected_fasttext(context: dg.AssetExecutionContext, platform: PlatformResou
     return _baseline(platform, "fasttext")
 
 
+# ------------------------------------------------------------------------------------ cluster budget policies
+
+
+def _cluster_rows(storage: Storage, directory: str, ranges: list[str]) -> pa.Table:
+    """The per-cluster rows every range wrote (one per cluster id), in cluster order."""
+    paths = {r: f"{directory}/{r}.clusters.parquet" for r in ranges}
+    layout.require_files(storage, paths, "selected_documents")
+    return pa.concat_tables([storage.read_parquet(p) for p in paths.values()]).sort_by("cluster")
+
+
+def _policy(context: dg.AssetExecutionContext, platform: PlatformResource, name: str) -> dg.MaterializeResult:
+    """A Group-MATES budget policy: per-cluster budgets from the per-cluster rows (weighted) or the merge of the
+    greedy sequences (global), then each range's sequences cut at those budgets, one range at a time."""
+    method = sel.SELECTION_METHODS[name]
+    storage, settings = platform.storage(), platform.settings().selection
+    limits, ranges = settings.policy_limits(), selection_range_keys(settings.cluster_ranges)
+    selection_fp = selection_fingerprint(storage, settings)
+    directory = sequences_dir(selection_fp, settings)
+    clusters = _cluster_rows(storage, directory, ranges)
+    ids, sizes = clusters.column("cluster").to_numpy(), clusters.column("size").to_numpy()
+    uniform, benefit = clusters.column("uniform").to_numpy(), clusters.column("benefit").to_numpy()
+    total = int(uniform.sum())
+    sequence_paths = [f"{directory}/{r}.parquet" for r in ranges]
+    layout.require_files(storage, dict(zip(ranges, sequence_paths, strict=True)), "selected_documents")
+    started = time.perf_counter()
+    if method.policy == budgets_lib.WEIGHTED:
+        counts = budgets_lib.weighted_budgets(sizes, benefit, total, limits)
+    else:
+        gains = pa.concat_tables([storage.read_parquet(p, columns=["cluster", "rank", "predicted"])
+                                  for p in sequence_paths])
+        counts = budgets_lib.global_budgets(ids, sizes, gains.column("cluster").to_numpy(),
+                                            gains.column("rank").to_numpy(), gains.column("predicted").to_numpy(),
+                                            total, limits)
+    seconds = time.perf_counter() - started
+    out = pa.concat_tables([sel.budgeted_rows(storage.read_parquet(p), ids, counts) for p in sequence_paths])
+    folder = policy_path(selection_fp, method, settings)
+    table = pa.table({"cluster": ids, "size": sizes, "uniform": uniform, "budget": counts, "benefit": benefit})
+    storage.write_parquet(f"{folder}/budgets.parquet", table)
+    digest = write_by_shard(storage, f"{folder}/shards", f"{folder}/selected.json", out,
+                            layout.filtered_shards(storage), {"method": name, "policy": method.policy, "budget": total})
+    check = budgets_lib.check_budgets(counts, sizes, total, limits)
+    selected = np.bincount(np.searchsorted(ids, out.column("cluster").to_numpy()), minlength=len(ids))
+    duplicates = out.num_rows - len(set(out.column("doc_id").to_pylist()))
+    context.log.info(f"{name}: {total:,} documents over {len(ids):,} clusters; "
+                     f"{int((counts < uniform).sum()):,} clusters below their uniform budget, "
+                     f"{int((counts > uniform).sum()):,} above")
+    return dg.MaterializeResult(
+        metadata={"dagster/row_count": out.num_rows, "selected": out.num_rows, "budget": total,
+                  "policy": method.policy, "budget_floor": limits.floor, "budget_cap": limits.cap,
+                  **({"weighted_sharpness": limits.sharpness} if method.policy == budgets_lib.WEIGHTED else {}),
+                  "budget_seconds": round(seconds, 3), **_budget_moves(counts, uniform, sizes, limits),
+                  "largest_moves": dg.MetadataValue.md(_moves_markdown(ids, sizes, uniform, counts, benefit)),
+                  "sha256": digest, "path": dg.MetadataValue.path(storage.url(folder))},
+        check_results=[dg.AssetCheckResult(
+            check_name="budgets_exact", passed=check["passed"] and np.array_equal(selected, counts)
+            and duplicates == 0, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={**{k: v for k, v in check.items() if k != "passed"}, "duplicate_ids": duplicates,
+                      "clusters_off_budget": int((selected != counts).sum())})],
+        data_version=dg.DataVersion(digest[:16]),
+    )
+
+
+def _budget_moves(counts: np.ndarray, uniform: np.ndarray, sizes: np.ndarray,
+                  limits: budgets_lib.PolicyLimits) -> dict:
+    """How far the policy moved from the uniform budgets (documents and clusters)."""
+    low, high = budgets_lib.floor_counts(sizes, limits.floor), budgets_lib.cap_counts(sizes, limits.cap)
+    return {"clusters_below_uniform": int((counts < uniform).sum()),
+            "clusters_above_uniform": int((counts > uniform).sum()),
+            "clusters_at_floor": int(((counts == low) & (sizes > 0)).sum()),
+            "clusters_at_cap": int(((counts == high) & (sizes > 0)).sum()),
+            "documents_moved": int(np.abs(counts - uniform).sum() // 2)}
+
+
+def _moves_markdown(ids: np.ndarray, sizes: np.ndarray, uniform: np.ndarray, counts: np.ndarray,
+                    benefit: np.ndarray, rows: int = 10) -> str:
+    """The clusters whose budget moved most from the uniform one, both ways."""
+    change = counts - uniform
+    order = np.argsort(change, kind="stable")
+    shown = list(dict.fromkeys([*order[:rows // 2].tolist(), *order[::-1][:rows // 2].tolist()]))
+    lines = ["| cluster | documents | benefit (mean predicted) | uniform | budget |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {ids[i]} | {sizes[i]:,} | {benefit[i]:+.4f} | {uniform[i]:,} | {counts[i]:,} |" for i in shown
+              if change[i] != 0]
+    return "\n".join(lines)
+
+
+POLICY_DEPS = [dg.AssetDep("selected_documents", partition_mapping=dg.AllPartitionMapping())]
+
+
+def _budgets_check(asset: str) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec("budgets_exact", asset=asset, blocking=True, description=(
+        "the policy's budgets sum to Group-MATES' total exactly, every cluster lies between its floor and cap, "
+        "holds exactly its budget, and no doc_id repeats"))]
+
+
+@step_asset(group_name="selection", code_version="weighted-selection-v1", kinds={"parquet"}, deps=POLICY_DEPS,
+            check_specs=_budgets_check("selected_weighted"),
+            description=sel.SELECTION_METHODS["group_mates_weighted"].description)
+def selected_weighted(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    return _policy(context, platform, "group_mates_weighted")
+
+
+@step_asset(group_name="selection", code_version="global-selection-v1", kinds={"parquet"}, deps=POLICY_DEPS,
+            check_specs=_budgets_check("selected_global"),
+            description=sel.SELECTION_METHODS["group_mates_global"].description)
+def selected_global(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    return _policy(context, platform, "group_mates_global")
+
+
 # ------------------------------------------------------------------------------------------- selected corpus
 
 
@@ -490,15 +629,15 @@ class SelectionFiles:
     :meth:`of_shard` then reads one shard's rows alone."""
 
     group_mates: list[str]  # range folders, in range order
-    baselines: dict[str, str]  # method -> folder of its per-shard files
+    baselines: dict[str, str]  # method -> folder of its per-shard files (the baselines and the budget policies)
 
     def of_shard(self, storage: Storage, key: str) -> dict[str, pa.Table]:
         """Every method's selected rows of shard ``key`` (Group-MATES: the ranges' rows in range order), each with
         a doc_id column."""
         paths = {"group_mates": [f"{d}/{key}.parquet" for d in self.group_mates],
                  **{method: [f"{d}/{key}.parquet"] for method, d in self.baselines.items()}}
-        return {method: pa.concat_tables([_read_selection(storage, p, key) for p in files])
-                for method, files in paths.items()}
+        return {method: pa.concat_tables([_read_selection(storage, p, key) for p in paths[method]])
+                for method in sel.SELECTION_METHODS if method in paths}
 
 
 def _read_selection(storage: Storage, path: str, key: str) -> pa.Table:
@@ -518,6 +657,11 @@ def selection_files(storage: Storage, settings: SelectionProfile, ranges: int) -
     baselines = {}
     for method in sel.baseline_methods():
         directory = baseline_dir(fp, method.name, settings.random_seed, baseline_temperature(method, settings))
+        if not storage.exists(f"{directory}/selected.json"):
+            raise FileNotFoundError(f"no current selection for {method.name}; materialize {method.asset} first")
+        baselines[method.name] = f"{directory}/shards"
+    for method in sel.policy_methods():
+        directory = policy_path(fp, method, settings)
         if not storage.exists(f"{directory}/selected.json"):
             raise FileNotFoundError(f"no current selection for {method.name}; materialize {method.asset} first")
         baselines[method.name] = f"{directory}/shards"
@@ -552,9 +696,9 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
     partitions_def=pool_shards,
     backfill_policy=shard_batches(),
     group_name="selection",
-    code_version="selected-corpus-v1",
+    code_version="selected-corpus-v2",
     deps=["filtered_pool_shard", dg.AssetDep(selected_documents, partition_mapping=dg.AllPartitionMapping()),
-          selected_random, selected_mates, selected_fasttext],
+          selected_random, selected_mates, selected_fasttext, selected_weighted, selected_global],
     kinds={"parquet", "json"},
     check_specs=[blocking_check(
         "index_round_trip", "selected_corpus",
@@ -566,18 +710,26 @@ def selected_corpus(context: dg.AssetExecutionContext, platform: PlatformResourc
     doc_id and the selection fields; joined with the filtered pool by doc_id. Reads only this shard's rows of each
     selection."""
     shard_keys(context)
-    storage, settings = platform.storage(), platform.settings().selection
+    storage, profile = platform.storage(), platform.settings()
+    settings = profile.selection
     files = selection_files(storage, settings, settings.cluster_ranges)
     provenance = finite(lineage(context, storage))
-    return materialize_partitions(context, lambda key: write_corpus_shard(
-        storage, settings, files.of_shard(storage, validate_shard_key(key)), provenance, key),
-                                  check_name="index_round_trip")
+
+    def write(key: str) -> PartitionResult:
+        key = validate_shard_key(key)
+        assignments = read_assignments(storage, [key], ["doc_id", "cluster"])[key]
+        return write_corpus_shard(storage, settings, files.of_shard(storage, key), provenance, key,
+                                  profile.pool.group_field, assignments)
+
+    return materialize_partitions(context, write, check_name="index_round_trip")
 
 
 def write_corpus_shard(storage: Storage, settings: SelectionProfile, tables: dict[str, pa.Table], provenance: dict,
-                       key: str) -> PartitionResult:
-    """The shard's selected documents of every method as JSON lines, joined by doc_id; the stats file goes last.
-    ``tables``: each method's selection (this shard's rows, or more: rows of other shards are left out)."""
+                       key: str, group_field: str | None = None,
+                       assignments: pa.Table | None = None) -> PartitionResult:
+    """The shard's selected documents of every method as JSON lines, joined by doc_id, and (given the shard's
+    cluster assignments) every corpus's documents by cluster and source; the stats file goes last. ``tables``: each
+    method's selection (this shard's rows, or more: rows of other shards are left out)."""
     key = validate_shard_key(key)
     kept = storage.read_parquet(f"{layout.FILTERED_DIR.format(key=key)}/kept.parquet")
     embedded = read_predictions(storage, [key], ["doc_id", "text_hash"])[key]
@@ -590,6 +742,9 @@ def write_corpus_shard(storage: Storage, settings: SelectionProfile, tables: dic
         counts[method], files[method] = shard.documents, info.sha256
         missing, mismatched = missing + shard.ids_not_found, mismatched + shard.text_hash_mismatches
     passed = missing == 0 and mismatched == 0
+    if assignments is not None:
+        storage.write_parquet(layout.SELECTED_COMPOSITION.format(key=key),
+                              composition.shard_composition(kept, tables, key, assignments, group_field))
     storage.write_json(f"{layout.SELECTED_CORPUS_DIR}/_stats/{key}.json", {  # completion marker, written last
         "shard": key, "kept": kept.num_rows, "selected": counts, "sha256": files, "ids_not_found": missing,
         "text_hash_mismatches": mismatched})
