@@ -38,9 +38,11 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "selection": ("bench.bench_selection", 2),
     "scale": ("bench.bench_scale", 2),
     "gpu_checks": ("bench.bench_gpu_checks", 2),
+    "deploy": ("bench.bench_deploy", 2),
 }
-# Run only with --only: the accelerator benchmarks, and the scale benchmark (about an hour, 2M documents).
-ON_REQUEST = {"oracle_gpu", "pretrain_gpu", "gpu_checks", "scale"}
+# Run only with --only: the accelerator benchmarks, the scale benchmark (about an hour, 2M documents) and the
+# deployment benchmark (the compose stack against the demo, about 30 min).
+ON_REQUEST = {"oracle_gpu", "pretrain_gpu", "gpu_checks", "scale", "deploy"}
 DEFAULT_OUT = "bench/results/latest.json"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 HEAVY_MODULES = ("numpy", "pyarrow", "fasttext", "zstandard", "orjson", "torch")

@@ -9,12 +9,15 @@ the compose network and the containers themselves (they need a Docker engine).
 
 import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -25,13 +28,20 @@ import click
 import dagster as dg
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from groupmates_assets.testing.postgres_server import Postgres, create_database
 from groupmates_assets.testing.s3_server import S3Server
 from groupmates_assets_tests.conftest import jsonl_bytes, records
+from groupmates_assets_tests.test_layout import imported_modules
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
+# docker/image_requirements.py: what the code-location image installs, per VARIANT.
+_spec = importlib.util.spec_from_file_location("image_requirements", DOCKER / "image_requirements.py")
+image_requirements = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(image_requirements)
 COMPOSE = DOCKER / "docker-compose.yaml"
 COMPOSE_GPU = DOCKER / "docker-compose.gpu.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
@@ -104,14 +114,15 @@ class Dockerfile:
     stages: set[str]
     args: set[str]
     copies: dict[str, str]  # COPY from the build context: path in the image -> source in the repository
+    mounts: list[str]  # RUN --mount=type=bind sources from the build context
+    runs: list[str]  # every RUN's shell text
     cmds: list[list[str]]  # exec-form CMDs
     text: str
 
 
-def _dockerfile(path: Path) -> Dockerfile:
-    text = path.read_text(encoding="utf-8")
+def _dockerfile_text(text: str) -> Dockerfile:
     lines = re.sub(r"\\\n", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
-    stages, args, copies, cmds = set(), set(), {}, []
+    stages, args, copies, mounts, runs, cmds = set(), set(), {}, [], [], []
     for line in lines.splitlines():
         words = line.split()
         if not words:
@@ -125,9 +136,72 @@ def _dockerfile(path: Path) -> Dockerfile:
             *sources, target = [w for w in words[1:] if not w.startswith("--")]
             for source in sources:
                 copies[f"{target}{Path(source).name}" if target.endswith("/") else target] = source
+        elif instruction == "RUN":
+            for flag in (w for w in words[1:] if w.startswith("--mount=")):
+                options = dict(o.split("=", 1) for o in flag[len("--mount="):].split(","))
+                if options.get("type") == "bind" and "from" not in options:
+                    mounts.append(options["source"])
+            runs.append(" ".join(w for w in words[1:] if not w.startswith("--mount=")))
         elif instruction == "CMD":
             cmds.append(json.loads(line.split(None, 1)[1]))
-    return Dockerfile(stages, args, copies, cmds, text)
+    return Dockerfile(stages, args, copies, mounts, runs, cmds, text)
+
+
+def _dockerfile(path: Path) -> Dockerfile:
+    return _dockerfile_text(path.read_text(encoding="utf-8"))
+
+
+def _ignore_patterns(text: str) -> list[tuple[bool, re.Pattern]]:
+    """A .dockerignore as (re-included?, regex) rules: `*` and `?` stay within a path segment, `**` spans them."""
+    rules = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated, pattern = line.startswith("!"), line.lstrip("!").strip().strip("/")
+        regex = "".join(".*" if part == "**" else "[^/]*" if part == "*" else "[^/]" if part == "?" else re.escape(part)
+                        for part in re.split(r"(\*\*|\*|\?)", pattern) if part)
+        rules.append((negated, re.compile(regex.replace(".*/", "(.*/)?"))))
+    return rules
+
+
+def _in_context(path: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
+    """Whether the builder sends ``path`` (relative to the context): the last rule that matches the path or one of
+    its parent folders decides, as in BuildKit and buildah."""
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    included = True
+    for negated, regex in rules:
+        if any(regex.fullmatch(prefix) for prefix in prefixes):
+            included = negated
+    return included
+
+
+def _context_files(root: Path, rules: list[tuple[bool, re.Pattern]]) -> set[str]:
+    """Every file of the checkout (git's view: tracked and not ignored) that the build context holds."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return {f for f in listed if (root / f).is_file() and _in_context(f, rules)}
+
+
+def _missing_from_context(dockerfile: Dockerfile, context: set[str], generated: set[str]) -> list[str]:
+    """What the build needs from its context that the context lacks: COPY and bind-mount sources, and the files a
+    copied shell script sources or runs from the repository (``$REPO_ROOT/...``). ``generated``: folders a
+    preparation script writes into the context before the build (not in the checkout)."""
+    def present(source: str) -> bool:
+        source = source.rstrip("/")
+        return (source in context or any(f.startswith(source + "/") for f in context)
+                or any(source == g or source.startswith(g if g.endswith("-") else g + "/") for g in generated))
+
+    missing = [source for source in [*dockerfile.copies.values(), *dockerfile.mounts] if not present(source)]
+    for source in dockerfile.copies.values():
+        if source.endswith(".sh") and present(source) and (REPO / source).is_file():
+            text = (REPO / source).read_text()
+            for needed in re.findall(r"(?:\bsource|\bbash|\bsh|^\.|\s\.)\s+\"?\$\{?REPO_ROOT\}?/([\w./-]+)", text,
+                                     re.MULTILINE):
+                if not present(needed):
+                    missing.append(f"{needed} (needed by {source})")
+    return missing
 
 
 def _commands() -> Iterator[tuple[str, list[str]]]:
@@ -160,6 +234,52 @@ def _click_context(program: str, args: list[str]) -> click.Context:
     return command.make_context(command.name, list(args))
 
 
+# --- the code-location image's packages ---------------------------------------------------------------------------
+
+
+def _imported_top_level_modules(package: Path) -> set[str]:
+    """Top-level third-party modules the code imports anywhere (function-level imports included), test helpers
+    (``testing/``) left out."""
+    modules = {name.split(".")[0] for path in package.rglob("*.py")
+               if "testing" not in path.relative_to(package).parts for name in imported_modules(path)}
+    return modules - set(sys.stdlib_module_names) - {"__future__", package.name}
+
+
+def _installed_closure(requirements: list[str]) -> set[str]:
+    """The installed distributions that installing ``requirements`` brings in (their requirements, recursively)."""
+    seen: set[str] = set()
+    todo = [canonicalize_name(Requirement(r).name) for r in requirements]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.distribution(name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [canonicalize_name(r.name) for r in map(Requirement, requires)
+                 if r.marker is None or r.marker.evaluate({"extra": ""})]
+    return seen
+
+
+@pytest.mark.unit
+def test_the_cpu_image_installs_every_module_the_code_imports():
+    """The image installs pyproject's dependencies plus the variant's faiss extra: a module the code imports but
+    that no installed requirement brings in would fail only inside the deployed runs (as faiss once did)."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    installed = _installed_closure(image_requirements.requirements("cpu", pyproject))
+    by_module = importlib.metadata.packages_distributions()
+    modules = _imported_top_level_modules(REPO / "groupmates_assets")
+    assert "faiss" in modules and "torch" in modules
+    missing = {m: by_module.get(m) for m in modules
+               if not {canonicalize_name(d) for d in by_module.get(m, [])} & installed}
+    assert not missing, f"imported by groupmates_assets but not installed in the cpu image: {missing}"
+    for variant in image_requirements.VARIANTS:  # exactly one faiss build per image
+        wanted = [Requirement(r).name for r in image_requirements.requirements(variant, pyproject)]
+        assert len([n for n in wanted if n.startswith("faiss")]) == 1, (variant, wanted)
+
+
 # --- the compose files -------------------------------------------------------------------------------------------
 
 
@@ -181,28 +301,46 @@ def test_every_build_names_an_existing_dockerfile_stage_and_argument(path: Path)
         assert build["target"] in dockerfile.stages, f"{name}: no stage {build['target']!r}"
         assert set(args) <= dockerfile.args, f"{name}: build args not declared in the Dockerfile"
         if "VARIANT" in args:
-            assert re.search(rf"\b{args['VARIANT']}\)", dockerfile.text), f"{name}: VARIANT {args['VARIANT']}"
+            assert args["VARIANT"] in image_requirements.VARIANTS, f"{name}: VARIANT {args['VARIANT']}"
+            assert service.get("image", base[name]["image"]).endswith(f":{args['VARIANT']}"), name
     assert set(_yaml(COMPOSE)["services"]) == SERVICES
 
 
-@pytest.mark.unit
-def test_gpu_override_builds_the_cuda_image_and_reserves_gpus_for_the_code_location():
-    service = _yaml(COMPOSE_GPU)["services"]["code-location"]
-    assert service["build"]["args"]["VARIANT"] == "cuda"
-    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+# What scripts/prepare_image_context.sh writes into the build context before a build (not in a checkout).
+GENERATED_CONTEXT = {".groupmates/images/wheels", ".groupmates/images/sources", ".groupmates/images/debs",
+                     ".groupmates/images/requirements-"}
 
 
 @pytest.mark.unit
 def test_the_build_context_holds_every_copied_file():
-    """Each COPY source exists in the repository and is let through by docker/Dockerfile.dockerignore."""
+    """Each COPY and bind-mount source, and each file a copied script sources from the repository, is in the build
+    context as docker/Dockerfile.dockerignore leaves it (the last matching rule decides, as the builders do); the
+    prepared folders are the ones scripts/prepare_image_context.sh writes."""
+    rules = _ignore_patterns((DOCKER / "Dockerfile.dockerignore").read_text())
     dockerfile = _dockerfile(DOCKER / "Dockerfile")
-    allowed = [ln[1:].strip() for ln in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
-               if ln.startswith("!")]
-    assert dockerfile.copies
-    for source in dockerfile.copies.values():
-        assert (REPO / source).exists(), source
-        assert any(source == a or source.startswith(a.rstrip("/") + "/") for a in allowed), source
+    assert dockerfile.copies and dockerfile.mounts
+    assert _missing_from_context(dockerfile, _context_files(REPO, rules), GENERATED_CONTEXT) == []
+    prepare = (REPO / "scripts" / "prepare_image_context.sh").read_text()
+    for prepared in GENERATED_CONTEXT:
+        assert f'$CONTEXT/{prepared.rsplit("/", 1)[1]}' in prepare and _in_context(prepared + "x/y", rules), prepared
+    assert not _in_context(".groupmates/storage/x", rules) and not _in_context(".venv/bin/python", rules)
+
+
+@pytest.mark.unit
+def test_the_context_check_finds_a_file_a_copied_script_needs():
+    """The check above fails where the build would: a former image copied a script and ran it while the context
+    left out scripts/apt_packages.sh, which that script sourced (scripts/install_test_services.sh still sources it);
+    a COPY of a file the ignore file leaves out is caught too."""
+    rules = _ignore_patterns("*\n!scripts/install_test_services.sh\n!groupmates_assets\n**/__pycache__\n")
+    context = _context_files(REPO, rules)
+    script_only = _dockerfile_text("FROM x AS y\nCOPY scripts/install_test_services.sh /app/scripts/\n"
+                                   "RUN bash /app/scripts/install_test_services.sh\n")
+    assert _missing_from_context(script_only, context, set()) == [
+        "scripts/apt_packages.sh (needed by scripts/install_test_services.sh)"]
+    left_out = _dockerfile_text("FROM x AS y\nCOPY pyproject.toml groupmates_assets /app/\n")
+    assert _missing_from_context(left_out, context, set()) == ["pyproject.toml"]
+    assert not _in_context("groupmates_assets/__pycache__/x.pyc", rules) and _in_context("groupmates_assets/cli.py",
+                                                                                        rules)
 
 
 @pytest.mark.unit
@@ -235,15 +373,43 @@ def test_every_command_runs_an_installed_program_with_valid_arguments():
 
 
 @pytest.mark.unit
+def test_every_service_has_a_health_check_that_compose_passes_through_intact():
+    """A CMD health check of plain words, or one CMD-SHELL string that sh parses: podman-compose 1.0.3 joins a CMD
+    list into one shell string and garbles words with spaces or quotes (docker compose does not)."""
+    for name, service in _yaml(COMPOSE)["services"].items():
+        test = service["healthcheck"]["test"]
+        if test[0] == "CMD":
+            assert all(re.fullmatch(r"[\w./:=-]+", word) for word in test[1:]), f"{name}: {test}"
+        else:
+            assert test[0] == "CMD-SHELL" and len(test) == 2, f"{name}: {test}"
+            shell = test[1].replace("$$", "$")
+            subprocess.run(["sh", "-n", "-c", shell], check=True, timeout=10)
+            for nested in re.findall(r"\bbash -c '([^']*)'", shell):
+                subprocess.run(["bash", "-n", "-c", nested], check=True, timeout=10)
+
+
+@pytest.mark.unit
+def test_every_python_service_runs_under_an_init_and_postgres_stops_fast():
+    """PID 1 forwards the stop signal: an init (`init: true`) before the Python and Go servers, which do not handle
+    SIGTERM as PID 1; PostgreSQL is PID 1 itself (its entrypoint execs it) and stops on SIGINT, its fast shutdown."""
+    services = _yaml(COMPOSE)["services"]
+    assert all(services[name].get("init") is True for name in ("s3", "code-location", "webserver", "daemon"))
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "STOPSIGNAL SIGINT" in dockerfile.split("AS postgres", 1)[1].split("FROM ", 1)[0]
+    assert re.search(r"^exec postgres ", (DOCKER / "postgres-entrypoint.sh").read_text(), re.MULTILINE)
+
+
+@pytest.mark.unit
 def test_only_the_webserver_is_published_and_only_on_loopback():
+    dotenv = _env_example()
     for path in (COMPOSE, COMPOSE_GPU):
-        for name, service in _yaml(path)["services"].items():
+        for name, service in _interpolate(_yaml(path), dotenv)["services"].items():
             assert service.get("network_mode") != "host", f"{path.name}: {name} on the host network"
             for port in service.get("ports", []):
                 assert name == "webserver", f"{path.name}: {name} publishes {port}"
                 host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).rsplit(":", 2)[0]
                 assert host_ip == "127.0.0.1", f"{path.name}: {name} publishes {port} beyond loopback"
-    assert _yaml(COMPOSE)["services"]["webserver"]["ports"] == ["127.0.0.1:3000:3000"]
+    assert _yaml(COMPOSE)["services"]["webserver"]["ports"] == ["127.0.0.1:${GROUPMATES_UI_PORT:-3000}:3000"]
 
 
 @pytest.mark.unit
@@ -280,6 +446,49 @@ def test_the_instance_and_the_servers_are_wired_together():
     bucket = code_env["GROUPMATES_S3_BUCKET"]
     assert code_env["GROUPMATES_STORAGE_ROOT"] == f"s3://{bucket}/storage"
     assert f"-bucket={bucket}" in _interpolate(services["s3"]["command"], dotenv)
+
+
+@pytest.mark.unit
+def test_the_run_launcher_starts_runs_in_the_code_location_image_with_its_environment():
+    """DockerRunLauncher (run monitoring can see a run container die) starts each run in the image the code
+    location names, on the compose network, with every variable the code location has (the daemon's copy of it);
+    the GPU override gives those containers the GPUs, through docker-py's own DeviceRequest."""
+    import docker.types
+    from dagster_docker.container_context import DockerContainerContext
+
+    dotenv = _env_example()
+    launcher = _yaml(DOCKER / "dagster.yaml")["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
+    forwarded = set(launcher["config"]["env_vars"])
+    code_env, daemon_env = _service_env("code-location", dotenv), _service_env("daemon", dotenv)
+    assert forwarded == set(code_env) - {"DAGSTER_CURRENT_IMAGE"}, "forward what the code location has, no more"
+    assert forwarded <= set(daemon_env), f"the daemon lacks {sorted(forwarded - set(daemon_env))}"
+    # A backfill the daemon evaluates while the code location is down waits for it (Dagster's own switch).
+    assert daemon_env["DAGSTER_BACKFILL_RETRY_DEFINITION_CHANGED_ERROR"] == "1"
+    services = _interpolate(_yaml(COMPOSE), dotenv)["services"]
+    assert code_env["DAGSTER_CURRENT_IMAGE"] == services["code-location"]["image"]
+    assert launcher["config"]["network"] == {"env": "GROUPMATES_NETWORK"}
+    assert _interpolate(_yaml(COMPOSE), dotenv)["networks"]["default"]["name"] == daemon_env["GROUPMATES_NETWORK"]
+    for name in ("daemon", "webserver"):  # the engine's API, for launching and terminating run containers
+        assert any(v.endswith(":/var/run/docker.sock") for v in services[name]["volumes"]), name
+
+    # The GPU override: the CUDA image, whose server hands every run container the GPUs (the container context the
+    # launcher merges with its own settings, turned into the engine's request by docker-py).
+    gpu = _yaml(COMPOSE_GPU)["services"]["code-location"]
+    assert gpu["build"]["args"]["VARIANT"] == "cuda"
+    assert gpu["environment"]["DAGSTER_CURRENT_IMAGE"] == gpu["image"] == (
+        "localhost/groupmates-assets/code-location:cuda")
+    command = gpu["command"]
+    assert command[:command.index("--container-context")] == services["code-location"]["command"]
+    merged = DockerContainerContext(container_kwargs=launcher["config"]["container_kwargs"]).merge(
+        DockerContainerContext.create_from_config(json.loads(command[command.index("--container-context") + 1])))
+    kwargs = merged.container_kwargs
+    assert kwargs["auto_remove"] is True and kwargs["init"] is True
+    host_config = docker.types.HostConfig(version="1.41", device_requests=kwargs["device_requests"],
+                                          shm_size=kwargs["shm_size"])
+    (request,) = host_config["DeviceRequests"]
+    assert request["Driver"] == "nvidia" and request["Capabilities"] == [["gpu"]] and request["Count"] == -1
+    assert host_config["ShmSize"] == 8 * 2**30
 
 
 @pytest.mark.unit
@@ -336,6 +545,8 @@ def test_instance_config_passes_dagsters_schema(path: Path, tmp_path: Path, monk
     ref = InstanceRef.from_dir(str(tmp_path), config_dir=str(path.parent), config_filename=path.name)
     assert type(ref.run_coordinator).__name__ == "QueuedRunCoordinator"
     assert ref.run_launcher is not None and ref.compute_log_manager is not None
+    if path.parent == DOCKER:  # run monitoring can tell when a run's container died
+        assert ref.run_launcher.supports_check_run_worker_health and ref.run_launcher.supports_resume_run
     assert config["run_monitoring"]["enabled"] and config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
     assert config["concurrency"]["pools"]["default_limit"] >= 1
 
@@ -377,7 +588,8 @@ def test_compose_instance_runs_a_project_asset_on_postgres_and_s3(postgres: Post
     env.update(DAGSTER_PG_HOST=postgres.host, DAGSTER_PG_PORT=str(postgres.port), AWS_ENDPOINT_URL=s3.endpoint_url)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=s3.endpoint_url)
+    # a session of its own: boto3.client() would cache these keys in the process-wide default session
+    client = boto3.session.Session().client("s3", endpoint_url=s3.endpoint_url)
     shard = jsonl_bytes(records(6, 4))
     client.put_object(Bucket=s3.bucket, Key="pool/crawl/part-0.jsonl", Body=shard)
 

@@ -157,12 +157,17 @@ def create_database(server: Postgres, name: str) -> None:
 
 
 def write_compose_instance_home(home: Path) -> Path:
-    """``home`` as a DAGSTER_HOME holding docker/dagster.yaml, compute logs on local disk instead of S3.
+    """``home`` as a DAGSTER_HOME holding docker/dagster.yaml, compute logs on local disk instead of S3 and runs
+    launched in this machine's processes (Dagster's default launcher) instead of containers, so run monitoring
+    fails a run whose worker died rather than resuming it (resuming needs the container launcher).
 
     Everything else (PostgreSQL storage read from DAGSTER_PG_*, the run queue, pools, run monitoring) is the
     compose deployment's own; open it with the variables of `Postgres.instance_env` in the environment.
     """
     config = yaml.safe_load(COMPOSE_INSTANCE.read_text(encoding="utf-8"))
+    config["run_launcher"] = {"module": "dagster", "class": "DefaultRunLauncher"}
+    if "run_monitoring" in config:  # the default launcher cannot resume a run in a new worker: fail it instead
+        config["run_monitoring"]["max_resume_run_attempts"] = 0
     config["compute_logs"] = {"module": "dagster._core.storage.local_compute_log_manager",
                               "class": "LocalComputeLogManager",
                               "config": {"base_dir": str(home / "compute_logs")}}
