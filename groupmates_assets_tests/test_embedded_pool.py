@@ -1,7 +1,7 @@
 """Tests for the embedded default pool: parsers on small authored samples, then two real builds.
 
-The real builds need the registry sources (installed by scripts/fetch_pool_sources.sh during set-up);
-when they are missing the tests fail with the install command instead of skipping silently.
+The real builds need the registry sources (fetched into the source cache by scripts/fetch_pool_sources.sh during
+set-up); when they are missing the tests fail with the fetch command instead of skipping silently.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_parse_dictd_index_skips_database_metadata() -> None:
     assert pool_sources.parse_dictd_index(lines) == [("widget", 64, 10)]
 
 
-def test_read_dictd_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_dictd_roundtrip(tmp_path: Path) -> None:
     entries = [b"alpha\n   The first test entry.\n", b"beta\n   The second one,\n   on two lines.\n"]
     blob = b"00-database-info\n   meta\n" + b"".join(entries)
     off_a = blob.index(entries[0])
@@ -71,14 +71,47 @@ def test_read_dictd_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         f"alias-of-alpha\t{b64(off_a)}\t{b64(len(entries[0]))}\n"
         f"beta\t{b64(off_b)}\t{b64(len(entries[1]))}\n"
     )
-    (tmp_path / "toy.index").write_text(index)
-    (tmp_path / "toy.dict.dz").write_bytes(gzip.compress(blob))
-    monkeypatch.setattr(pool_sources, "DICTD_ROOT", str(tmp_path))
-    read = pool_sources.read_dictd(pool_sources.DictSpec("toy", "toy", "dict-toy", "public-domain"))
+    tree = _toy_tree(tmp_path, {"dict-toy": "1.0-1"})
+    dictd = Path(tree.path(pool_sources.DICTD_ROOT))
+    dictd.mkdir(parents=True)
+    (dictd / "toy.index").write_text(index)
+    (dictd / "toy.dict.dz").write_bytes(gzip.compress(blob))
+    read = pool_sources.read_dictd(pool_sources.DictSpec("toy", "toy", "dict-toy", "public-domain"), tree)
     assert [d.title for d in read.documents] == ["alpha", "beta"]  # alias of the same entry read once
     assert read.documents[0].text == "alpha\n   The first test entry."
     assert read.documents[1].text == "beta\n   The second one,\n   on two lines."
-    assert read.documents[1].url == f"deb:dict-toy:{tmp_path}/toy.dict.dz#beta"
+    # the URL names the file inside its package, not where the source cache happens to be
+    assert read.documents[1].url == "deb:dict-toy:/usr/share/dictd/toy.dict.dz#beta"
+    assert read.version == "1.0-1"
+
+
+def _toy_tree(cache: Path, versions: dict[str, str]) -> pool_sources.DebianTree:
+    """An unpacked-packages tree as scripts/fetch_pool_sources.sh leaves it, with manifests and no files yet."""
+    root = cache / pool_sources.DEBIAN_DIR
+    root.mkdir(parents=True)
+    (root / "packages.tsv").write_text("package\tversion\tsha256\n" + "".join(
+        f"{name}\t{version}\t{'0' * 64}\n" for name, version in versions.items()))
+    (root / "files.tsv").write_text("path\tpackage\n")
+    (root / pool_sources.COMPLETE_MARKER).write_text(" ".join(versions))
+    return pool_sources.DebianTree(str(cache))
+
+
+def test_a_cache_without_debian_packages_names_the_fetch_script(tmp_path: Path) -> None:
+    tree = pool_sources.DebianTree(str(tmp_path))
+    assert not tree.available
+    with pytest.raises(SourceUnavailableError, match=r"fetch_pool_sources\.sh` .*needs no root"):
+        pool_sources.read_debian_packaging(tree)
+
+
+def test_split_description_on_markdown_and_rst_headings() -> None:
+    readme = ("Intro text before any heading.\n\n# Install\n\npip install toy\n\n## Usage\nCall it.\n\n"
+              "Changelog\n=========\n\n1.0: first.\n")
+    assert pool_sources.split_description(readme) == [
+        ("", "Intro text before any heading."),
+        ("Install", "# Install\n\npip install toy"),
+        ("Usage", "## Usage\nCall it."),
+        ("Changelog", "Changelog\n=========\n\n1.0: first."),
+    ]
 
 
 def test_split_fortunes() -> None:
@@ -299,3 +332,29 @@ def test_heldout_slice_takes_every_source_and_no_positive(
             spread = 4 * (documents * fraction * (1 - fraction)) ** 0.5 + 1
             assert counts[source] >= 1 and abs(counts[source] - documents * fraction) <= spread, source
     assert not {r["text"] for r in _records(result.positives_path)} & {r["text"] for r in held}
+
+
+def test_without_debian_packages_a_smaller_pool_is_built_from_the_pypi_sources_alone(tmp_path: Path) -> None:
+    """A source cache with the PyPI wheels and no unpacked Debian packages (the fetch script found no apt-get):
+    the pool holds the Wikipedia summaries and the installed distributions' descriptions, still of mixed quality,
+    with the positives held out, and the build says so."""
+    wheel = pool_sources.locate_wiki_wheel(pool_build.default_cache_dir())
+    if wheel is None:
+        pytest.fail("the Wikipedia summaries wheel is not in the source cache (run scripts/fetch_pool_sources.sh)")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / os.path.basename(wheel)).symlink_to(wheel)
+    said: list[str] = []
+    result = build_embedded_pool(str(tmp_path / "pool"), num_shards=4, cache_dir=str(cache), progress=said.append)
+    assert result.pypi_only and set(result.by_source) == set(pool_build.PYPI_ONLY_SOURCES)
+    assert any(pool_build.PYPI_ONLY_NOTE in line for line in said), said
+    prov = json.loads(Path(result.provenance_path).read_text())
+    assert prov["registries"] == ["pypi"] and prov["total_documents"] == result.documents
+    assert result.by_source[pool_sources.PACKAGE_DESCRIPTIONS] >= 1_000 and result.documents >= 5_000
+    records = [r for p in result.shard_paths for r in _records(p)]
+    assert len(records) == result.documents and len({r["text"] for r in records}) == len(records)
+    for path in result.shard_paths:
+        assert {r["source"] for r in _records(path)} == set(pool_build.PYPI_ONLY_SOURCES)
+    assert not any(r["url"].startswith("pypi:groupmates-assets") for r in records)  # never the project itself
+    positives = _records(result.positives_path)
+    assert len(positives) > 1_000 and not {r["text"] for r in positives} & {r["text"] for r in records}

@@ -209,3 +209,68 @@ def test_definitions_take_endpoint_from_env_and_offer_boto3(s3: S3Server, tmp_pa
     assert metadata["path"].value == s3.url(f"{tmp_path.name}/store/probe/hello.json")
     assert metadata["keys"].value == [f"{tmp_path.name}/store/probe/hello.json"]
     assert not _contains(result.all_events, s3.secret_key)
+
+
+# The child process of the killed-upload test: it writes ``big.bin`` through Storage; at 101 MiB (two of s3fs's 50 MiB
+# parts or more) s3fs uploads it as a multipart upload, in three parts. Every uploaded part is followed by a pause,
+# so that the test can SIGKILL the writer after its first part and before the upload is completed.
+SLOW_UPLOAD = """
+import asyncio, os, sys
+import s3fs
+from groupmates_assets.lib.storage import Storage, fs_options
+
+call_s3 = s3fs.S3FileSystem._call_s3
+
+async def slow(self, method, *args, **kwargs):
+    out = await call_s3(self, method, *args, **kwargs)
+    if method == "upload_part":
+        print("part uploaded", flush=True)
+        await asyncio.sleep(60)
+    return out
+
+s3fs.S3FileSystem._call_s3 = slow
+root = sys.argv[1]
+Storage(root, fs_options(root, endpoint_url=sys.argv[2])).write_bytes("big.bin", os.urandom(101 << 20))
+print("completed", flush=True)
+"""
+
+
+def test_an_upload_killed_mid_transfer_leaves_no_visible_object(s3: S3Server, tmp_path: Path, monkeypatch):
+    """A real writer process is SIGKILLed in the middle of its multipart upload (one part sent, the upload not yet
+    completed): the object's previous version stays as it was, nothing new is visible, and the next write from this
+    machine deletes the killed writer's local staging file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import boto3
+
+    root = s3.url(f"{tmp_path.name}/store")
+    storage = Storage(root, fs_options(root, endpoint_url=s3.endpoint_url))
+    storage.write_bytes("big.bin", b"the previous version")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    env = {**os.environ, "TMPDIR": str(staging)}
+    writer = subprocess.Popen([sys.executable, "-c", SLOW_UPLOAD, root, s3.endpoint_url], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline().strip() == "part uploaded", writer.stderr.read()[-3000:]
+        writer.send_signal(signal.SIGKILL)
+        assert writer.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        writer.kill()
+    assert "completed" not in writer.stdout.read()
+    # its own keys: boto3.client() would reuse the process-wide default session, whose credentials an earlier
+    # test module may have resolved against another server
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url, region_name=s3.region,
+                          aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key)
+    pending = client.list_multipart_uploads(Bucket=s3.bucket, Prefix=f"{tmp_path.name}/store/").get("Uploads", [])
+    assert [u["Key"] for u in pending] == [f"{tmp_path.name}/store/big.bin"]  # killed mid-transfer, never completed
+    fresh = Storage(root, fs_options(root, endpoint_url=s3.endpoint_url))
+    assert fresh.read_bytes("big.bin") == b"the previous version" and fresh.list("") == ["big.bin"]
+    assert [p.name.startswith("groupmates-upload-") for p in staging.iterdir()] == [True]  # the dead writer's
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    fresh.write_bytes("next.bin", b"next")
+    assert list(staging.iterdir()) == []

@@ -579,14 +579,19 @@ def test_static_partition_keys_cannot_be_forged(tmp_path: Path):
 # ------------------------------------------------------------------------------- 4. the webserver on loopback
 
 def _ui_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str]) -> list[str]:
-    """What `groupmates ui ARGV` would exec (recorded, not run)."""
-    calls: list[tuple[str, list[str]]] = []
+    """The webserver command `groupmates ui ARGV` would start (recorded, not run)."""
+    from groupmates_assets import local_dagster
+
+    started: list[list[str]] = []
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    monkeypatch.setattr(cli.os, "execv", lambda path, args: calls.append((path, list(args))))
-    assert cli.main(["ui", *argv]) == 0
-    assert len(calls) == 1
-    path, args = calls[0]
-    assert path == args[0] and os.path.basename(path) == "dagster" and args[1] == "dev"
+    monkeypatch.setattr(local_dagster, "interrupt_on_stop_signals", lambda: None)  # pytest keeps its handlers
+    monkeypatch.setattr(local_dagster.LocalDagster, "start", lambda self, timeout=300: started.append(
+        self.webserver_command()))
+    monkeypatch.setattr(local_dagster.LocalDagster, "wait", lambda self, poll=0.5: ("webserver", 0))
+    cli.main(["ui", *argv])
+    assert len(started) == 1
+    args = started[0]
+    assert os.path.basename(args[0]) == "dagster-webserver"
     return args
 
 

@@ -60,3 +60,57 @@ def test_numpy_round_trip_local_and_remote(tmp_path):
         storage.write_numpy("a/x.npy", array)
         loaded = storage.read_numpy("a/x.npy")
         assert loaded.dtype == np.uint32 and (loaded == array).all()
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def test_local_writes_fsync_the_file_before_the_rename_and_the_folder_after_it(tmp_path, monkeypatch):
+    """Durable against a power cut, not only a killed process: the data reaches the disk before the final name
+    points at it, the rename reaches it after (the folder's fsync), and so does every folder made for the file."""
+    from groupmates_assets.lib import storage as storage_module
+
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", _fd_path(fd))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b))[1])
+    storage = Storage(str(tmp_path / "root"))
+    storage_module.make_dirs_durable(storage.root)
+    events.clear()
+    storage.write_bytes("new/sub/data.bin", b"payload")
+    final = str(tmp_path / "root" / "new" / "sub" / "data.bin")
+    (replace,) = [e for e in events if e[0] == "replace"]
+    assert replace[2] == final
+    at = events.index(replace)
+    assert ("fsync", replace[1]) in events[:at], events  # the temporary file's data, before the rename
+    assert ("fsync", os.path.dirname(final)) in events[at + 1:], events  # the rename, after it
+    for folder in ("root", "root/new"):  # each new folder's entry in its parent
+        assert ("fsync", str(tmp_path / folder)) in events[:at], events
+
+
+def test_a_killed_writers_temporary_is_gone_after_the_next_write_into_its_folder(tmp_path):
+    """A writer SIGKILLed with its data complete under the temporary name (a real process, killed at the failpoint
+    between the data and the rename) leaves a hidden temporary; the next write into that folder, of any file,
+    deletes it, and the killed file never appears."""
+    import signal
+    import subprocess
+    import sys
+
+    from groupmates_assets.lib import failpoints
+
+    child = ("import sys; from groupmates_assets.lib.storage import Storage; "
+             "Storage(sys.argv[1]).write_bytes('a/killed.bin', b'x' * 1000)")
+    env = {**os.environ, failpoints.LOG_ENV: str(tmp_path / "points.log"), failpoints.KILL_AT_ENV: "1"}
+    killed = subprocess.run([sys.executable, "-c", child, str(tmp_path / "root")], env=env, start_new_session=True,
+                            capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    folder = tmp_path / "root" / "a"
+    (leftover,) = os.listdir(folder)
+    assert leftover.startswith(".tmp-") and leftover.endswith("-killed.bin")
+    storage = Storage(str(tmp_path / "root"))
+    assert storage.list("a") == [] and not storage.exists("a/killed.bin")
+    own = folder / f".tmp-{os.getpid()}-0-live.bin"  # a live writer's temporary stays
+    own.write_bytes(b"in progress")
+    storage.write_bytes("a/other.bin", b"next write")
+    assert sorted(os.listdir(folder)) == sorted(["other.bin", own.name])

@@ -3,9 +3,12 @@
 Artifacts move between pipeline stages as files plus metadata. Every write here is atomic: the data goes
 to a temporary name beside the final one and is renamed into place only once complete, so a reader never
 sees a half-written file under its final name, and a killed write leaves nothing but a temporary file that
-the next write of the same artifact replaces. Object stores have no rename, but an upload becomes visible only
-once complete (one PUT, or a multipart upload that is completed last), so there the data is staged in a local
-temporary file and uploaded only when the block writing it succeeded: a failed write uploads nothing.
+the next write into the same folder deletes. On a local root the write is also durable: the file is fsynced
+before the rename and its folder after it (and a folder made for it, in its parent), so after a power cut the
+final name holds either the old or the new bytes, never a file the kernel had not yet written out. Object stores
+have no rename, but an upload becomes visible only once complete (one PUT, or a multipart upload that is completed
+last), so there the data is staged in a local temporary file and uploaded only when the block writing it
+succeeded: a failed or killed write uploads nothing visible.
 
 S3 credentials never pass through here: s3fs (botocore) reads them from the environment, ``~/.aws`` or an
 instance role. Only the endpoint (S3-compatible servers) and the region are options (`fs_options`).
@@ -42,6 +45,7 @@ import pyarrow.parquet as pq
 from groupmates_assets.lib import failpoints
 
 _TMP_MARK = ".tmp-"
+_UPLOAD_MARK = "groupmates-upload-"  # a staged upload's local file: groupmates-upload-<pid>-<random>-<name>
 _S3_PROTOCOLS = ("s3", "s3a")
 S3_ENDPOINT_ENV = "GROUPMATES_S3_ENDPOINT_URL"  # an S3-compatible server (MinIO, SeaweedFS, ...); AWS when unset
 S3_REGION_ENV = "GROUPMATES_S3_REGION"  # unset: botocore's own chain (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws)
@@ -187,21 +191,27 @@ class Storage:
         final = self.path(relative)
         if self.is_local:
             parent = posixpath.dirname(final)
-            self.fs.makedirs(parent, exist_ok=True)
-            _remove_dead_writers_files(parent, posixpath.basename(final))
+            make_dirs_durable(parent)
+            _remove_dead_writers_files(parent)
             tmp = posixpath.join(parent, f"{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}-{posixpath.basename(final)}")
-            handle = self.fs.open(tmp, "wb")
+            handle = open(tmp, "wb")  # noqa: SIM115 - closed below, before the rename
         else:  # staged locally: an object store has no rename, and a half-written upload must never land
             # the suffix keeps the extension, from which s3fs guesses the object's Content-Type
-            fd, tmp = tempfile.mkstemp(prefix="groupmates-upload-", suffix=f"-{posixpath.basename(final)[-80:]}")
+            _remove_dead_writers_files(tempfile.gettempdir(), _UPLOAD_MARK)
+            fd, tmp = tempfile.mkstemp(prefix=f"{_UPLOAD_MARK}{os.getpid()}-",
+                                       suffix=f"-{posixpath.basename(final)[-80:]}")
             handle = os.fdopen(fd, "wb")
         writer = _HashingWriter(handle)
         try:
             yield writer
+            if self.is_local:
+                handle.flush()
+                os.fsync(handle.fileno())  # the data on disk before the name points at it
             handle.close()
             failpoints.hit("storage.write.complete")  # the data is whole under its temporary name only
             if self.is_local:
                 os.replace(tmp, final)
+                fsync_dir(parent)  # the rename itself on disk
             else:
                 self.fs.put_file(tmp, final)  # one PUT, or a multipart upload completed last: all or nothing
             failpoints.hit("storage.write.visible")
@@ -469,21 +479,56 @@ def overlapping_row_groups(metadata: pq.FileMetaData, column: str, lowest: Any, 
     return groups
 
 
-def _remove_dead_writers_files(parent: str, name: str) -> None:
-    """Temporary files of ``name`` left by writers that died mid-write (SIGKILL, power cut): their process is
-    gone, so nothing will rename them; a live writer's (its PID still runs) is left alone."""
-    prefix = _TMP_MARK
+def _remove_dead_writers_files(parent: str, mark: str = _TMP_MARK) -> None:
+    """Temporary files in ``parent`` (named ``<mark><pid>-...``) left by writers that died mid-write (SIGKILL, power
+    cut): their process is gone, so nothing will rename or upload them; a live writer's (its PID still runs) is left
+    alone. Any write into the folder clears them, not only the next write of the same file, so a rerun that writes
+    elsewhere in the folder leaves none behind."""
     try:
         entries = os.listdir(parent)
     except FileNotFoundError:
         return
     for entry in entries:
-        if not (entry.startswith(prefix) and entry.endswith(f"-{name}")):
+        if not entry.startswith(mark):
             continue
-        pid = entry[len(prefix):].split("-", 1)[0]
+        pid = entry[len(mark):].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(parent, entry))
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durable(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, with each folder it creates fsynced into its parent, so a file renamed
+    into a new folder survives a power cut together with the folder."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    os.makedirs(path, exist_ok=True)
+    for folder in reversed(missing):
+        fsync_dir(os.path.dirname(folder))
+
+
+def durable_replace(tmp: str, final: str) -> None:
+    """Rename a complete, already fsynced file into place and fsync its folder (for writers outside `Storage`)."""
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
 
 
 def pid_alive(pid: int) -> bool:

