@@ -8,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -32,18 +34,75 @@ print(json.dumps({k: metadata[k].value for k in ("resumed_parts", "computed_traj
 """
 
 
-def _interrupted_demo(env: dict[str, str]) -> str:
-    """The demo, interrupted with SIGINT (Ctrl-C) once pool predictions are running; its output."""
+PROGRESS = re.compile(r"^\[groupmates\] +(\d+ s  [\w+]+: \d+ succeeded|slowest running: )")
+
+
+def _interrupted_demo(env: dict[str, str], signum: int, stage: str) -> str:
+    """The demo, sent ``signum`` once runs of the main backfill's ``stage`` are running; its output. It must end
+    within 10 s of the signal, exit status 130, with one line (beside progress lines already on their way) and
+    nothing it started left running."""
     demo = subprocess.Popen([sys.executable, "-m", "groupmates_assets.cli", "demo"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
+    lines, after, sent, main = [], [], None, False
     for line in demo.stdout:
-        lines.append(line)
-        match = re.search(r" selection: \d+ succeeded, (\d+) running", line)
-        if match and int(match.group(1)) > 0 and demo.poll() is None:
-            demo.send_signal(signal.SIGINT)
-    assert demo.wait(timeout=300) == 130, "".join(lines[-40:])
-    return "".join(lines)
+        (after if sent else lines).append(line)
+        main = main or "follow it in the UI" in line or "resuming backfill" in line
+        match = re.search(rf" {stage}: \d+ succeeded, (\d+) running", line)
+        if main and sent is None and match and int(match.group(1)) > 0 and demo.poll() is None:
+            demo.send_signal(signum)
+            sent = time.monotonic()
+    code = demo.wait(timeout=60)
+    output = "".join(lines + after)
+    assert sent is not None and code == 130, output[-3000:]
+    took = time.monotonic() - sent
+    assert took < 10, (took, output[-3000:])
+    said = [line for line in after if not PROGRESS.match(line)]
+    name = signal.Signals(signum).name
+    assert len(said) == 1 and said[0].startswith(f"[groupmates] interrupted ({name}): backfill "), after
+    assert "Traceback" not in output, output[-3000:]
+    left = _processes_of(env["GROUPMATES_HOME"])
+    assert not left, left  # no daemon, webserver, code server or run worker outlives the command
+    return output
+
+
+def _processes_of(home: str) -> list[str]:
+    """Command lines of live processes started for the instance under ``home`` (their environment names it)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"GROUPMATES_HOME={home}".encode() in environ.read_bytes().split(b"\0"):
+                found.append((environ.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except OSError:
+            continue
+    return found
+
+
+def _service_logs(home: Path) -> dict[Path, int]:
+    """The services' log files (daemon and webserver; the runs, their step and replica worker processes and the
+    code servers write there too) and how long each is now."""
+    return {log: log.stat().st_size for log in sorted((home / "dagster_home" / "service_logs").glob("*.log"))}
+
+
+def _assert_no_traceback_since(sizes: dict[Path, int]) -> None:
+    """Nothing written to a service log since ``sizes`` holds a traceback (such as a worker process's
+    ``Process SpawnProcess-3: Traceback ... KeyboardInterrupt`` when the services stop) or one of Dagster's stack
+    traces (a daemon reloading its workspace from a code server that has stopped warns with one)."""
+    assert sizes, "no service logs"
+    for log, size in sizes.items():
+        with log.open("rb") as handle:
+            handle.seek(size)
+            written = handle.read().decode(errors="replace")
+        assert not any(sign in written for sign in ("Traceback", "KeyboardInterrupt", "Stack Trace")), (
+            log, written[-3000:])
+
+
+def _assert_nothing_live(instance: dg.DagsterInstance) -> None:
+    live = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
+                                                     dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING,
+                                                     dg.DagsterRunStatus.NOT_STARTED]))
+    assert not live, [(r.run_id, r.status) for r in live]  # nothing left running or queued after the signal
+    for pool in instance.event_log_storage.get_concurrency_keys():
+        assert not instance.event_log_storage.get_concurrency_info(pool).claimed_slots, pool  # no slot kept
 
 
 def _materializations(instance: dg.DagsterInstance) -> Counter:
@@ -56,26 +115,29 @@ def _materializations(instance: dg.DagsterInstance) -> Counter:
 
 
 def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
-    """One backfill through the daemon; Ctrl-C during pool predictions cancels it cleanly, a rerun resumes it
-    without redoing anything that succeeded, and a third run finds nothing to do."""
+    """One backfill through the daemon; SIGTERM while the quality stage runs and Ctrl-C during pool predictions each
+    cancel it cleanly within 10 s, a rerun resumes it without redoing anything that succeeded, and a third run finds
+    nothing to do."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "GROUPMATES_"))}
     env.update(GROUPMATES_HOME=str(tmp_path), GROUPMATES_PROFILE="ci", GROUPMATES_RETRY_DELAY_SECONDS="1")
-    interrupted = _interrupted_demo(env)
-    assert "cancelling backfill" in interrupted and "Traceback" not in interrupted, interrupted[-3000:]
+    _interrupted_demo(env, signal.SIGTERM, r"\w+")  # the first stage with a run of the main backfill running
     instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster_home"))
-    live = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
-                                                     dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]))
-    assert not live, [r.run_id for r in live]  # nothing left running or queued after Ctrl-C
+    _assert_nothing_live(instance)
+    interrupted = _interrupted_demo(env, signal.SIGINT, "selection")
+    assert "backfill" in interrupted
+    _assert_nothing_live(instance)
     retried = [r.run_id for r in instance.get_runs()
                if instance.all_logs(r.run_id, of_type=dg.DagsterEventType.STEP_RESTARTED)]
     assert not retried, retried  # a cancelled run's step stops; no retry attempt (deployment.stop_on_termination)
     before = _materializations(instance)
     assert before[("filtered_pool_summary", None)] == 1 and before[("selection_report", None)] == 0
 
+    logs = _service_logs(tmp_path)
     run = subprocess.run([sys.executable, "-m", "groupmates_assets.cli", "demo"], env=env, capture_output=True,
                          text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "resuming backfill" in run.stdout and "Traceback" not in run.stdout + run.stderr
+    _assert_no_traceback_since(logs)  # its runs, their worker processes and the services ended silently
     assert "oracle labels:" in run.stdout and "influence models" in run.stdout
     after = _materializations(instance)
     assert set(after) >= set(before) and all(count == 1 for count in after.values()), {
@@ -83,9 +145,12 @@ def test_demo_runs_every_stage_through_a_persistent_instance(tmp_path):
     runs = instance.get_runs()
     assert runs and all("dagster/backfill" in r.tags for r in runs)  # every run came from a backfill
 
+    logs = _service_logs(tmp_path)
     again = subprocess.run([sys.executable, "-m", "groupmates_assets.cli", "demo"], env=env, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0 and "already materialized every asset" in again.stdout, again.stdout[-3000:]
+    assert "Traceback" not in again.stdout + again.stderr
+    _assert_no_traceback_since(logs)
     assert len(instance.get_runs()) == len(runs)
     sensors = {state.name: state.status.value for state in instance.all_instigator_state()}
     assert sensors["pool_shard_sensor"] == "RUNNING"  # paused during the backfill, started again at the end

@@ -1,12 +1,12 @@
-"""The Dagster UI, as `groupmates ui` serves it, rendered by headless Chromium: the project's code location loads
-from workspace.yaml, the asset graph shows the pipeline's stages, and the selected corpus page shows what it was
-built from. The webserver (and the code server it spawns) must listen on loopback only.
+"""The Dagster UI, started as users start it (`groupmates ui`, which `make ui` runs), rendered by headless Chromium:
+the project's code location loads from workspace.yaml, the asset graph shows the pipeline's stages, and the selected
+corpus page shows what it was built from. Everything the command starts (the code server, the webserver and the
+daemon) must listen on loopback only, and Ctrl-C or SIGTERM must end it all within 10 s with one line.
 
 Screenshots go to the test's tmp dir, and are copied to $GROUPMATES_SCREENSHOT_DIR when it is set.
 """
 
 import contextlib
-import html
 import ipaddress
 import json
 import os
@@ -27,14 +27,12 @@ from groupmates_assets import cli
 from groupmates_assets.defs.partitions import pool_shards
 from groupmates_assets.defs.pool.assets import pool_shard
 from groupmates_assets.defs.resources import PlatformResource
+from groupmates_assets.testing.browser import CHROMIUM, CHROMIUM_ENV, CHROMIUM_NAMES, render_pages
+from groupmates_assets_tests.conftest import service_missing
 
-CHROMIUM = shutil.which("chromium")
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (Debian package `chromium`, installed by "
-    "scripts/install_test_services.sh)")]
+pytestmark = pytest.mark.integration
 
 REPO = Path(cli.__file__).resolve().parent.parent
-WEBSERVER = Path(sys.executable).with_name("dagster-webserver")
 STAGE_GROUPS = ["pool", "quality", "tokenize", "lm", "oracle", "influence", "selection", "corpus", "pretrain",
                 "evaluation", "report"]
 SHARDS = ["crawl-a", "crawl-b"]
@@ -62,7 +60,8 @@ def _wait_until_loaded(base: str, server: subprocess.Popen, log: Path, deadline:
     last = "no answer"
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            pytest.fail(f"dagster-webserver exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"groupmates ui exited with {server.returncode}:\n{server.stdout.read()[-3000:]}\n"
+                        f"{log.read_text()[-3000:] if log.exists() else ''}")
         try:
             json.loads(_get(f"{base}/server_info"))
             entries = json.loads(_get(f"{base}/graphql", body))["data"]["workspaceOrError"]["locationEntries"]
@@ -78,17 +77,22 @@ def _wait_until_loaded(base: str, server: subprocess.Popen, log: Path, deadline:
     pytest.fail(f"the UI did not load the code location in time ({last}):\n{log.read_text()[-3000:]}")
 
 
-def _group_pids(pgid: int) -> list[int]:
-    """Processes of the webserver's process group (it and the code server it spawned)."""
-    pids = []
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (what `groupmates ui` started, in whatever session or group)."""
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # after "pid (comm)": state, ppid, pgrp
-            pids.append(int(stat.parent.name))
-    return pids
+        if fields[0] != "Z":  # after "pid (comm)": state, ppid
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [root]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child)
+    return found
 
 
 def _listening_addresses(pids: list[int]) -> list[tuple[str, int]]:
@@ -111,7 +115,9 @@ def _listening_addresses(pids: list[int]) -> list[tuple[str, int]]:
             address, port = fields[1].split(":")
             raw = bytes.fromhex(address)
             raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4))  # /proc prints 32-bit words host-endian
-            found.append((str(ipaddress.ip_address(raw)), int(port, 16)))
+            listener = ipaddress.ip_address(raw)
+            listener = getattr(listener, "ipv4_mapped", None) or listener  # gRPC's 127.0.0.1 on a dual-stack socket
+            found.append((str(listener), int(port, 16)))
     return found
 
 
@@ -149,32 +155,32 @@ def ui(tmp_path_factory):
             assert dg.materialize([pool_shard], partition_key=key, instance=instance,
                                   resources={"platform": platform}).success
 
+    with _started_ui(root, env) as ui:
+        yield ui
+
+
+@contextlib.contextmanager
+def _started_ui(root: Path, env: dict[str, str]):
+    """`groupmates ui --port P` (the `make ui` command) in a session of its own, once the code location loaded; at
+    the end whatever is still running of it is killed."""
     port = _free_port()
-    log = root / "webserver.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [str(WEBSERVER), "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    ui = subprocess.Popen([sys.executable, "-m", "groupmates_assets.cli", "ui", "--port", str(port)], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_until_loaded(base, server, log, time.monotonic() + 90)
-        yield {"base": base, "port": port, "pgid": server.pid, "root": root}
+        _wait_until_loaded(base, ui, Path(env["DAGSTER_HOME"]) / "service_logs" / "webserver.log",
+                           time.monotonic() + 120)
+        said = []
+        while not said or "the UI is ready" not in said[-1]:  # printed once the daemon started too
+            said.append(ui.stdout.readline())
+            assert said[-1], "".join(said)
+        yield {"base": base, "port": port, "process": ui, "root": root, "said": said}
     finally:
-        _stop_group(server)
-
-
-def _stop_group(leader: subprocess.Popen) -> None:
-    """SIGTERM the process group (webserver and code server), SIGKILL whatever is left after 15 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(leader.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        leader.wait(timeout=15)
-    while _group_pids(leader.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(leader.pid, signal.SIGKILL)
-    leader.wait(timeout=5)
+        for pid in [ui.pid, *_descendants(ui.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        ui.wait(timeout=10)
 
 
 PAGES = {  # screenshot name -> UI path
@@ -184,34 +190,22 @@ PAGES = {  # screenshot name -> UI path
 }
 
 
+PAGE_READY = {  # what each page shows once rendered (a page still loading is rendered again, with more time)
+    "asset-graph": r"\bselection\b",
+    "selected-corpus": "Upstream assets",
+    "selected-corpus-lineage": r"filtered_po\S*_shard",
+}
+
+
 @pytest.fixture(scope="module")
 def pages(ui) -> dict[str, str]:
     """Every page of PAGES rendered by headless Chromium at once: a screenshot each, and the visible text of the
     rendered DOM. Screenshots stay in the module's tmp dir (copied to $GROUPMATES_SCREENSHOT_DIR when set)."""
+    if CHROMIUM is None:
+        service_missing(f"no Chromium: none of {', '.join(CHROMIUM_NAMES)} is on PATH and ${CHROMIUM_ENV} is unset "
+                        "(Debian/Ubuntu package chromium or chromium-browser: scripts/install_test_services.sh)")
     out = ui["root"] / "screenshots"
-    out.mkdir()
-    browsers = {}
-    for name, path in PAGES.items():
-        command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                   "--disable-dev-shm-usage", f"--user-data-dir={ui['root'] / f'chromium-{name}'}",
-                   "--virtual-time-budget=15000", "--window-size=1400,900", f"--screenshot={out / name}.png",
-                   "--dump-dom", ui["base"] + path]
-        browsers[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          start_new_session=True)
-    texts = {}
-    try:
-        for name, browser in browsers.items():
-            dom, errors = browser.communicate(timeout=60)
-            assert browser.returncode == 0, f"chromium failed on {PAGES[name]}: {errors[-2000:]}"
-            png = out / f"{name}.png"
-            assert png.exists() and png.stat().st_size > 10_000, f"no screenshot of {PAGES[name]}"
-            texts[name] = _text(dom)
-    finally:
-        for browser in browsers.values():
-            if browser.poll() is None:
-                os.killpg(browser.pid, signal.SIGKILL)
-                browser.wait()
+    texts = render_pages(ui["base"], PAGES, out, ready=PAGE_READY)
     if os.environ.get("GROUPMATES_SCREENSHOT_DIR"):
         target = Path(os.environ["GROUPMATES_SCREENSHOT_DIR"])
         target.mkdir(parents=True, exist_ok=True)
@@ -220,14 +214,8 @@ def pages(ui) -> dict[str, str]:
     return texts
 
 
-def _text(dom: str) -> str:
-    """The visible text of a DOM dump (tags, scripts and styles removed)."""
-    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
-    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
-
-
 def test_webserver_listens_on_loopback_only(ui):
-    listening = _listening_addresses(_group_pids(ui["pgid"]))
+    listening = _listening_addresses(_descendants(ui["process"].pid))
     assert ("127.0.0.1", ui["port"]) in listening
     assert all(ipaddress.ip_address(address).is_loopback for address, _ in listening), listening
     outward = _outward_address()
@@ -259,3 +247,66 @@ def test_selected_corpus_lineage_graph_shows_its_inputs_by_stage(pages):
     assert re.search(r"filtered_po\S*_shard", text)  # the graph shortens long names
     missing = [a for a in UPSTREAM[1:] if a not in text]
     assert not missing, f"upstream assets missing from the lineage graph: {missing}\n{text[:3000]}"
+
+
+def _assert_stops_within_10_s(ui: dict, signum: int) -> None:
+    """The signal ends `groupmates ui` within 10 s, exit status 130, with one line after the signal and no
+    traceback, and nothing it started is left running."""
+    process: subprocess.Popen = ui["process"]
+    started = _descendants(process.pid)
+    assert len(started) >= 2, started  # the webserver and the daemon, at least
+    sent = time.monotonic()
+    process.send_signal(signum)
+    code = process.wait(timeout=30)
+    took = time.monotonic() - sent
+    after_ready = process.stdout.read().splitlines()
+    assert code == 130 and took < 10, (code, took, after_ready)
+    assert len(after_ready) == 1 and f"stopped ({signal.Signals(signum).name})" in after_ready[0], after_ready
+    assert not any("Traceback" in line for line in ui["said"])
+    time.sleep(0.5)
+    assert not [pid for pid in started if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"], started
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_sigterm_stops_the_ui_within_10_s_with_one_line(tmp_path):
+    home = tmp_path / "dagster_home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "GROUPMATES_"))}
+    env.update(DAGSTER_HOME=str(home), GROUPMATES_HOME=str(tmp_path), GROUPMATES_PROFILE="ci",
+               DAGSTER_DISABLE_TELEMETRY="1")
+    with _started_ui(tmp_path, env) as ui:
+        _assert_stops_within_10_s(ui, signal.SIGTERM)
+
+
+def test_ctrl_c_stops_the_ui_within_10_s_with_one_line(ui, pages):
+    """Last in this file: it ends the module's UI (after the pages were rendered)."""
+    _assert_stops_within_10_s(ui, signal.SIGINT)
+
+
+def test_a_page_still_loading_is_rendered_again_with_a_longer_budget(tmp_path, monkeypatch):
+    """A stand-in Chromium that shows the spinner until its virtual-time budget reaches 60 s: the page is rendered
+    three times (15, 30, 60 s) and its final text returned; a page with no ready marker is rendered once."""
+    from groupmates_assets.testing import browser
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "chromium"
+    fake.write_text(f"""#!{sys.executable}
+import sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+open({str(calls)!r}, "a").write(sys.argv[-1] + " " + args["virtual-time-budget"] + "\\n")
+open(args["screenshot"], "wb").write(b"x" * 20000)
+print("<p>graph: selection</p>" if int(args["virtual-time-budget"]) >= 60000 else "<p>loading</p>")
+""")
+    fake.chmod(0o755)
+    monkeypatch.setattr(browser, "CHROMIUM", str(fake))
+    texts = browser.render_pages("http://127.0.0.1:9", {"graph": "/g", "other": "/o"}, tmp_path / "out",
+                                 ready={"graph": r"\bselection\b"})
+    assert "selection" in texts["graph"] and "loading" in texts["other"], texts
+    assert sorted(calls.read_text().split("\n")[:-1]) == [
+        "http://127.0.0.1:9/g 15000", "http://127.0.0.1:9/g 30000", "http://127.0.0.1:9/g 60000",
+        "http://127.0.0.1:9/o 15000"]

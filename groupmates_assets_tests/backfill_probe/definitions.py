@@ -3,9 +3,13 @@ partitions, a one-shot fault that a RetryPolicy absorbs, and a blocking check th
 
 The check fails for the shard named in ``PROBE_BAD_SHARD``; its downstream partition must never be materialized.
 Every materialization appends a line to ``$PROBE_LOG`` so the test can count what ran.
+
+``gpu_holder_job``: one op in the ``gpu`` pool whose first attempt writes its PID and waits to be killed, for the
+test of what the daemon does with a crashed run's pool slot.
 """
 
 import os
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -43,4 +47,21 @@ def probe_summary() -> None:
     _record("probe_summary")
 
 
-defs = dg.Definitions(assets=[probe_filtered, probe_scored, probe_summary], executor=dg.in_process_executor)
+@dg.op(pool="gpu")
+def hold_gpu_slot() -> None:
+    pids = Path(os.environ["PROBE_LOG"]).with_name("holder-pids")
+    first = not pids.exists()
+    with open(pids, "a") as out:
+        out.write(f"{os.getpid()}\n")
+    if first:  # the test SIGKILLs this process while it holds the gpu slot
+        time.sleep(600)
+    _record("hold_gpu_slot")
+
+
+@dg.job
+def gpu_holder_job() -> None:
+    hold_gpu_slot()
+
+
+defs = dg.Definitions(assets=[probe_filtered, probe_scored, probe_summary], jobs=[gpu_holder_job],
+                      executor=dg.in_process_executor)
