@@ -2,13 +2,22 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
+# VARIANT=gpu: GPU faiss (requirements-gpu.lock) in place of faiss-cpu. TORCH_INDEX: a package index to take torch's
+# CPU wheel from first (e.g. PyTorch's CPU index), where pip would otherwise take PyPI's CUDA build.
+VARIANT ?= cpu
+TORCH_INDEX ?=
+LOCKS := requirements.lock requirements-cuda.lock requirements-gpu.lock
+INSTALLED := $(VENV)/.installed-$(VARIANT)-$(shell cat $(LOCKS) pyproject.toml | sha256sum | cut -c1-12)
+# A missing service (PostgreSQL, Chromium, SeaweedFS) fails the tests that need it instead of skipping them.
+REQUIRE_SERVICES := GROUPMATES_REQUIRE_SERVICES=1
 
-.PHONY: setup test-services demo test test-unit test-integration test-e2e test-gpu lint ui bench clean
+.PHONY: setup test-services deploy-tools images demo test test-deploy test-unit test-integration test-e2e test-gpu lint ui bench clean
 
-$(INSTALLED): requirements.lock pyproject.toml
+$(INSTALLED): $(LOCKS) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.lock
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --no-deps --index-url $(TORCH_INDEX) "$$(grep '^torch==' requirements.lock)")
+	$(PY) -m pip install --quiet -r requirements.lock -c requirements-cuda.lock
+	$(if $(filter gpu,$(VARIANT)),$(PY) -m pip uninstall --quiet -y faiss-cpu && $(PY) -m pip install --quiet --no-deps -r requirements-gpu.lock)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -21,21 +30,36 @@ setup: $(INSTALLED)
 test-services:
 	bash scripts/install_test_services.sh
 
+## deploy-tools: podman, buildah, runc, podman-compose and debootstrap, which only the deployment tier uses
+deploy-tools:
+	bash scripts/deploy_tools.sh
+
+## images: the deployment's images, built with podman from Debian packages and the lock's wheelhouse (no registry)
+images: setup deploy-tools
+	PYTHON=$(PY) bash scripts/build_images.sh
+
 ## demo: the main job end to end on the embedded default pool, through the persistent local instance
 demo: setup
 	$(PY) -m groupmates_assets.cli demo
 
-## test: lint and the whole test suite (every tier)
+## test: lint and the whole test suite but the deployment tier (unit, integration, e2e, gpu)
 test: setup test-services
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(REQUIRE_SERVICES) $(VENV)/bin/pytest -q -ra --durations=20 -m "not deploy"
+
+## test-deploy: the deployment tier: images built, the compose stack up, the whole graph through it, a crash
+test-deploy: setup test-services deploy-tools
+	$(REQUIRE_SERVICES) $(VENV)/bin/pytest -q -ra -m deploy
 
 ## test-unit, test-integration, test-e2e, test-gpu: one tier of the suite (pytest markers, see pyproject.toml)
-test-unit test-e2e test-gpu: setup
+test-unit test-e2e: setup
 	$(VENV)/bin/pytest -q -m $(@:test-%=%)
 
+test-gpu: setup
+	GROUPMATES_REQUIRE_GPU=1 $(VENV)/bin/pytest -q -m gpu
+
 test-integration: setup test-services
-	$(VENV)/bin/pytest -q -m integration
+	$(REQUIRE_SERVICES) $(VENV)/bin/pytest -q -m integration
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

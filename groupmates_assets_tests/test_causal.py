@@ -118,7 +118,9 @@ def test_every_method_is_also_compared_with_the_reference_methods_paired_by_grou
                                "order": [causal.POOL, "group_mates", "mates", "fasttext"]})
     assert "| minus mates [95% interval] |" in text
     assert next(line for line in text.splitlines() if line.startswith("| group_mates |")).endswith(
-        "| -0.0200 [-0.0200, -0.0200] | +1.000 |")
+        "| -0.0200 [-0.0200, -0.0200] (more beneficial) | +1.000 |")
+    assert "| +0.3000 [+0.3000, +0.3000] (less beneficial) |" in next(
+        line for line in text.splitlines() if line.startswith("| fasttext |"))
     assert "| (reference) |" in next(line for line in text.splitlines() if line.startswith("| mates |"))
     with pytest.raises(ValueError, match="no groups for the reference 'random'"):
         causal.summarize(actual, predicted, references=("random",))
@@ -136,14 +138,14 @@ def test_summary_refuses_unpaired_or_non_finite_influences():
 
 
 @pytest.mark.unit
-def test_markdown_names_the_sign_the_interval_and_a_difference_that_covers_zero():
+def test_markdown_names_the_sign_the_interval_and_the_verdict_it_supports():
     pool = [0.1, 0.2, 0.3]
     summary = causal.summarize({causal.POOL: pool, "group_mates": [-0.2, -0.1, 0.0], "mates": [0.3, 0.0, 0.3]},
                                {causal.POOL: [1, 2, 3], "group_mates": [3, 2, 1], "mates": [1, 2, 3]})
     text = causal.to_markdown({"length": 10, "base_loss": 3.25, "summary": summary})
     assert "negative change of the reference loss = beneficial" in text
     group_mates = next(line for line in text.splitlines() if line.startswith("| group_mates |"))
-    assert "| 3 | -0.1000 | -0.3000 [-0.3000, -0.3000] |" in group_mates
+    assert "| 3 | -0.1000 | -0.3000 [-0.3000, -0.3000] (more beneficial) |" in group_mates
     mates = next(line for line in text.splitlines() if line.startswith("| mates |"))
     assert "no detectable difference" in mates
     assert "| random groups of the filtered pool | 3 |" in text and "over all 9 groups" in text

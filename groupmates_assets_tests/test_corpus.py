@@ -66,7 +66,7 @@ def _kept(key: str, texts: list[str]) -> pa.Table:
                                 for i in range(len(texts))]})
 
 
-def test_selected_shard_round_trip_and_join_checks():
+def test_selected_shard_round_trip_in_the_shards_order_and_join_checks():
     kept = _kept("web-a", ["alpha", "b\u00e9ta \U0001f600", "gamma"])
     ids = kept.column("doc_id").to_pylist()
     selection = pa.table({"doc_id": [ids[2], "web-b:00000001:ffff", ids[0], "web-a:00000009:0000"],
@@ -75,12 +75,13 @@ def test_selected_shard_round_trip_and_join_checks():
     embedded = {d: text_hash(t) for d, t in zip(ids, kept.column("text").to_pylist(), strict=True)}
     shard = corpus_lib.write_selected_shard(kept, selection, "mates", "web-a", embedded)
     assert (shard.documents, shard.ids_not_found, shard.text_hash_mismatches) == (2, 1, 0)
-    assert list(corpus_lib.read_selected_shard(shard.data, "web-a.jsonl.zst")) == [(ids[2], "gamma"), (ids[0], "alpha")]
+    # the shard's order, not the selection's (ids[2] was picked first): each record keeps its own selection fields
+    assert list(corpus_lib.read_selected_shard(shard.data, "web-a.jsonl.zst")) == [(ids[0], "alpha"), (ids[2], "gamma")]
     raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(shard.data)).read()
     lines = [json.loads(line) for line in raw.splitlines()]
     assert list(lines[0]) == ["url", "text", "doc_id", "selection"]  # the record, then ours (text overrides)
-    assert lines[0]["selection"] == {"method": "mates", "rank": 0, "score": 0.5}
-    assert lines[1]["selection"]["score"] is None  # NaN as null: the lines stay JSON
+    assert lines[1]["selection"] == {"method": "mates", "rank": 0, "score": 0.5}
+    assert lines[0]["selection"]["score"] is None  # NaN as null: the lines stay JSON
     again = corpus_lib.write_selected_shard(kept, selection, "mates", "web-a", embedded)
     assert again.data == shard.data  # deterministic bytes
     changed = corpus_lib.write_selected_shard(kept, selection, "mates", "web-a", {**embedded, ids[0]: "0" * 16})

@@ -21,7 +21,7 @@ from groupmates_assets.defs.resources import PlatformResource
 from groupmates_assets.defs.selection import assets as sa
 from groupmates_assets.lib import composition, layout
 from groupmates_assets.lib import selection as sel
-from groupmates_assets.lib.corpus import write_selected_shard
+from groupmates_assets.lib.corpus import read_selected_shard, write_selected_shard
 from groupmates_assets.lib.selection import SELECTION_METHODS
 from groupmates_assets.lib.shards import make_doc_id, text_hash
 from groupmates_assets.lib.storage import Storage
@@ -162,6 +162,9 @@ def _assert_corpus_reads_only_its_shard(setup):
         for method in SELECTION_METHODS:
             data = write_selected_shard(kept, whole[method], method, key, hashes).data
             assert data == (setup["root"] / "selected_corpus" / method / f"{key}.jsonl.zst").read_bytes()
+            position = {doc_id: i for i, doc_id in enumerate(kept.column("doc_id").to_pylist())}
+            written = [position[doc_id] for doc_id, _ in read_selected_shard(data, key)]
+            assert written == sorted(written), method  # the shard's order, not the clusters' (packing mixes them)
 
 
 def test_a_range_reads_only_its_clusters_rows_and_ranges_select_as_one(setup, monkeypatch):

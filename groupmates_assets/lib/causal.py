@@ -238,9 +238,12 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 
 def _difference(diff: dict | None, missing: str) -> str:
-    return missing if diff is None else (
-        f"{_number(diff['estimate'])} [{_number(diff['low'])}, {_number(diff['high'])}]"
-        + (" (no detectable difference)" if diff["low"] <= 0 <= diff["high"] else ""))
+    """The difference with its interval and the verdict the interval supports (negative change = beneficial)."""
+    if diff is None:
+        return missing
+    verdict = ("no detectable difference" if diff["low"] <= 0 <= diff["high"]
+               else "more beneficial" if diff["high"] < 0 else "less beneficial")
+    return f"{_number(diff['estimate'])} [{_number(diff['low'])}, {_number(diff['high'])}] ({verdict})"
 
 
 def to_markdown(result: dict) -> str:

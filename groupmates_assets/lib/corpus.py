@@ -44,11 +44,15 @@ def write_selected_shard(kept: pa.Table, selection: pa.Table, method: str, key: 
                          embedded_hash: Mapping[str, str]) -> SelectedShard:
     """The documents of ``selection`` (doc_id, shard and the selection fields) that lie in shard ``key``, joined
     with the shard's kept documents by doc_id: each record is the original DCLM record (``fields``) plus text,
-    doc_id and ``selection`` (method and the selection fields), in the selection's order."""
+    doc_id and ``selection`` (method and the selection fields), in the shard's own order. Not in the selection's
+    order: a Group-MATES selection lists a cluster's picks together, and packing documents in that order would
+    fill each training context with near-duplicates of one cluster, which no other method's corpus has."""
     mine = selection.filter(pc.equal(selection.column("shard"), key))
-    rows = pc.index_in(mine.column("doc_id"), value_set=kept.column("doc_id"))
-    found = kept.take(pc.drop_null(rows))
-    selection_fields = mine.filter(pc.is_valid(rows)).drop_columns(["doc_id", "shard"]).to_pylist()
+    in_selection = pc.is_in(kept.column("doc_id"), value_set=mine.column("doc_id"))
+    found = kept.filter(in_selection)
+    fields_of = pc.index_in(found.column("doc_id"), value_set=mine.column("doc_id"))
+    selection_fields = mine.take(fields_of).drop_columns(["doc_id", "shard"]).to_pylist()
+    not_found = pc.sum(pc.invert(pc.is_in(mine.column("doc_id"), value_set=kept.column("doc_id")))).as_py() or 0
     buffer, mismatched = io.BytesIO(), 0
     with zstandard.ZstdCompressor(level=3).stream_writer(buffer, closefd=False) as out:
         for record, extra in zip(found.to_pylist(), selection_fields, strict=True):
@@ -58,7 +62,7 @@ def write_selected_shard(kept: pa.Table, selection: pa.Table, method: str, key: 
             line = {**json.loads(record["fields"] or "{}"), "text": record["text"], "doc_id": record["doc_id"],
                     "selection": {"method": method, **finite(extra)}}
             out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
-    return SelectedShard(buffer.getvalue(), found.num_rows, rows.null_count, mismatched)
+    return SelectedShard(buffer.getvalue(), found.num_rows, not_found, mismatched)
 
 
 def read_selected_shard(data: bytes, name: str) -> Iterator[tuple[str, str]]:

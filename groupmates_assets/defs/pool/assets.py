@@ -30,7 +30,8 @@ def embedded_pool(
     context: dg.AssetExecutionContext, config: EmbeddedPoolConfig, platform: PlatformResource
 ) -> dg.MaterializeResult:
     """Real third-party text of mixed quality, built from registry packages into DCLM-format shards, plus held-out high-
-    quality positives for the quality classifier."""
+    quality positives for the quality classifier. Where the source cache holds no Debian packages (no apt-get where
+    scripts/fetch_pool_sources.sh ran), a smaller pool from the PyPI sources alone, with a warning."""
     storage, profile = platform.storage(), platform.settings()
     num_shards = config.num_shards or profile.pool.embedded_shards
     fraction = config.positives_fraction or profile.pool.embedded_positives_fraction
@@ -45,6 +46,10 @@ def embedded_pool(
             for path in [*result.shard_paths, result.positives_path, result.provenance_path]:
                 storage.put_file(path, f"{layout.EMBEDDED_POOL_DIR}/{os.path.relpath(path, tmp)}")
             provenance = storage.read_json(layout.EMBEDDED_PROVENANCE)
+    if result.pypi_only:
+        context.log.warning(f"the embedded pool was built from the PyPI sources alone ({result.documents} documents): "
+                            "no Debian packages in the source cache; run scripts/fetch_pool_sources.sh where apt-get "
+                            "exists for the full pool")
     by_source = "\n".join(
         ["| source | documents |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in sorted(result.by_source.items())]
     )
@@ -54,6 +59,7 @@ def embedded_pool(
             "dagster/row_count": result.documents,
             "shards": len(result.shard_paths),
             "positives": result.positives,
+            "registries": ", ".join(provenance["registries"]),
             "documents_by_source": dg.MetadataValue.md(by_source),
             "path": dg.MetadataValue.path(storage.url(layout.EMBEDDED_SHARDS_DIR)),
             "provenance": dg.MetadataValue.json(provenance),

@@ -696,7 +696,7 @@ def lineage(context: dg.AssetExecutionContext, storage: Storage) -> dict:
     partitions_def=pool_shards,
     backfill_policy=shard_batches(),
     group_name="selection",
-    code_version="selected-corpus-v2",
+    code_version="selected-corpus-v3",
     deps=["filtered_pool_shard", dg.AssetDep(selected_documents, partition_mapping=dg.AllPartitionMapping()),
           selected_random, selected_mates, selected_fasttext, selected_weighted, selected_global],
     kinds={"parquet", "json"},

@@ -6,7 +6,8 @@ moments (method spec T11). On disk, a checkpoint directory holds
   ``optimizer.pt``        ``optimizer.state_dict()`` (plain tensors/numbers: loads with ``weights_only=True``)
   ``trainer_state.json``  shape, optimiser config, step, current LR, caller's extra; written last, so its
                           presence marks a complete checkpoint.
-Every file is written under a temporary name and moved into place with ``os.replace``.
+Every file is written under a temporary name, fsynced, and moved into place with ``os.replace`` (its folder fsynced
+after the rename).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from groupmates_assets.lib import failpoints
 from groupmates_assets.lib.lm.model import build_model, default_device
 from groupmates_assets.lib.lm.shapes import LMShape
 from groupmates_assets.lib.lm.train import OptimConfig, current_lr, make_optimizer
-from groupmates_assets.lib.storage import pid_alive
+from groupmates_assets.lib.storage import durable_replace, pid_alive
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -52,7 +53,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         failpoints.hit("checkpoint.write.complete")
-        os.replace(tmp, path)
+        durable_replace(str(tmp), str(path))
         failpoints.hit("checkpoint.write.visible")
     finally:
         if tmp.exists():
