@@ -7,9 +7,10 @@ quality_score, fields), the pool predictions (h in float16, u, u_individual, tex
 fingerprint) and the influence-model pointers. Then the real assets run through Dagster on that layout, every run
 in a fresh process of its own as the run launcher starts them (in-process executor, a SQLite instance):
 ``cluster_centroids``, ``cluster_assignments`` (runs of 32 shards, as a backfill of ``pool.shards_per_run`` 32
-launches them), every ``selected_documents`` range partition, the three baselines and ``selected_corpus`` (runs
-of 32 shards). One range partition selects the same number of documents at every N (``DOCS_PER_RANGE``:
-``cluster_ranges = N / 50,000``). Two ways to grow the pool, because no choice of k keeps every stage linear:
+launches them), every ``selected_documents`` range partition, the two budget policies (``selected_weighted``,
+``selected_global``), the three baselines and ``selected_corpus`` (runs of 32 shards). One range partition
+selects the same number of documents at every N (``DOCS_PER_RANGE``: ``cluster_ranges = N / 50,000``). Two ways
+to grow the pool, because no choice of k keeps every stage linear:
 
 - fixed mean cluster size (the default; the profiles' ``selection.mean_cluster_size``): clusters of about
   ``CLUSTER_SIZE`` documents, ``k = N / CLUSTER_SIZE``. The greedy's cost per document follows the cluster size,
@@ -65,8 +66,10 @@ SHARDS_PER_RUN = 32
 SIZES = (250_000, 500_000, 1_000_000, 2_000_000)
 PROFILE = "bench-scale"
 MODELS = {"final": "bench-final", "individual": "bench-individual"}
-STAGES = ("cluster_centroids", "cluster_assignments", "selected_documents", "selected_random", "selected_mates",
-          "selected_fasttext", "selected_corpus")
+STAGES = ("cluster_centroids", "cluster_assignments", "selected_documents", "selected_weighted", "selected_global",
+          "selected_random", "selected_mates", "selected_fasttext", "selected_corpus")
+POLICIES_AND_BASELINES = ("selected_weighted", "selected_global", "selected_random", "selected_mates",
+                          "selected_fasttext")
 RESULTS = Path("bench/results")
 
 
@@ -193,7 +196,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from groupmates_assets.defs.selection import assets as sa
 
     assets = [sa.pool_predictions, sa.cluster_centroids, sa.cluster_assignments, sa.selected_documents,
-              sa.selected_random, sa.selected_mates, sa.selected_fasttext, sa.selected_corpus]
+              sa.selected_weighted, sa.selected_global, sa.selected_random, sa.selected_mates, sa.selected_fasttext,
+              sa.selected_corpus]
     platform = PlatformResource(storage_root=spec["storage"], profile=PROFILE)
     with dg.DagsterInstance.get() as instance:
         known = set(instance.get_dynamic_partitions(pool_shards.name))
@@ -242,7 +246,7 @@ def runs_for(keys: list[str], ranges: int) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = [{"asset": "cluster_centroids"}]
     runs += [{"asset": "cluster_assignments", "first": b[0], "last": b[-1]} for b in batches]
     runs += [{"asset": "selected_documents", "partition": r} for r in selection_range_keys(ranges)]
-    runs += [{"asset": name} for name in ("selected_random", "selected_mates", "selected_fasttext")]
+    runs += [{"asset": name} for name in POLICIES_AND_BASELINES]
     runs += [{"asset": "selected_corpus", "first": b[0], "last": b[-1]} for b in batches]
     return [r for r in runs if r["asset"] in wanted_stages()]
 

@@ -70,3 +70,26 @@ def test_scale_benchmark_pool_has_the_real_layout(tmp_path):
     assert total == 3_000
     assert bench_scale.profile_settings(2_000_000)["cluster_ranges"] == 40  # 2,000 clusters, 50 per range
     assert bench_scale.shards_for(2_000_000) == 256 and bench_scale.shards_for(250_000) == 64
+
+
+def test_centroid_search_benchmark_measures_agreement_against_the_exact_search():
+    """bench/bench_centroid_search.py: the exact row is the reference (agreement 1, speed-up 1), and an approximate
+    quantizer's agreement is the share of documents it gives the exact nearest centroid, so a quantizer that
+    searches almost nothing agrees less."""
+    import numpy as np
+
+    from bench import bench_centroid_search as bench
+
+    rows = bench.compare(1_024, 3_000, "planted")
+    assert rows[0]["method"] == "exact (IndexFlatIP)"
+    assert rows[0]["agreement"] == 1.0 and rows[0]["speedup"] == 1.0
+    assert all(0.0 <= row["agreement"] <= 1.0 and row["seconds"] > 0 for row in rows)
+    by_method = {row["method"]: row["agreement"] for row in rows}
+    assert by_method["IVF 32 lists, nprobe 8"] < by_method["IVF 32 lists, nprobe 32"] == 1.0  # 32 of 32: every list
+    for kind in bench.GEOMETRIES:
+        centroids, documents = bench.geometry(256, 3_000, kind)
+        assert centroids.shape == (256, bench.DIM) and documents.shape == (3_000, bench.DIM)
+        assert np.allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-5)
+        assert np.allclose(np.linalg.norm(documents, axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown geometry"):
+        bench.geometry(16, 10, "uniform")

@@ -81,24 +81,67 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return build_world(tmp_path_factory.mktemp("crash-world"))
+# The determinism test's twin and the module's world build side by side, so either may take longer than alone.
+WORLD_TIMEOUT_SECONDS = 2400
 
 
-def build_world(root: Path) -> Path:
-    """The main job up to the selected corpora on a small pool, in ``root`` (a fresh folder)."""
+@dataclass
+class WorldBuild:
+    """A world's main job running in the background (its own session, output to files in its folder)."""
+
+    root: Path
+    process: subprocess.Popen
+
+    def wait(self, timeout: float = WORLD_TIMEOUT_SECONDS) -> Path:
+        returncode = self.process.wait(timeout=timeout)
+        output = (self.root / "demo.out").read_text(errors="replace") + (self.root / "demo.err").read_text(
+            errors="replace")
+        assert returncode == 0, output[-6000:]
+        # pretraining is the one step kind the demo stops before: its uninterrupted run is made below like the others
+        return self.root
+
+    def stop(self) -> None:
+        """SIGTERM (the demo stops its services within 10 s), then SIGKILL for the whole session if it has not."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_world(root: Path) -> WorldBuild:
+    """The main job up to the selected corpora on a small pool, in ``root`` (a fresh folder), started."""
     for name, offset in (("crawl-a.jsonl.zst", 0), ("crawl-b.jsonl.gz", 1000), ("crawl-c.jsonl", 2000)):
         write_shard(root / "pool" / name, jsonl_bytes(records(160, 140, offset)))
     # the classifier's positives, standing in for the embedded pool's held-out Wikipedia summaries
     positives = [{"text": t + " Further reading follows.", "source": "reference"} for t in good_texts(300)]
     write_shard(root / "storage" / "embedded_pool" / "positives" / "wikipedia-summaries-hq.jsonl.zst",
                 jsonl_bytes(positives))
-    run = subprocess.run([sys.executable, "-m", "groupmates_assets.cli", "demo", "--until", "selection"],
-                         env=_env(root), capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    # pretraining is the one step kind the demo stops before: its uninterrupted run is made below like the others
-    return root
+    with open(root / "demo.out", "wb") as out, open(root / "demo.err", "wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "groupmates_assets.cli", "demo", "--until", "selection"],
+                                   env=_env(root), stdout=out, stderr=err, start_new_session=True)
+    return WorldBuild(root, process)
+
+
+@pytest.fixture(scope="module")
+def twin_build(tmp_path_factory):
+    """The determinism test's second world, started before ``world`` (which the test names after it) so that the
+    two build at the same time; stopped at the end if the test did not wait for it."""
+    build = start_world(tmp_path_factory.mktemp("crash-twin"))
+    yield build
+    build.stop()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    build = start_world(tmp_path_factory.mktemp("crash-world"))
+    try:
+        return build.wait()
+    finally:
+        build.stop()
 
 
 def _run_step(world: Path, step: StepKind, **extra: str) -> subprocess.CompletedProcess:
@@ -169,11 +212,11 @@ def _assert_unique_rows(storage: Path, step: StepKind) -> None:
         assert len(keys) == len(set(keys)), f"duplicate {columns} rows in {pattern}"
 
 
-def test_two_runs_of_one_configuration_give_byte_identical_artifacts(world: Path, tmp_path: Path):
+def test_two_runs_of_one_configuration_give_byte_identical_artifacts(twin_build: WorldBuild, world: Path):
     """Determinism (CPU): a second run of the same configuration and seeds, in another folder, writes the same
     bytes in every artifact from the filtered pool to the selections and the tokenized corpora; only wall-clock
-    fields and the folder's own name differ."""
-    twin = build_world(tmp_path / "twin")
+    fields and the folder's own name differ. The two runs overlap in time, each with its own instance."""
+    twin = twin_build.wait()
     first, second = _tree_digests(world), _tree_digests(twin)
     assert sorted(first) == sorted(second)
     differ = sorted(k for k in first if first[k] != second[k])
