@@ -34,6 +34,7 @@ import pytest
 from safetensors.numpy import load as load_safetensors
 
 from groupmates_assets.lib import failpoints
+from groupmates_assets.testing.processes import stop_session
 from groupmates_assets_tests.conftest import good_texts, jsonl_bytes, records, write_shard
 
 pytestmark = pytest.mark.e2e
@@ -102,14 +103,7 @@ class WorldBuild:
 
     def stop(self) -> None:
         """SIGTERM (the demo stops its services within 10 s), then SIGKILL for the whole session if it has not."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_session(self.process, grace_s=30)
 
 
 def start_world(root: Path) -> WorldBuild:
@@ -215,7 +209,8 @@ def _assert_unique_rows(storage: Path, step: StepKind) -> None:
 def test_two_runs_of_one_configuration_give_byte_identical_artifacts(twin_build: WorldBuild, world: Path):
     """Determinism (CPU): a second run of the same configuration and seeds, in another folder, writes the same
     bytes in every artifact from the filtered pool to the selections and the tokenized corpora; only wall-clock
-    fields and the folder's own name differ. The two runs overlap in time, each with its own instance."""
+    fields and the folder's own name differ. Each run has its own instance; the twin starts first, so the two
+    usually build at the same time."""
     twin = twin_build.wait()
     first, second = _tree_digests(world), _tree_digests(twin)
     assert sorted(first) == sorted(second)

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from groupmates_assets.testing.processes import stop_session
+
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 BUCKET = "groupmates-test"
 REGION = "us-east-1"
@@ -101,19 +103,6 @@ def _die_with_parent() -> Callable[[], None] | None:
     return lambda: libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _stop(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)  # its own session: the group is weed and nothing else
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def _remove_grpc_sockets(ports: Iterable[int]) -> None:
     """weed binds a unix socket per gRPC server at /tmp/seaweedfs-<server>-grpc-<port>.sock (no flag moves it) and
     does not always remove it on shutdown; these ports were ours, so are the sockets."""
@@ -165,7 +154,7 @@ def seaweedfs(bucket: str = BUCKET, start_timeout_s: float = 60.0, attempts: int
                 problem = (f"weed mini exited with {process.returncode}" if process.poll() is not None
                            else f"weed mini not ready after {start_timeout_s:.0f} s")
             finally:
-                _stop(process)
+                stop_session(process)  # its own session: the group is weed and nothing else
                 _remove_grpc_sockets(ports.values())
             if attempt == attempts:
                 raise RuntimeError(f"{problem} (attempt {attempt} of {attempts}); log tail:\n{tail}")
